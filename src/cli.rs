@@ -1,0 +1,296 @@
+//! Command-line interface: `sdserve generate` and `sdserve download`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+
+use crate::diffusion::hub::ModelSource;
+use crate::diffusion::image::{ImageMetadata, encode_png, read_png_metadata, to_rgb8};
+use crate::diffusion::pipeline::{LoadOptions, StableDiffusion, device_from_name, load_model};
+use crate::error::{Error, Result};
+use crate::request::{GenerateParams, GivenLatents, Limits};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sdserve",
+    version,
+    about = "Self-hosted Stable Diffusion text-to-image on candle"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate images from a prompt and write them as PNG files.
+    Generate(Box<GenerateArgs>),
+    /// Download a model from the Hugging Face hub into the HF cache.
+    Download(DownloadArgs),
+}
+
+/// Where the model comes from and how to run it.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A diffusers model folder, or a Hugging Face hub repo id (org/name).
+    #[arg(long, env = "SDSERVE_MODEL")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long, env = "SDSERVE_REVISION")]
+    pub revision: Option<String>,
+    /// Compute device: cpu, cuda[:N] or metal[:N].
+    #[arg(long, env = "SDSERVE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Compute precision: f32, f16 or bf16 (default: f32 on CPU, f16 on GPU).
+    #[arg(long, env = "SDSERVE_DTYPE")]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        let device: Device = device_from_name(&self.device)?;
+        let dtype = match self.dtype.as_deref() {
+            None => None,
+            Some("f32" | "float32") => Some(DType::F32),
+            Some("f16" | "float16" | "fp16") => Some(DType::F16),
+            Some("bf16" | "bfloat16") => Some(DType::BF16),
+            Some(other) => {
+                return Err(Error::invalid(
+                    "dtype",
+                    format!("unknown dtype {other:?}; use f32, f16 or bf16"),
+                ));
+            }
+        };
+        Ok(LoadOptions { device, dtype })
+    }
+
+    pub fn load(&self) -> Result<StableDiffusion> {
+        let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
+        load_model(&source, &self.load_options()?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// What to draw.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// What to steer away from (classifier-free guidance).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps [default: 30].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance scale; 1 or less disables classifier-free guidance [default: 7.5].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Image width in pixels, a multiple of 8 [default: the model's size].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels, a multiple of 8 [default: the model's size].
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Seed of the first image; image i uses seed + i [default: random].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of images.
+    #[arg(long)]
+    pub num_images: Option<usize>,
+    /// A safetensors file whose `latents` tensor [n, 4, h/8, w/8] (f32) replaces
+    /// the seeded initial noise, like diffusers' `latents=` argument. An optional
+    /// `noise` tensor [steps, n, 4, h/8, w/8] replaces ancestral schedulers' noise.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Take every parameter from a PNG that sdserve wrote (flags given here win).
+    #[arg(long)]
+    pub from_image: Option<PathBuf>,
+    /// Output PNG; with several images, NAME-0.png, NAME-1.png, ...
+    #[arg(long, short, default_value = "out.png")]
+    pub output: PathBuf,
+    /// Largest width x height accepted.
+    #[arg(long, env = "SDSERVE_MAX_PIXELS", default_value_t = Limits::default().max_pixels)]
+    pub max_pixels: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// Hub repo id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
+    pub repo: String,
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Fetch the *.fp16.safetensors weights (for GPU use) instead of full precision.
+    #[arg(long)]
+    pub fp16: bool,
+}
+
+/// Renders an error for the terminal, naming the flag for invalid values.
+pub fn describe_error(e: &Error) -> String {
+    match e {
+        Error::InvalidRequest { field, message } => {
+            format!("invalid value for --{}: {message}", field.replace('_', "-"))
+        }
+        other => other.to_string(),
+    }
+}
+
+fn load_latents(path: &Path) -> Result<GivenLatents> {
+    if !path.is_file() {
+        return Err(Error::invalid(
+            "latents",
+            format!("{}: no such file", path.display()),
+        ));
+    }
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        Error::invalid(
+            "latents",
+            format!("{}: not a safetensors file: {e}", path.display()),
+        )
+    })?;
+    let t = tensors.get("latents").ok_or_else(|| {
+        Error::invalid(
+            "latents",
+            format!("{}: has no tensor named `latents`", path.display()),
+        )
+    })?;
+    let step_noise = tensors
+        .get("noise")
+        .map(|n| n.to_dtype(DType::F32))
+        .transpose()?;
+    Ok(GivenLatents {
+        latents: t.to_dtype(DType::F32)?,
+        step_noise,
+    })
+}
+
+/// Output path of image `i` of `n`.
+pub fn output_path(base: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return base.to_path_buf();
+    }
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let ext = base
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
+    base.with_file_name(format!("{stem}-{i}.{ext}"))
+}
+
+pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
+    let mut params = match &args.from_image {
+        Some(p) => {
+            let m = read_png_metadata(p)?;
+            GenerateParams {
+                prompt: Some(m.prompt),
+                negative_prompt: Some(m.negative_prompt),
+                width: Some(m.width),
+                height: Some(m.height),
+                steps: Some(m.steps),
+                guidance: Some(m.guidance),
+                scheduler: Some(m.scheduler),
+                seed: Some(m.seed),
+                num_images: None,
+            }
+        }
+        None => GenerateParams::default(),
+    };
+    macro_rules! take {
+        ($($f:ident),*) => { $( if args.$f.is_some() { params.$f = args.$f.clone(); } )* };
+    }
+    take!(
+        prompt,
+        negative_prompt,
+        width,
+        height,
+        steps,
+        guidance,
+        scheduler,
+        seed,
+        num_images
+    );
+    if params.prompt.is_none() {
+        return Err(Error::invalid("prompt", "required (or give --from-image)"));
+    }
+    let latents = args.latents.as_deref().map(load_latents).transpose()?;
+    let limits = Limits {
+        max_pixels: args.max_pixels,
+        ..Limits::default()
+    };
+    if let Some(dir) = args
+        .output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+    {
+        return Err(Error::invalid(
+            "output",
+            format!("{}: no such directory", dir.display()),
+        ));
+    }
+
+    let model = args.model.load()?;
+    let req = params.validate(model.info(), &limits, latents)?;
+    let scheduler = match req.scheduler {
+        crate::diffusion::schedulers::SchedulerKind::Default => {
+            model.scheduler_config().default_kind()?
+        }
+        k => k,
+    };
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(format!("{} x{}", scheduler, req.num_images));
+    let out = model.generate(&req, &mut |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+        true
+    })?;
+    bar.finish_and_clear();
+
+    let images = to_rgb8(&out.images)?;
+    let n = images.len();
+    let mut written = Vec::with_capacity(n);
+    for (i, (img, seed)) in images.iter().zip(&out.seeds).enumerate() {
+        let meta = ImageMetadata {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            steps: req.steps,
+            guidance: req.guidance,
+            scheduler: scheduler.name().to_string(),
+            seed: *seed,
+            width: req.width,
+            height: req.height,
+            model: model.info().source.clone(),
+            generator: concat!("sdserve ", env!("CARGO_PKG_VERSION")).to_string(),
+        };
+        let path = output_path(&args.output, i, n);
+        let png = encode_png(img, Some(&meta))?;
+        std::fs::write(&path, png).map_err(|e| Error::io(&path, e))?;
+        written.push(path);
+    }
+    tracing::info!(
+        text_encoder_s = out.timings.text_encoder,
+        denoise_s = out.timings.denoise,
+        vae_decode_s = out.timings.vae_decode,
+        "generated {n} image(s)"
+    );
+    Ok(written)
+}
+
+pub fn run_download(args: &DownloadArgs) -> Result<PathBuf> {
+    let source = ModelSource::Hub {
+        repo: args.repo.clone(),
+        revision: args.revision.clone().unwrap_or_else(|| "main".into()),
+    };
+    source.resolve(args.fp16)
+}

@@ -1,0 +1,11 @@
+//! Stable Diffusion on candle: model loading, text encoding, denoising, decoding.
+
+pub mod clip;
+pub mod config;
+pub mod hub;
+pub mod image;
+pub mod latents;
+pub mod pipeline;
+pub mod schedulers;
+pub mod tokenizer;
+pub mod weights;

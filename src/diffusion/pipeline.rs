@@ -1,0 +1,484 @@
+//! The text-to-image pipeline: diffusers' `StableDiffusionPipeline.__call__`
+//! (`pipelines/stable_diffusion/pipeline_stable_diffusion.py`) on candle.
+//!
+//! Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
+//! Models"; classifier-free guidance after Ho & Salimans 2022. Components load
+//! once from an unmodified diffusers folder and stay loaded between requests.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::stable_diffusion::{
+    unet_2d::UNet2DConditionModel, vae::AutoEncoderKL,
+};
+
+use crate::diffusion::clip::ClipTextModel;
+use crate::diffusion::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
+use crate::diffusion::latents::{NoiseSource, ReplayNoise, SeededNoise};
+use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
+use crate::diffusion::tokenizer::ClipTokenizer;
+use crate::diffusion::weights::WeightFiles;
+use crate::error::{Error, Result};
+use crate::request::GenerateRequest;
+
+/// Pipeline classes whose components this module runs.
+const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline"];
+
+/// What the loaded model is and accepts; front ends validate requests with it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// The folder or hub id the model was loaded from.
+    pub source: String,
+    pub pipeline_class: String,
+    /// `unet.sample_size * vae_scale_factor`: the size the model was trained at.
+    pub default_size: usize,
+    pub vae_scale_factor: usize,
+    pub latent_channels: usize,
+    pub prediction_type: String,
+    pub default_scheduler: String,
+    pub dtype: String,
+    pub device: String,
+}
+
+/// Where and in what precision to compute.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype; `None` picks f32 on CPU and f16 on GPUs.
+    pub dtype: Option<DType>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: None,
+        }
+    }
+}
+
+/// Called after every denoising step; returning `false` cancels the job.
+pub struct StepProgress<'a> {
+    /// 1-based index of the step just finished.
+    pub step: usize,
+    pub total: usize,
+    /// Latents after this step (diffusers' `callback_on_step_end` sees the same).
+    pub latents: &'a Tensor,
+}
+
+/// Wall-clock seconds spent in each stage of one generation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub text_encoder: f64,
+    pub denoise: f64,
+    pub steps: usize,
+    pub vae_decode: f64,
+}
+
+/// The result of one request.
+#[derive(Debug)]
+pub struct Generated {
+    /// `[n, 3, H, W]` f32 in [0, 1] on the CPU (diffusers `output_type="np"`, channel-first).
+    pub images: Tensor,
+    pub seeds: Vec<u64>,
+    pub timings: Timings,
+}
+
+/// A loaded Stable Diffusion 1.x/2.x model.
+pub struct StableDiffusion {
+    info: ModelInfo,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoEncoderKL,
+    vae_dtype: DType,
+    vae_scaling_factor: f64,
+    scheduler_config: SchedulerConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for StableDiffusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StableDiffusion")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::F16
+    }
+}
+
+impl StableDiffusion {
+    /// Loads every component of the diffusers folder `dir`.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let device = opts.device.clone();
+        let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&device));
+        if device.is_cpu() && dtype != DType::F32 {
+            return Err(Error::invalid(
+                "dtype",
+                format!(
+                    "{dtype:?} is not supported on the CPU (candle has no half-precision CPU matmul); use f32"
+                ),
+            ));
+        }
+        if !dir.is_dir() {
+            return Err(Error::model_file(dir, "no such model folder"));
+        }
+        let index_path = dir.join("model_index.json");
+        let index: ModelIndex = config::read_json(&index_path)?;
+        if !SUPPORTED_PIPELINES.contains(&index.class_name.as_str()) {
+            return Err(Error::model_file(
+                &index_path,
+                format!(
+                    "pipeline class {:?} is not supported (supported: {})",
+                    index.class_name,
+                    SUPPORTED_PIPELINES.join(", ")
+                ),
+            ));
+        }
+        let prefer_fp16 = dtype == DType::F16 || dtype == DType::BF16;
+
+        let unet_cfg_path = dir.join("unet/config.json");
+        let unet_cfg: UNetConfig = config::read_json(&unet_cfg_path)?;
+        let vae_cfg_path = dir.join("vae/config.json");
+        let vae_cfg: VaeConfig = config::read_json(&vae_cfg_path)?;
+        let te_cfg_path = dir.join("text_encoder/config.json");
+        let te_cfg: ClipTextConfig = config::read_json(&te_cfg_path)?;
+        te_cfg.validate(&te_cfg_path)?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+
+        let tokenizer =
+            ClipTokenizer::from_dir(&dir.join("tokenizer"), te_cfg.max_position_embeddings)?;
+
+        let te_files = WeightFiles::find(&dir.join("text_encoder"), "model", prefer_fp16)?;
+        let text_encoder = ClipTextModel::new(te_files.var_builder(dtype, &device)?, &te_cfg)
+            .map_err(|e| Error::model_file(te_files.describe(), e))?;
+
+        let unet_files =
+            WeightFiles::find(&dir.join("unet"), "diffusion_pytorch_model", prefer_fp16)?;
+        let candle_unet_cfg = unet_cfg.to_candle(&unet_cfg_path)?;
+        let unet = UNet2DConditionModel::new(
+            unet_files.var_builder(dtype, &device)?,
+            unet_cfg.in_channels,
+            unet_cfg.out_channels,
+            cfg!(feature = "flash-attn") && device.is_cuda(),
+            candle_unet_cfg,
+        )
+        .map_err(|e| Error::model_file(unet_files.describe(), e))?;
+        if unet_cfg.in_channels != vae_cfg.latent_channels
+            || unet_cfg.out_channels != vae_cfg.latent_channels
+        {
+            return Err(Error::model_file(
+                &unet_cfg_path,
+                format!(
+                    "in_channels {} / out_channels {} do not match the VAE's latent_channels {} (inpainting UNets are not supported)",
+                    unet_cfg.in_channels, unet_cfg.out_channels, vae_cfg.latent_channels
+                ),
+            ));
+        }
+
+        // diffusers upcasts the VAE to f32 in f16 when `force_upcast` is set: its
+        // decoder overflows f16 on real images.
+        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae_files = WeightFiles::find(
+            &dir.join("vae"),
+            "diffusion_pytorch_model",
+            prefer_fp16 && vae_dtype != DType::F32,
+        )?;
+        let vae = AutoEncoderKL::new(
+            vae_files.var_builder(vae_dtype, &device)?,
+            3,
+            3,
+            vae_cfg.to_candle(&vae_cfg_path)?,
+        )
+        .map_err(|e| Error::model_file(vae_files.describe(), e))?;
+
+        let vae_scale_factor = vae_cfg.scale_factor();
+        let default_size = unet_cfg.sample_size().unwrap_or(64) * vae_scale_factor;
+        let prediction_type = scheduler_config
+            .merged(&Default::default())
+            .get("prediction_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("epsilon")
+            .to_string();
+        let info = ModelInfo {
+            source: dir.display().to_string(),
+            pipeline_class: index.class_name,
+            default_size,
+            vae_scale_factor,
+            latent_channels: vae_cfg.latent_channels,
+            prediction_type,
+            default_scheduler: scheduler_config.class_name().to_string(),
+            dtype: format!("{dtype:?}").to_lowercase(),
+            device: device_name(&device),
+        };
+        Ok(Self {
+            info,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            vae_dtype,
+            vae_scaling_factor: vae_cfg.scaling_factor,
+            scheduler_config,
+            device,
+            dtype,
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// Token ids `[len(texts), 77]` for `texts`.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Tensor> {
+        let mut ids = Vec::with_capacity(texts.len() * self.tokenizer.max_len());
+        for t in texts {
+            ids.extend(self.tokenizer.encode(t)?.0);
+        }
+        Ok(Tensor::from_vec(
+            ids,
+            (texts.len(), self.tokenizer.max_len()),
+            &self.device,
+        )?)
+    }
+
+    /// `last_hidden_state` of the text encoder for each text: `[len(texts), 77, hidden]`.
+    pub fn encode_text(&self, texts: &[&str]) -> Result<Tensor> {
+        self.text_encoder.forward(&self.tokenize(texts)?)
+    }
+
+    /// The UNet's `encoder_hidden_states` for `n` images: `[uncond × n, cond × n]`
+    /// with guidance, `[cond × n]` without (diffusers `encode_prompt` + the
+    /// `torch.cat([negative_prompt_embeds, prompt_embeds])` in `__call__`).
+    pub fn prompt_embeddings(
+        &self,
+        prompt: &str,
+        negative: &str,
+        n: usize,
+        guided: bool,
+    ) -> Result<Tensor> {
+        let (texts, groups): (Vec<&str>, usize) = if guided {
+            (vec![negative, prompt], 2)
+        } else {
+            (vec![prompt], 1)
+        };
+        let emb = self.encode_text(&texts)?;
+        let (_, seq, hidden) = emb.dims3()?;
+        Ok(emb
+            .unsqueeze(1)?
+            .repeat((1, n, 1, 1))?
+            .reshape((groups * n, seq, hidden))?)
+    }
+
+    /// Builds the job's scheduler (`Default` is the model's own class).
+    pub fn scheduler(&self, kind: SchedulerKind, steps: usize) -> Result<Scheduler> {
+        self.scheduler_config
+            .build(kind, &Default::default(), steps)
+    }
+
+    /// The denoising loop. `latents` are the unit-variance initial latents
+    /// (scaled by `init_noise_sigma` here, as diffusers' `prepare_latents` does);
+    /// `embeddings` come from [`Self::prompt_embeddings`]. `guidance <= 1` runs
+    /// the conditional pass only.
+    pub fn denoise(
+        &self,
+        embeddings: &Tensor,
+        latents: &Tensor,
+        scheduler: &mut Scheduler,
+        guidance: f64,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
+    ) -> Result<Tensor> {
+        let guided = guidance > 1.0;
+        let embeddings = embeddings.to_dtype(self.dtype)?;
+        let mut latents = (latents.to_device(&self.device)?.to_dtype(self.dtype)?
+            * scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if guided {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let pred = self.unet.forward(&input, t, &embeddings)?;
+            let pred = if guided {
+                let n = latents.dim(0)?;
+                let uncond = pred.narrow(0, 0, n)?;
+                let cond = pred.narrow(0, n, n)?;
+                (&uncond + ((cond - &uncond)? * guidance)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, i, &latents, noise)?;
+            if !progress(StepProgress {
+                step: i + 1,
+                total,
+                latents: &latents,
+            }) {
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(latents)
+    }
+
+    /// Decodes final latents to images `[n, 3, H, W]` in [0, 1] on the CPU
+    /// (`vae.decode(latents / scaling_factor)`, then `VaeImageProcessor.denormalize`).
+    /// Images are decoded one at a time to bound peak memory.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let n = latents.dim(0)?;
+        let mut images = Vec::with_capacity(n);
+        for i in 0..n {
+            let z = (latents.narrow(0, i, 1)?.to_dtype(self.vae_dtype)? / self.vae_scaling_factor)?;
+            let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+            let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+            images.push(img.to_device(&Device::Cpu)?);
+        }
+        Ok(Tensor::cat(&images, 0)?)
+    }
+
+    /// Runs one validated request end to end.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
+    ) -> Result<Generated> {
+        let mut timings = Timings::default();
+        let guided = req.guidance > 1.0;
+        let t0 = Instant::now();
+        let embeddings =
+            self.prompt_embeddings(&req.prompt, &req.negative_prompt, req.num_images, guided)?;
+        timings.text_encoder = t0.elapsed().as_secs_f64();
+
+        let seeds = req.seeds();
+        let mut seeded = SeededNoise::new(&seeds);
+        let f = self.info.vae_scale_factor;
+        let latents = match &req.latents {
+            Some(given) => given.latents.clone(),
+            None => seeded.initial_latents(
+                self.info.latent_channels,
+                req.height / f,
+                req.width / f,
+                &Device::Cpu,
+            )?,
+        };
+        let mut replay;
+        let noise: &mut dyn NoiseSource =
+            match req.latents.as_ref().and_then(|g| g.step_noise.as_ref()) {
+                Some(steps) => {
+                    replay = ReplayNoise::new(
+                        steps
+                            .chunk(steps.dim(0)?, 0)?
+                            .into_iter()
+                            .map(|t| t.squeeze(0))
+                            .collect::<candle_core::Result<Vec<_>>>()?,
+                    );
+                    &mut replay
+                }
+                None => &mut seeded,
+            };
+        let mut scheduler = self.scheduler(req.scheduler, req.steps)?;
+        timings.steps = scheduler.timesteps().len();
+        let t1 = Instant::now();
+        let latents = self.denoise(
+            &embeddings,
+            &latents,
+            &mut scheduler,
+            req.guidance,
+            noise,
+            progress,
+        )?;
+        timings.denoise = t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
+        let images = self.decode(&latents)?;
+        timings.vae_decode = t2.elapsed().as_secs_f64();
+        Ok(Generated {
+            images,
+            seeds,
+            timings,
+        })
+    }
+}
+
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// Picks the compute device by name: `cpu`, `cuda[:N]`, `metal[:N]`.
+pub fn device_from_name(name: &str) -> Result<Device> {
+    let (kind, ordinal) = match name.split_once(':') {
+        Some((k, o)) => (
+            k,
+            o.parse::<usize>()
+                .map_err(|_| Error::invalid("device", format!("bad device ordinal in {name:?}")))?,
+        ),
+        None => (name, 0),
+    };
+    match kind {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(ordinal).map_err(|e| {
+            Error::invalid(
+                "device",
+                format!("cannot open cuda:{ordinal}: {e} (built with --features cuda?)"),
+            )
+        }),
+        "metal" => Device::new_metal(ordinal).map_err(|e| {
+            Error::invalid(
+                "device",
+                format!("cannot open metal:{ordinal}: {e} (built with --features metal?)"),
+            )
+        }),
+        other => Err(Error::invalid(
+            "device",
+            format!("unknown device {other:?}; use cpu, cuda[:N] or metal[:N]"),
+        )),
+    }
+}
+
+/// Loads a model from a local folder or hub id.
+pub fn load_model(
+    source: &crate::diffusion::hub::ModelSource,
+    opts: &LoadOptions,
+) -> Result<StableDiffusion> {
+    let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&opts.device));
+    let dir: PathBuf = source.resolve(dtype != DType::F32)?;
+    let mut model = StableDiffusion::load(&dir, opts)?;
+    if let crate::diffusion::hub::ModelSource::Hub { repo, .. } = source {
+        model.info.source = repo.clone();
+    }
+    Ok(model)
+}

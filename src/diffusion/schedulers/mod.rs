@@ -1,0 +1,269 @@
+//! Noise schedulers, built per job the way diffusers' `SchedulerMixin.from_config`
+//! builds them: the model's `scheduler/scheduler_config.json`, keys it lacks taking
+//! the chosen class's own `__init__` defaults, plus per-request overrides.
+//!
+//! One file per diffusers scheduler class; [`Scheduler`] dispatches over them.
+//! Tables and coefficients follow torch's float32 arithmetic on the host and are
+//! applied to device tensors as scalars.
+
+pub mod common;
+pub mod ddim;
+pub mod dpm_solver;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod pndm;
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde_json::{Map, Value};
+
+use crate::diffusion::latents::NoiseSource;
+use crate::error::{Error, Result};
+
+/// The schedulers a request can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    /// Whatever class the model's scheduler_config.json names.
+    Default,
+    /// DDIMScheduler with eta = 0.
+    Ddim,
+    /// EulerDiscreteScheduler.
+    Euler,
+    /// EulerAncestralDiscreteScheduler.
+    EulerAncestral,
+    /// DPMSolverMultistepScheduler (dpmsolver++, order 2).
+    DpmPp2M,
+    /// DPMSolverMultistepScheduler with `use_karras_sigmas=True`.
+    DpmPp2MKarras,
+    /// PNDMScheduler (PLMS when `skip_prk_steps`).
+    Pndm,
+}
+
+impl SchedulerKind {
+    pub const ALL: [SchedulerKind; 7] = [
+        SchedulerKind::Default,
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPp2M,
+        SchedulerKind::DpmPp2MKarras,
+        SchedulerKind::Pndm,
+    ];
+
+    /// The canonical name used in requests, PNG metadata and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Default => "default",
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler_a",
+            SchedulerKind::DpmPp2M => "dpmpp_2m",
+            SchedulerKind::DpmPp2MKarras => "dpmpp_2m_karras",
+            SchedulerKind::Pndm => "pndm",
+        }
+    }
+
+    /// Parses a scheduler name. Accepts the canonical names, common aliases
+    /// (`euler_ancestral`, `dpm++_2m`, `k_euler`...) and diffusers class names.
+    pub fn parse(s: &str) -> Option<Self> {
+        let norm: String = s
+            .trim()
+            .to_ascii_lowercase()
+            .chars()
+            .filter(|c| !matches!(c, '_' | '-' | ' ' | '+'))
+            .collect();
+        Some(match norm.as_str() {
+            "" | "default" => SchedulerKind::Default,
+            "ddim" | "ddimscheduler" => SchedulerKind::Ddim,
+            "euler" | "keuler" | "eulerdiscrete" | "eulerdiscretescheduler" => SchedulerKind::Euler,
+            "eulera"
+            | "eulerancestral"
+            | "keulera"
+            | "keulerancestral"
+            | "eulerancestraldiscretescheduler" => SchedulerKind::EulerAncestral,
+            "dpmpp2m" | "dpmsolvermultistep" | "dpmsolvermultistepscheduler" => {
+                SchedulerKind::DpmPp2M
+            }
+            "dpmpp2mkarras" | "karras" => SchedulerKind::DpmPp2MKarras,
+            "pndm" | "plms" | "pndmscheduler" => SchedulerKind::Pndm,
+            _ => return None,
+        })
+    }
+
+    /// Maps a diffusers `_class_name` to the kind that implements it.
+    fn from_class_name(class: &str) -> Option<Self> {
+        match class {
+            "DDIMScheduler" => Some(SchedulerKind::Ddim),
+            "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
+            "EulerAncestralDiscreteScheduler" => Some(SchedulerKind::EulerAncestral),
+            "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2M),
+            "PNDMScheduler" => Some(SchedulerKind::Pndm),
+            _ => None,
+        }
+    }
+
+    /// Comma-separated list of the names [`SchedulerKind::parse`] accepts canonically.
+    pub fn names() -> String {
+        Self::ALL.map(|k| k.name()).join(", ")
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A model's `scheduler_config.json`, kept as raw keys so every scheduler class
+/// applies its own defaults to whatever the file does not set (as diffusers'
+/// `ConfigMixin.from_config` does).
+#[derive(Clone, Debug, Default)]
+pub struct SchedulerConfig {
+    class_name: String,
+    values: Map<String, Value>,
+}
+
+impl SchedulerConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::model_file(path, e))?;
+        Self::from_json(&text).map_err(|e| Error::model_file(path, e))
+    }
+
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let Value::Object(values) = value else {
+            return Err("expected a JSON object".into());
+        };
+        let class_name = values
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        Ok(Self { class_name, values })
+    }
+
+    /// The diffusers class the model ships with, e.g. `PNDMScheduler`.
+    pub fn class_name(&self) -> &str {
+        &self.class_name
+    }
+
+    /// The kind `SchedulerKind::Default` resolves to for this model.
+    pub fn default_kind(&self) -> Result<SchedulerKind> {
+        SchedulerKind::from_class_name(&self.class_name).ok_or_else(|| {
+            Error::invalid(
+                "scheduler",
+                format!(
+                    "the model's default scheduler {:?} is not supported; choose one of: {}",
+                    self.class_name,
+                    SchedulerKind::names()
+                ),
+            )
+        })
+    }
+
+    /// Merges the model's keys with `overrides` (overrides win), the dict that
+    /// diffusers' `from_config(config, **overrides)` hands to `__init__`.
+    pub fn merged(&self, overrides: &Map<String, Value>) -> Map<String, Value> {
+        let mut merged = self.values.clone();
+        for (k, v) in overrides {
+            merged.insert(k.clone(), v.clone());
+        }
+        merged
+    }
+
+    /// Builds a fresh scheduler for one job, already set to `num_inference_steps`
+    /// (diffusers' `from_config` followed by `set_timesteps`).
+    pub fn build(
+        &self,
+        kind: SchedulerKind,
+        overrides: &Map<String, Value>,
+        num_inference_steps: usize,
+    ) -> Result<Scheduler> {
+        if num_inference_steps == 0 {
+            return Err(Error::invalid("steps", "must be at least 1"));
+        }
+        let kind = match kind {
+            SchedulerKind::Default => self.default_kind()?,
+            k => k,
+        };
+        let mut values = self.merged(overrides);
+        if kind == SchedulerKind::DpmPp2MKarras {
+            values.insert("use_karras_sigmas".into(), Value::Bool(true));
+        }
+        let n = num_inference_steps;
+        Ok(match kind {
+            SchedulerKind::Ddim => Scheduler::Ddim(ddim::Ddim::new(&values, n)?),
+            SchedulerKind::Euler => Scheduler::Euler(euler::Euler::new(&values, n)?),
+            SchedulerKind::EulerAncestral => {
+                Scheduler::EulerAncestral(euler_ancestral::EulerAncestral::new(&values, n)?)
+            }
+            SchedulerKind::DpmPp2M | SchedulerKind::DpmPp2MKarras => {
+                Scheduler::DpmSolver(dpm_solver::DpmSolverMultistep::new(&values, n)?)
+            }
+            SchedulerKind::Pndm => Scheduler::Pndm(pndm::Pndm::new(&values, n)?),
+            SchedulerKind::Default => unreachable!("resolved above"),
+        })
+    }
+}
+
+/// One job's scheduler, set up for a fixed number of inference steps.
+#[derive(Debug)]
+pub enum Scheduler {
+    Ddim(ddim::Ddim),
+    Euler(euler::Euler),
+    EulerAncestral(euler_ancestral::EulerAncestral),
+    DpmSolver(dpm_solver::DpmSolverMultistep),
+    Pndm(pndm::Pndm),
+}
+
+impl Scheduler {
+    /// The timesteps the UNet is called with, in loop order (diffusers'
+    /// `scheduler.timesteps`). Its length is the number of UNet calls, which can
+    /// differ from the requested steps (PNDM adds one).
+    pub fn timesteps(&self) -> &[f64] {
+        match self {
+            Scheduler::Ddim(s) => s.timesteps(),
+            Scheduler::Euler(s) => s.timesteps(),
+            Scheduler::EulerAncestral(s) => s.timesteps(),
+            Scheduler::DpmSolver(s) => s.timesteps(),
+            Scheduler::Pndm(s) => s.timesteps(),
+        }
+    }
+
+    /// The factor the pipeline multiplies the initial unit-variance noise by.
+    pub fn init_noise_sigma(&self) -> f64 {
+        match self {
+            Scheduler::Ddim(_) | Scheduler::DpmSolver(_) | Scheduler::Pndm(_) => 1.0,
+            Scheduler::Euler(s) => s.init_noise_sigma(),
+            Scheduler::EulerAncestral(s) => s.init_noise_sigma(),
+        }
+    }
+
+    /// Scales the UNet input for step `step_index` (diffusers' `scale_model_input`).
+    pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        Ok(match self {
+            Scheduler::Euler(s) => s.scale_model_input(sample, step_index)?,
+            Scheduler::EulerAncestral(s) => s.scale_model_input(sample, step_index)?,
+            Scheduler::Ddim(_) | Scheduler::DpmSolver(_) | Scheduler::Pndm(_) => sample.clone(),
+        })
+    }
+
+    /// Advances `sample` by one step given the (guided) model output at
+    /// `timesteps()[step_index]`. Ancestral schedulers draw fresh noise from `noise`.
+    pub fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        Ok(match self {
+            Scheduler::Ddim(s) => s.step(model_output, step_index, sample)?,
+            Scheduler::Euler(s) => s.step(model_output, step_index, sample)?,
+            Scheduler::EulerAncestral(s) => s.step(model_output, step_index, sample, noise)?,
+            Scheduler::DpmSolver(s) => s.step(model_output, step_index, sample)?,
+            Scheduler::Pndm(s) => s.step(model_output, step_index, sample)?,
+        })
+    }
+}

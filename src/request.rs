@@ -1,0 +1,251 @@
+//! The one validated generation request.
+//!
+//! Every front door (CLI flags, HTTP JSON) fills a [`GenerateParams`] with what
+//! the caller sent and calls [`GenerateParams::validate`], which checks each
+//! field against the loaded model and the server's [`Limits`] and returns a
+//! [`GenerateRequest`] that the pipeline can run without further checks.
+//! Errors name the field as [`Error::InvalidRequest`].
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::diffusion::pipeline::ModelInfo;
+use crate::diffusion::schedulers::SchedulerKind;
+use crate::error::{Error, Result};
+
+/// Server- or CLI-wide bounds on what one request may ask for.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Limits {
+    /// Largest width × height in pixels.
+    pub max_pixels: usize,
+    pub max_steps: usize,
+    pub max_images: usize,
+    /// Longest prompt or negative prompt, in characters.
+    pub max_prompt_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pixels: 1024 * 1024,
+            max_steps: 500,
+            max_images: 8,
+            max_prompt_chars: 4000,
+        }
+    }
+}
+
+/// What a caller asked for; every field optional, defaults applied by `validate`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct GenerateParams {
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub scheduler: Option<String>,
+    pub seed: Option<u64>,
+    pub num_images: Option<usize>,
+}
+
+/// A request checked against the model and the limits, ready to run.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: SchedulerKind,
+    /// Seed of the first image; image `i` uses `seed + i` (wrapping).
+    pub seed: u64,
+    pub num_images: usize,
+    /// Replaces the seeded noise (diffusers parity, reproducing other tools' images).
+    pub latents: Option<GivenLatents>,
+}
+
+/// Noise supplied by the caller instead of drawn from the seed.
+#[derive(Debug, Clone)]
+pub struct GivenLatents {
+    /// Initial latents `[num_images, c, height/f, width/f]`, f32, unit variance
+    /// (like diffusers' `latents=` argument).
+    pub latents: Tensor,
+    /// Fresh noise for ancestral schedulers, one `[num_images, c, h, w]` slice per
+    /// step along dim 0; seeded noise is used when absent.
+    pub step_noise: Option<Tensor>,
+}
+
+pub const DEFAULT_STEPS: usize = 30;
+pub const DEFAULT_GUIDANCE: f64 = 7.5;
+
+fn check_side(field: &str, v: usize, factor: usize) -> Result<usize> {
+    if v == 0 || !v.is_multiple_of(factor) {
+        return Err(Error::invalid(
+            field,
+            format!("{v} is not a positive multiple of {factor}"),
+        ));
+    }
+    Ok(v)
+}
+
+fn check_text(field: &str, text: &str, limits: &Limits) -> Result<()> {
+    let n = text.chars().count();
+    if n > limits.max_prompt_chars {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{n} characters is over the limit of {}",
+                limits.max_prompt_chars
+            ),
+        ));
+    }
+    if text.contains('\0') {
+        return Err(Error::invalid(field, "contains a NUL character"));
+    }
+    Ok(())
+}
+
+impl GenerateParams {
+    /// Checks every field; `latents`, when given, replaces the seeded noise and
+    /// fixes the number of images.
+    pub fn validate(
+        &self,
+        model: &ModelInfo,
+        limits: &Limits,
+        latents: Option<GivenLatents>,
+    ) -> Result<GenerateRequest> {
+        let prompt = self.prompt.clone().unwrap_or_default();
+        check_text("prompt", &prompt, limits)?;
+        let negative_prompt = self.negative_prompt.clone().unwrap_or_default();
+        check_text("negative_prompt", &negative_prompt, limits)?;
+
+        let f = model.vae_scale_factor;
+        let width = check_side("width", self.width.unwrap_or(model.default_size), f)?;
+        let height = check_side("height", self.height.unwrap_or(model.default_size), f)?;
+        if width * height > limits.max_pixels {
+            return Err(Error::invalid(
+                "width",
+                format!(
+                    "{width}x{height} is {} pixels, over the limit of {}",
+                    width * height,
+                    limits.max_pixels
+                ),
+            ));
+        }
+
+        let steps = self.steps.unwrap_or(DEFAULT_STEPS);
+        if steps == 0 || steps > limits.max_steps {
+            return Err(Error::invalid(
+                "steps",
+                format!("{steps} is outside 1..={}", limits.max_steps),
+            ));
+        }
+        let guidance = self.guidance.unwrap_or(DEFAULT_GUIDANCE);
+        if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
+            return Err(Error::invalid(
+                "guidance",
+                format!("{guidance} is outside 0..=100"),
+            ));
+        }
+        let scheduler = match &self.scheduler {
+            None => SchedulerKind::Default,
+            Some(s) => SchedulerKind::parse(s).ok_or_else(|| {
+                Error::invalid(
+                    "scheduler",
+                    format!(
+                        "unknown scheduler {s:?}; choose one of: {}",
+                        SchedulerKind::names()
+                    ),
+                )
+            })?,
+        };
+
+        let mut num_images = self.num_images.unwrap_or(1);
+        if let Some(given) = &latents {
+            let l = &given.latents;
+            let expected = (model.latent_channels, height / f, width / f);
+            let (n, c, h, w) = l.dims4().map_err(|_| {
+                Error::invalid(
+                    "latents",
+                    format!("expected 4 dimensions, got shape {:?}", l.dims()),
+                )
+            })?;
+            if (c, h, w) != expected {
+                return Err(Error::invalid(
+                    "latents",
+                    format!(
+                        "shape {:?} does not fit {width}x{height}: expected [n, {}, {}, {}]",
+                        l.dims(),
+                        expected.0,
+                        expected.1,
+                        expected.2
+                    ),
+                ));
+            }
+            if self.num_images.is_some_and(|k| k != n) {
+                return Err(Error::invalid(
+                    "num_images",
+                    format!("{num_images} does not match the {n} latents given"),
+                ));
+            }
+            num_images = n;
+            if let Some(noise) = &given.step_noise {
+                let ok = noise.dims().len() == 5 && noise.dims()[1..] == *l.dims();
+                if !ok {
+                    return Err(Error::invalid(
+                        "latents",
+                        format!(
+                            "`noise` shape {:?} must be [steps, {:?}...]",
+                            noise.dims(),
+                            l.dims()
+                        ),
+                    ));
+                }
+            }
+        }
+        if num_images == 0 || num_images > limits.max_images {
+            return Err(Error::invalid(
+                "num_images",
+                format!("{num_images} is outside 1..={}", limits.max_images),
+            ));
+        }
+        let seed = self.seed.unwrap_or_else(random_seed);
+        Ok(GenerateRequest {
+            prompt,
+            negative_prompt,
+            width,
+            height,
+            steps,
+            guidance,
+            scheduler,
+            seed,
+            num_images,
+            latents,
+        })
+    }
+}
+
+impl GenerateRequest {
+    /// One seed per image: `seed, seed + 1, ...`.
+    pub fn seeds(&self) -> Vec<u64> {
+        (0..self.num_images as u64)
+            .map(|i| self.seed.wrapping_add(i))
+            .collect()
+    }
+}
+
+/// A seed from the OS clock and process, for requests that give none. Seeds are
+/// limited to 2^53 so JSON clients (JavaScript numbers) can echo them back exactly.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish() & ((1 << 53) - 1)
+}
