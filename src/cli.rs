@@ -90,6 +90,10 @@ pub struct GenerateArgs {
     /// default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm.
     #[arg(long)]
     pub scheduler: Option<String>,
+    /// Override a scheduler config key, e.g. timestep_spacing=trailing (repeatable;
+    /// values are JSON, or plain strings).
+    #[arg(long = "scheduler-option", value_name = "KEY=VALUE")]
+    pub scheduler_option: Vec<String>,
     /// Image width in pixels, a multiple of 8 [default: the model's size].
     #[arg(long)]
     pub width: Option<usize>,
@@ -133,7 +137,12 @@ pub struct DownloadArgs {
 pub fn describe_error(e: &Error) -> String {
     match e {
         Error::InvalidRequest { field, message } => {
-            format!("invalid value for --{}: {message}", field.replace('_', "-"))
+            // Request fields are named like the flags, except this plural.
+            let flag = match field.as_str() {
+                "scheduler_options" => "scheduler-option".to_string(),
+                f => f.replace('_', "-"),
+            };
+            format!("invalid value for --{flag}: {message}")
         }
         other => other.to_string(),
     }
@@ -196,6 +205,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
                 steps: Some(m.steps),
                 guidance: Some(m.guidance),
                 scheduler: Some(m.scheduler),
+                scheduler_options: Some(m.scheduler_options),
                 seed: Some(m.seed),
                 num_images: None,
             }
@@ -216,6 +226,19 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
         seed,
         num_images
     );
+    if !args.scheduler_option.is_empty() {
+        let options = params
+            .scheduler_options
+            .get_or_insert_with(Default::default);
+        for kv in &args.scheduler_option {
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                Error::invalid("scheduler_option", format!("{kv:?} is not KEY=VALUE"))
+            })?;
+            let value = serde_json::from_str(v)
+                .unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+            options.insert(k.trim().to_string(), value);
+        }
+    }
     if params.prompt.is_none() {
         return Err(Error::invalid("prompt", "required (or give --from-image)"));
     }
@@ -267,6 +290,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
             steps: req.steps,
             guidance: req.guidance,
             scheduler: scheduler.name().to_string(),
+            scheduler_options: req.scheduler_options.clone(),
             seed: *seed,
             width: req.width,
             height: req.height,

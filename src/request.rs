@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::diffusion::pipeline::ModelInfo;
-use crate::diffusion::schedulers::SchedulerKind;
+use crate::diffusion::schedulers::{SchedulerKind, check_overrides};
 use crate::error::{Error, Result};
 
 /// Server- or CLI-wide bounds on what one request may ask for.
@@ -45,6 +45,8 @@ pub struct GenerateParams {
     pub steps: Option<usize>,
     pub guidance: Option<f64>,
     pub scheduler: Option<String>,
+    /// Scheduler config overrides, e.g. `{"timestep_spacing": "trailing"}`.
+    pub scheduler_options: Option<serde_json::Map<String, serde_json::Value>>,
     pub seed: Option<u64>,
     pub num_images: Option<usize>,
 }
@@ -59,6 +61,8 @@ pub struct GenerateRequest {
     pub steps: usize,
     pub guidance: f64,
     pub scheduler: SchedulerKind,
+    /// Overrides applied on top of the model's scheduler_config.json.
+    pub scheduler_options: serde_json::Map<String, serde_json::Value>,
     /// Seed of the first image; image `i` uses `seed + i` (wrapping).
     pub seed: u64,
     pub num_images: usize,
@@ -162,6 +166,9 @@ impl GenerateParams {
             })?,
         };
 
+        let scheduler_options = self.scheduler_options.clone().unwrap_or_default();
+        check_overrides(&scheduler_options)?;
+
         let mut num_images = self.num_images.unwrap_or(1);
         if let Some(given) = &latents {
             let l = &given.latents;
@@ -220,6 +227,7 @@ impl GenerateParams {
             steps,
             guidance,
             scheduler,
+            scheduler_options,
             seed,
             num_images,
             latents,

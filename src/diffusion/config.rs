@@ -269,6 +269,14 @@ impl UNetConfig {
         let norm_num_groups = self
             .norm_num_groups
             .ok_or_else(|| Error::model_file(path, "unsupported `norm_num_groups`: null"))?;
+        // candle 0.11's UpBlock2D builds its resnets with the default 32 groups whatever
+        // the config says; every released SD 1.x/2.x UNet uses 32.
+        require(
+            path,
+            norm_num_groups == 32,
+            "norm_num_groups",
+            format!("{norm_num_groups} (candle's up blocks only run 32)"),
+        )?;
         // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`
         // (the legacy SD configs store the head *count* under attention_head_dim).
         let heads = self

@@ -30,6 +30,9 @@ pub struct ImageMetadata {
     pub guidance: f64,
     /// The scheduler actually run (never `default`).
     pub scheduler: String,
+    /// Scheduler config overrides the image was made with.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub scheduler_options: serde_json::Map<String, serde_json::Value>,
     pub seed: u64,
     pub width: usize,
     pub height: usize,
@@ -159,6 +162,7 @@ mod tests {
             steps: 20,
             guidance: 7.5,
             scheduler: "euler_a".into(),
+            scheduler_options: Default::default(),
             seed: 42,
             width: 64,
             height: 64,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::{
     unet_2d::UNet2DConditionModel, vae::AutoEncoderKL,
 };
@@ -164,15 +165,12 @@ impl StableDiffusion {
 
         let unet_files =
             WeightFiles::find(&dir.join("unet"), "diffusion_pytorch_model", prefer_fp16)?;
-        let candle_unet_cfg = unet_cfg.to_candle(&unet_cfg_path)?;
-        let unet = UNet2DConditionModel::new(
+        let unet = build_unet(
             unet_files.var_builder(dtype, &device)?,
-            unet_cfg.in_channels,
-            unet_cfg.out_channels,
-            cfg!(feature = "flash-attn") && device.is_cuda(),
-            candle_unet_cfg,
-        )
-        .map_err(|e| Error::model_file(unet_files.describe(), e))?;
+            &unet_cfg,
+            &unet_cfg_path,
+            &unet_files.describe(),
+        )?;
         if unet_cfg.in_channels != vae_cfg.latent_channels
             || unet_cfg.out_channels != vae_cfg.latent_channels
         {
@@ -197,13 +195,12 @@ impl StableDiffusion {
             "diffusion_pytorch_model",
             prefer_fp16 && vae_dtype != DType::F32,
         )?;
-        let vae = AutoEncoderKL::new(
+        let vae = build_vae(
             vae_files.var_builder(vae_dtype, &device)?,
-            3,
-            3,
-            vae_cfg.to_candle(&vae_cfg_path)?,
-        )
-        .map_err(|e| Error::model_file(vae_files.describe(), e))?;
+            &vae_cfg,
+            &vae_cfg_path,
+            &vae_files.describe(),
+        )?;
 
         let vae_scale_factor = vae_cfg.scale_factor();
         let default_size = unet_cfg.sample_size().unwrap_or(64) * vae_scale_factor;
@@ -299,10 +296,25 @@ impl StableDiffusion {
             .reshape((groups * n, seq, hidden))?)
     }
 
+    /// One UNet evaluation: the noise (or v) prediction for `sample` at timestep `t`.
+    pub fn predict(&self, sample: &Tensor, t: f64, embeddings: &Tensor) -> Result<Tensor> {
+        Ok(self.unet.forward(sample, t, embeddings)?)
+    }
+
+    /// The VAE decoder's raw output `[n, 3, H, W]` (about [-1, 1]) for latents
+    /// already divided by the scaling factor.
+    pub fn decode_raw(&self, z: &Tensor) -> Result<Tensor> {
+        Ok(self.vae.decode(&z.to_dtype(self.vae_dtype)?)?)
+    }
+
     /// Builds the job's scheduler (`Default` is the model's own class).
-    pub fn scheduler(&self, kind: SchedulerKind, steps: usize) -> Result<Scheduler> {
-        self.scheduler_config
-            .build(kind, &Default::default(), steps)
+    pub fn scheduler(
+        &self,
+        kind: SchedulerKind,
+        overrides: &serde_json::Map<String, serde_json::Value>,
+        steps: usize,
+    ) -> Result<Scheduler> {
+        self.scheduler_config.build(kind, overrides, steps)
     }
 
     /// The denoising loop. `latents` are the unit-variance initial latents
@@ -331,7 +343,7 @@ impl StableDiffusion {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, i)?;
-            let pred = self.unet.forward(&input, t, &embeddings)?;
+            let pred = self.predict(&input, t, &embeddings)?;
             let pred = if guided {
                 let n = latents.dim(0)?;
                 let uncond = pred.narrow(0, 0, n)?;
@@ -360,7 +372,7 @@ impl StableDiffusion {
         let mut images = Vec::with_capacity(n);
         for i in 0..n {
             let z = (latents.narrow(0, i, 1)?.to_dtype(self.vae_dtype)? / self.vae_scaling_factor)?;
-            let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+            let img = self.decode_raw(&z)?.to_dtype(DType::F32)?;
             let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
             images.push(img.to_device(&Device::Cpu)?);
         }
@@ -407,7 +419,7 @@ impl StableDiffusion {
                 }
                 None => &mut seeded,
             };
-        let mut scheduler = self.scheduler(req.scheduler, req.steps)?;
+        let mut scheduler = self.scheduler(req.scheduler, &req.scheduler_options, req.steps)?;
         timings.steps = scheduler.timesteps().len();
         let t1 = Instant::now();
         let latents = self.denoise(
@@ -428,6 +440,33 @@ impl StableDiffusion {
             timings,
         })
     }
+}
+
+/// Builds the UNet described by `unet/config.json` (at `cfg_path`) from `vb`,
+/// whose tensors come from `weights` (named in errors).
+pub fn build_unet(
+    vb: VarBuilder,
+    cfg: &UNetConfig,
+    cfg_path: &Path,
+    weights: &Path,
+) -> Result<UNet2DConditionModel> {
+    let flash = cfg!(feature = "flash-attn") && vb.device().is_cuda();
+    let candle_cfg = cfg.to_candle(cfg_path)?;
+    UNet2DConditionModel::new(vb, cfg.in_channels, cfg.out_channels, flash, candle_cfg)
+        .map_err(|e| Error::model_file(weights, e))
+}
+
+/// Builds the VAE described by `vae/config.json` (at `cfg_path`) from `vb`,
+/// whose tensors come from `weights` (named in errors).
+pub fn build_vae(
+    vb: VarBuilder,
+    cfg: &VaeConfig,
+    cfg_path: &Path,
+    weights: &Path,
+) -> Result<AutoEncoderKL> {
+    let candle_cfg = cfg.to_candle(cfg_path)?;
+    AutoEncoderKL::new(vb, cfg.in_channels, cfg.out_channels, candle_cfg)
+        .map_err(|e| Error::model_file(weights, e))
 }
 
 fn device_name(device: &Device) -> String {

@@ -134,11 +134,13 @@ impl ClipTokenizer {
             split.into(),
             ByteLevel::new(false, true, true).into(),
         ])));
+        // transformers registers bos/eos/unk/pad as special tokens, so e.g. SD 2.x's
+        // pad token `!` always encodes as one token, never merged by BPE.
+        let unk_s = lookup("unk_token", "<|endoftext|>");
+        let mut specials: Vec<&String> = vec![&bos_s, &eos_s, &unk_s, &pad_s];
+        specials.dedup();
         inner
-            .add_special_tokens([
-                AddedToken::from(bos_s.clone(), true),
-                AddedToken::from(eos_s.clone(), true),
-            ])
+            .add_special_tokens(specials.iter().map(|t| AddedToken::from(t.as_str(), true)))
             .map_err(|e| Error::model_file(dir, e))?;
 
         let id = |tok: &str| {

@@ -21,6 +21,49 @@ use serde_json::{Map, Value};
 use crate::diffusion::latents::NoiseSource;
 use crate::error::{Error, Result};
 
+/// Scheduler config keys a request may override (diffusers' `from_config(config,
+/// **overrides)`); anything else is refused so a typo is not silently ignored.
+pub const OVERRIDABLE_KEYS: &[&str] = &[
+    "algorithm_type",
+    "beta_end",
+    "beta_schedule",
+    "beta_start",
+    "clip_sample",
+    "euler_at_final",
+    "final_sigmas_type",
+    "interpolation_type",
+    "lower_order_final",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+    "set_alpha_to_one",
+    "sigma_max",
+    "sigma_min",
+    "skip_prk_steps",
+    "solver_order",
+    "solver_type",
+    "steps_offset",
+    "timestep_spacing",
+    "timestep_type",
+    "use_karras_sigmas",
+];
+
+/// Checks that every override key is one of [`OVERRIDABLE_KEYS`].
+pub fn check_overrides(overrides: &Map<String, Value>) -> Result<()> {
+    match overrides
+        .keys()
+        .find(|k| !OVERRIDABLE_KEYS.contains(&k.as_str()))
+    {
+        None => Ok(()),
+        Some(k) => Err(Error::invalid(
+            "scheduler_options",
+            format!(
+                "unknown scheduler option {k:?}; known: {}",
+                OVERRIDABLE_KEYS.join(", ")
+            ),
+        )),
+    }
+}
+
 /// The schedulers a request can name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SchedulerKind {

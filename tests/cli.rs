@@ -1,0 +1,416 @@
+//! The `sdserve` binary end to end on the tiny fixture models: diffusers parity
+//! through `--latents`, reproducibility, PNG metadata, and clear errors for bad
+//! flags and files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+use common::{Reference, model_dir};
+
+fn sdserve(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("SDSERVE_MODEL")
+        .output()
+        .expect("runs sdserve")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "sdserve failed: {}", stderr(&o));
+    o
+}
+
+fn rgb(path: &Path) -> image::RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+/// Runs one reference case through the CLI with diffusers' latents (and, for
+/// ancestral schedulers, its recorded noise) and returns the written images.
+fn run_case(
+    model: &str,
+    reference: &Reference,
+    case: &serde_json::Value,
+    dir: &Path,
+) -> Vec<PathBuf> {
+    let name = case["name"].as_str().unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert(
+        "latents".to_string(),
+        reference.get(&format!("case/{name}/latents")),
+    );
+    if let Some(noise) = reference.tensors.get(&format!("case/{name}/noise")) {
+        tensors.insert("noise".to_string(), noise.clone());
+    }
+    let latents_file = dir.join(format!("{name}.safetensors"));
+    candle_core::safetensors::save(&tensors, &latents_file).unwrap();
+    let out = dir.join(format!("{name}.png"));
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let model_path = model_dir(model);
+    let args: Vec<String> = vec![
+        "generate".into(),
+        "--model".into(),
+        model_path.display().to_string(),
+        "--prompt".into(),
+        s(&case["prompt"]),
+        "--negative-prompt".into(),
+        case["negative_prompt"].as_str().unwrap_or("").to_string(),
+        "--steps".into(),
+        s(&case["num_inference_steps"]),
+        "--guidance".into(),
+        s(&case["guidance_scale"]),
+        "--scheduler".into(),
+        s(&case["scheduler"]),
+        "--width".into(),
+        s(&case["width"]),
+        "--height".into(),
+        s(&case["height"]),
+        "--latents".into(),
+        latents_file.display().to_string(),
+        "--output".into(),
+        out.display().to_string(),
+    ];
+    let mut args = args;
+    for (k, v) in case["overrides"].as_object().into_iter().flatten() {
+        args.push("--scheduler-option".into());
+        args.push(format!("{k}={}", s(v)));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = ok(sdserve(&args));
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// Every pipeline case diffusers recorded, reproduced through `sdserve generate
+/// --latents` (with `--scheduler-option` for the cases that override the
+/// scheduler config), compared on the 8-bit PNG pixels.
+fn cli_matches_diffusers(model: &str, refname: &str) {
+    let reference = Reference::load(refname);
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = reference.json["cases"].as_array().unwrap().clone();
+    let mut checked = 0;
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let paths = run_case(model, &reference, case, tmp.path());
+        let expected = reference.get(&format!("case/{name}/image")); // [n, H, W, 3] in [0, 1]
+        let (n, h, w, _) = expected.dims4().unwrap();
+        assert_eq!(paths.len(), n, "{name}: image count");
+        for (i, p) in paths.iter().enumerate() {
+            let img = rgb(p);
+            assert_eq!(
+                (img.width() as usize, img.height() as usize),
+                (w, h),
+                "{name}: size"
+            );
+            let got = Tensor::from_vec(img.into_raw(), (h, w, 3), &Device::Cpu)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            let want = (expected.get(i).unwrap() * 255.0).unwrap().round().unwrap();
+            // One 8-bit level: the float images agree to ~1e-4 (tests/parity.rs),
+            // so only values within that of a rounding boundary may flip.
+            let d = common::max_abs_diff(&got, &want);
+            assert!(
+                d <= 1.0,
+                "{name} image {i}: max pixel difference {d} levels"
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, cases.len());
+    assert!(checked >= 6, "only {checked} cases checked");
+}
+
+#[test]
+fn cli_reproduces_diffusers_sd1() {
+    cli_matches_diffusers("tiny-sd1", "sd1");
+}
+
+#[test]
+fn cli_reproduces_diffusers_sd2() {
+    cli_matches_diffusers("tiny-sd2", "sd2");
+}
+
+fn generate(dir: &Path, name: &str, extra: &[&str]) -> Output {
+    let model = model_dir("tiny-sd1");
+    let out = dir.join(name);
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    sdserve(&args)
+}
+
+#[test]
+fn same_seed_same_bytes_and_metadata_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = [
+        "--prompt",
+        "a red cube",
+        "--steps",
+        "3",
+        "--scheduler",
+        "euler_a",
+        "--seed",
+        "1234",
+    ];
+    ok(generate(tmp.path(), "a.png", &base));
+    ok(generate(tmp.path(), "b.png", &base));
+    let a = std::fs::read(tmp.path().join("a.png")).unwrap();
+    let b = std::fs::read(tmp.path().join("b.png")).unwrap();
+    assert_eq!(a, b, "same seed must give identical bytes");
+
+    let mut other = base.to_vec();
+    other[7] = "1235";
+    ok(generate(tmp.path(), "c.png", &other));
+    assert_ne!(
+        rgb(&tmp.path().join("a.png")),
+        rgb(&tmp.path().join("c.png")),
+        "another seed, another image"
+    );
+
+    // The PNG carries its parameters; --from-image regenerates the same pixels.
+    let meta = sdserve::diffusion::image::read_png_metadata(&tmp.path().join("a.png")).unwrap();
+    assert_eq!(meta.seed, 1234);
+    assert_eq!(meta.scheduler, "euler_a");
+    assert_eq!(meta.prompt, "a red cube");
+    let from = tmp.path().join("a.png");
+    ok(generate(
+        tmp.path(),
+        "d.png",
+        &["--from-image", from.to_str().unwrap()],
+    ));
+    assert_eq!(
+        rgb(&tmp.path().join("a.png")),
+        rgb(&tmp.path().join("d.png"))
+    );
+    let text = String::from_utf8_lossy(&a);
+    assert!(
+        text.contains("parameters") && text.contains("Sampler: Euler a"),
+        "A1111 parameters chunk"
+    );
+}
+
+#[test]
+fn several_images_get_consecutive_seeds_and_match_single_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let common = [
+        "--prompt",
+        "two boats",
+        "--steps",
+        "2",
+        "--scheduler",
+        "ddim",
+        "--width",
+        "96",
+        "--height",
+        "64",
+    ];
+    let mut batch = common.to_vec();
+    batch.extend_from_slice(&["--seed", "7", "--num-images", "2"]);
+    let o = ok(generate(tmp.path(), "batch.png", &batch));
+    let paths: Vec<PathBuf> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(
+        paths,
+        vec![
+            tmp.path().join("batch-0.png"),
+            tmp.path().join("batch-1.png")
+        ]
+    );
+    let mut single = common.to_vec();
+    single.extend_from_slice(&["--seed", "8"]);
+    ok(generate(tmp.path(), "single.png", &single));
+    // Image 1 of the batch is seed 8; batching does not change it.
+    let d = common::max_abs_diff(
+        &Tensor::from_vec(rgb(&paths[1]).into_raw(), (64 * 96 * 3,), &Device::Cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap(),
+        &Tensor::from_vec(
+            rgb(&tmp.path().join("single.png")).into_raw(),
+            (64 * 96 * 3,),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap(),
+    );
+    assert!(
+        d <= 1.0,
+        "batched image differs from its single run by {d} levels"
+    );
+    assert_eq!(rgb(&paths[0]).dimensions(), (96, 64));
+}
+
+fn assert_bad_flag(o: Output, flag: &str) {
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected a usage error for {flag}: {err}"
+    );
+    assert!(err.contains(flag), "error should name {flag}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_inputs_name_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = ["--prompt", "x", "--steps", "1"];
+    let with = |extra: &[&str]| {
+        let mut v = p.to_vec();
+        v.extend_from_slice(extra);
+        generate(tmp.path(), "bad.png", &v)
+    };
+    assert_bad_flag(with(&["--width", "65"]), "--width");
+    assert_bad_flag(with(&["--height", "0"]), "--height");
+    assert_bad_flag(with(&["--width", "4096", "--height", "4096"]), "--width");
+    assert_bad_flag(
+        generate(tmp.path(), "bad.png", &["--prompt", "x", "--steps", "0"]),
+        "--steps",
+    );
+    let o = with(&["--scheduler", "heun"]);
+    assert_bad_flag(o, "--scheduler");
+    assert!(
+        stderr(&with(&["--scheduler", "heun"])).contains("dpmpp_2m_karras"),
+        "lists the choices"
+    );
+    assert_bad_flag(with(&["--guidance", "NaN"]), "--guidance");
+    assert_bad_flag(with(&["--num-images", "0"]), "--num-images");
+    assert_bad_flag(
+        with(&["--scheduler-option", "timestep_spacng=trailing"]),
+        "--scheduler-option",
+    );
+    assert_bad_flag(
+        with(&["--scheduler-option", "timestep_spacing"]),
+        "--scheduler-option",
+    );
+    let o = with(&[
+        "--scheduler",
+        "euler",
+        "--scheduler-option",
+        "timestep_spacing=sideways",
+    ]);
+    assert_bad_flag(o, "--scheduler");
+    assert_bad_flag(
+        with(&["--latents", "/nonexistent/latents.safetensors"]),
+        "--latents",
+    );
+    // Latents of the wrong shape for the size.
+    let lat = tmp.path().join("lat.safetensors");
+    let t = Tensor::zeros((1, 4, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), t)]),
+        &lat,
+    )
+    .unwrap();
+    assert_bad_flag(with(&["--latents", lat.to_str().unwrap()]), "--latents");
+    assert_bad_flag(
+        generate(tmp.path(), "bad.png", &["--steps", "1"]),
+        "--prompt",
+    );
+    assert!(
+        !tmp.path().join("bad.png").exists(),
+        "nothing written on error"
+    );
+}
+
+#[test]
+fn missing_model_names_the_folder() {
+    let o = sdserve(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("/nonexistent/model"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn hub_ids_resolve_from_the_hf_cache_offline() {
+    // Lay the fixture out as hf-hub's cache does: models--org--name/{refs/main, snapshots/<sha>/...}.
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--sdserve-test--tiny-sd1");
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    common::copy_dir(&model_dir("tiny-sd1"), &repo.join("snapshots").join(sha));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), sha).unwrap();
+    let out = home.path().join("hub.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        .args([
+            "generate",
+            "--model",
+            "sdserve-test/tiny-sd1",
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--output",
+        ])
+        .arg(&out)
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    ok(o);
+    assert!(out.is_file());
+
+    // Not in the cache: the error says how to use a local folder.
+    let o = Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        .args([
+            "generate",
+            "--model",
+            "sdserve-test/absent",
+            "--prompt",
+            "x",
+        ])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("HF_HUB_OFFLINE") && err.contains("--model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unreachable_hub_says_how_to_use_a_local_folder() {
+    let home = tempfile::tempdir().unwrap();
+    // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
+    let o = Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        .args(["download", "sdserve-test/absent"])
+        .env("HF_HOME", home.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("cannot download sdserve-test/absent") && err.contains("--model"),
+        "{err}"
+    );
+}

@@ -1,0 +1,110 @@
+//! Shared helpers for the integration tests: fixture paths, reference loading,
+//! tensor comparison and a process-wide cache of loaded tiny models.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::{DType, Device, Tensor};
+use sdserve::diffusion::pipeline::{LoadOptions, StableDiffusion};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+/// Loads `tiny-sd1` / `tiny-sd2` once per test binary (f32, CPU).
+pub fn model(name: &str) -> Arc<StableDiffusion> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<StableDiffusion>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(name.to_string())
+        .or_insert_with(|| {
+            Arc::new(
+                StableDiffusion::load(&model_dir(name), &LoadOptions::default())
+                    .unwrap_or_else(|e| panic!("loading {name}: {e}")),
+            )
+        })
+        .clone()
+}
+
+/// A diffusers reference file pair: `references/<name>.safetensors` + `.json`.
+pub struct Reference {
+    pub tensors: HashMap<String, Tensor>,
+    pub json: serde_json::Value,
+}
+
+impl Reference {
+    pub fn load(name: &str) -> Self {
+        let dir = fixtures().join("references");
+        let tensors =
+            candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
+                .unwrap_or_else(|e| panic!("reference {name}: {e}"));
+        let json = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        Self { tensors, json }
+    }
+
+    pub fn get(&self, key: &str) -> Tensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("reference tensor {key} missing"))
+            .clone()
+    }
+}
+
+/// max |a - b| over all elements (shapes must match).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// max |a| over all elements.
+pub fn max_abs(a: &Tensor) -> f32 {
+    a.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Copies a fixture model folder into a temp dir so a test can damage it.
+pub fn copy_model(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&model_dir(name), tmp.path());
+    tmp
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
