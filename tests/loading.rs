@@ -147,3 +147,43 @@ fn half_precision_on_cpu_is_a_clear_error() {
         .to_string();
     assert!(err.contains("dtype") && err.contains("CPU"), "{err}");
 }
+
+#[test]
+fn bf16_weights_load_into_f32() {
+    // Two copies of the sd1 VAE: one stored in bf16, one storing the same bf16-rounded
+    // values in f32. bf16 -> f32 is exact, so both must decode bit for bit alike.
+    let dev = candle_core::Device::Cpu;
+    let original = candle_core::safetensors::load(
+        model_dir("tiny-sd1").join("vae/diffusion_pytorch_model.safetensors"),
+        &dev,
+    )
+    .unwrap();
+    let save = |dtype: candle_core::DType| {
+        let tmp = copy_model("tiny-sd1");
+        let t: std::collections::HashMap<String, candle_core::Tensor> = original
+            .iter()
+            .map(|(k, v)| {
+                let rounded = v.to_dtype(candle_core::DType::BF16).unwrap();
+                (k.clone(), rounded.to_dtype(dtype).unwrap())
+            })
+            .collect();
+        candle_core::safetensors::save(
+            &t,
+            tmp.path().join("vae/diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap();
+        tmp
+    };
+    let (bf16_dir, f32_dir) = (
+        save(candle_core::DType::BF16),
+        save(candle_core::DType::F32),
+    );
+    let bf16 = StableDiffusion::load(bf16_dir.path(), &LoadOptions::default()).unwrap();
+    let f32 = StableDiffusion::load(f32_dir.path(), &LoadOptions::default()).unwrap();
+    let z = candle_core::Tensor::randn(0f32, 1f32, (1, 4, 12, 12), &dev).unwrap();
+    let (a, b) = (bf16.decode_raw(&z).unwrap(), f32.decode_raw(&z).unwrap());
+    assert_eq!(common::max_abs_diff(&a, &b), 0.0);
+    // ...and the rounding really happened (the test would pass vacuously otherwise).
+    let full = common::model("tiny-sd1").decode_raw(&z).unwrap();
+    assert!(common::max_abs_diff(&a, &full) > 0.0);
+}

@@ -115,3 +115,45 @@ impl WeightFiles {
         self.files.first().cloned().unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefers_the_variant_matching_the_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["model.safetensors", "model.fp16.safetensors"] {
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let full = WeightFiles::find(dir.path(), "model", false).unwrap();
+        assert_eq!(full.files, vec![dir.path().join("model.safetensors")]);
+        let half = WeightFiles::find(dir.path(), "model", true).unwrap();
+        assert_eq!(half.files, vec![dir.path().join("model.fp16.safetensors")]);
+        // Only one variant present: it is used whatever the preference.
+        std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+        let only = WeightFiles::find(dir.path(), "model", false).unwrap();
+        assert_eq!(only.files, vec![dir.path().join("model.fp16.safetensors")]);
+    }
+
+    #[test]
+    fn sharded_weights_list_every_shard_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = r#"{"metadata": {}, "weight_map": {
+            "a": "m-00001-of-00002.safetensors",
+            "b": "m-00002-of-00002.safetensors",
+            "c": "m-00001-of-00002.safetensors"}}"#;
+        std::fs::write(dir.path().join("m.safetensors.index.json"), index).unwrap();
+        std::fs::write(dir.path().join("m-00001-of-00002.safetensors"), b"x").unwrap();
+        let err = WeightFiles::find(dir.path(), "m", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m-00002-of-00002.safetensors") && err.contains("shard index"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("m-00002-of-00002.safetensors"), b"x").unwrap();
+        let w = WeightFiles::find(dir.path(), "m", false).unwrap();
+        assert_eq!(w.files.len(), 2);
+    }
+}
