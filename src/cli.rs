@@ -28,6 +28,8 @@ pub enum Command {
     Generate(Box<GenerateArgs>),
     /// Download a model from the Hugging Face hub into the HF cache.
     Download(DownloadArgs),
+    /// Serve HTTP: the SageMaker container contract (GET /ping, POST /invocations).
+    Serve(Box<ServeArgs>),
 }
 
 /// Where the model comes from and how to run it.
@@ -35,7 +37,7 @@ pub enum Command {
 pub struct ModelArgs {
     /// A diffusers model folder, or a Hugging Face hub repo id (org/name).
     #[arg(long, env = "SDSERVE_MODEL")]
-    pub model: String,
+    pub model: Option<String>,
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long, env = "SDSERVE_REVISION")]
     pub revision: Option<String>,
@@ -65,8 +67,21 @@ impl ModelArgs {
         Ok(LoadOptions { device, dtype })
     }
 
+    /// The `--model` source; `None` when no model was named.
+    pub fn source(&self) -> Result<Option<ModelSource>> {
+        self.model
+            .as_deref()
+            .map(|m| ModelSource::parse(m, self.revision.as_deref()))
+            .transpose()
+    }
+
     pub fn load(&self) -> Result<StableDiffusion> {
-        let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
+        let source = self.source()?.ok_or_else(|| {
+            Error::invalid(
+                "model",
+                "required: a diffusers folder or hub repo id (or SDSERVE_MODEL)",
+            )
+        })?;
         load_model(&source, &self.load_options()?)
     }
 }
@@ -309,6 +324,124 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
         "generated {n} image(s)"
     );
     Ok(written)
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, env = "SDSERVE_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port; SageMaker's SAGEMAKER_BIND_TO_PORT wins when set.
+    #[arg(long, env = "SDSERVE_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Jobs that may wait for the model at once; more are refused with 503/429.
+    #[arg(long, env = "SDSERVE_QUEUE_CAPACITY", default_value_t = 32)]
+    pub queue_capacity: usize,
+    /// Largest width x height accepted.
+    #[arg(long, env = "SDSERVE_MAX_PIXELS", default_value_t = Limits::default().max_pixels)]
+    pub max_pixels: usize,
+    /// Where SageMaker extracts model.tar.gz; used when it holds a model.
+    #[arg(
+        long,
+        env = "SDSERVE_SAGEMAKER_MODEL_DIR",
+        default_value = "/opt/ml/model"
+    )]
+    pub sagemaker_model_dir: PathBuf,
+}
+
+impl ServeArgs {
+    /// SageMaker's model folder when it holds a model, else `--model`.
+    pub fn model_source(&self) -> Result<ModelSource> {
+        if self.sagemaker_model_dir.join("model_index.json").is_file() {
+            return Ok(ModelSource::Local(self.sagemaker_model_dir.clone()));
+        }
+        self.model.source()?.ok_or_else(|| {
+            Error::invalid(
+                "model",
+                format!(
+                    "no model: {} has no model_index.json and neither --model nor SDSERVE_MODEL is set",
+                    self.sagemaker_model_dir.display()
+                ),
+            )
+        })
+    }
+
+    /// The port to bind: `SAGEMAKER_BIND_TO_PORT` if set, else `--port`.
+    pub fn port(&self) -> Result<u16> {
+        match std::env::var("SAGEMAKER_BIND_TO_PORT") {
+            Ok(p) if !p.trim().is_empty() => p.trim().parse().map_err(|_| {
+                Error::invalid(
+                    "port",
+                    format!("SAGEMAKER_BIND_TO_PORT={p:?} is not a port number"),
+                )
+            }),
+            _ => Ok(self.port),
+        }
+    }
+}
+
+/// Runs the HTTP server until SIGTERM or Ctrl-C. The listener is bound before the
+/// model loads, so `/ping` answers (503, then 200) from the first moment.
+pub fn run_serve(args: &ServeArgs) -> Result<()> {
+    let source = args.model_source()?;
+    let opts = args.model.load_options()?;
+    let port = args.port()?;
+    let limits = Limits {
+        max_pixels: args.max_pixels,
+        ..Limits::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("tokio runtime", e))?;
+    runtime.block_on(async move {
+        let addr = format!("{}:{port}", args.host);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| Error::invalid("port", format!("cannot listen on {addr}: {e}")))?;
+        tracing::info!(
+            "listening on http://{}",
+            listener.local_addr().map_err(|e| Error::io(&addr, e))?
+        );
+        let engine = crate::engine::Engine::start(
+            move || load_model(&source, &opts),
+            crate::engine::EngineConfig {
+                queue_capacity: args.queue_capacity,
+            },
+        );
+        let app = crate::http::router(crate::http::AppState { engine, limits });
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(|e| Error::io(&addr, e))?;
+        tracing::info!("shut down");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM (what SageMaker and Kubernetes send) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received: finishing open requests");
 }
 
 pub fn run_download(args: &DownloadArgs) -> Result<PathBuf> {

@@ -9,7 +9,9 @@
 
 pub mod cli;
 pub mod diffusion;
+pub mod engine;
 pub mod error;
+pub mod http;
 pub mod request;
 
 pub use error::{Error, Result};

@@ -1,7 +1,7 @@
 //! The `sdserve` binary: parses the command line and dispatches.
 
 use clap::Parser;
-use sdserve::cli::{Cli, Command, describe_error, run_download, run_generate};
+use sdserve::cli::{Cli, Command, describe_error, run_download, run_generate, run_serve};
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -20,6 +20,7 @@ fn main() -> std::process::ExitCode {
             }
         }),
         Command::Download(args) => run_download(args).map(|dir| println!("{}", dir.display())),
+        Command::Serve(args) => run_serve(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

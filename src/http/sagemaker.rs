@@ -1,0 +1,386 @@
+//! The SageMaker bring-your-own-container contract: `GET /ping` and
+//! `POST /invocations` (real-time, and asynchronous inference unchanged: there
+//! SageMaker posts the S3 payload to the same route and stores the response).
+//!
+//! Request bodies take the fields SageMaker JumpStart's Stable Diffusion
+//! endpoints accept (`prompt`, `negative_prompt`, `width`, `height`,
+//! `num_inference_steps`, `guidance_scale`, `seed`, `num_images_per_prompt`),
+//! plus `scheduler` and `scheduler_options`, or a bare `text/plain` prompt.
+//! `X-Amzn-SageMaker-Custom-Attributes: key=value;key=value` sets the same
+//! fields per request (unknown keys are ignored, as SageMaker treats the header
+//! as opaque).
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+
+use super::{ApiError, AppState, ready_model};
+use crate::diffusion::image::{ImageMetadata, encode_png, to_rgb8};
+use crate::engine::JobStatus;
+use crate::request::GenerateParams;
+
+/// SageMaker real-time inference refuses responses over 6 MB.
+pub const MAX_RESPONSE_BYTES: usize = 6_000_000;
+
+const CUSTOM_ATTRIBUTES: &str = "x-amzn-sagemaker-custom-attributes";
+
+/// JSON fields accepted on /invocations, with the request field each fills.
+const FIELDS: &[(&str, &str)] = &[
+    ("prompt", "prompt"),
+    ("negative_prompt", "negative_prompt"),
+    ("width", "width"),
+    ("height", "height"),
+    ("num_inference_steps", "steps"),
+    ("guidance_scale", "guidance"),
+    ("seed", "seed"),
+    ("num_images_per_prompt", "num_images"),
+    ("scheduler", "scheduler"),
+    ("scheduler_options", "scheduler_options"),
+];
+
+/// Names a request field as this route's callers spell it.
+fn caller_name(field: &str) -> String {
+    FIELDS
+        .iter()
+        .find(|(_, f)| *f == field)
+        .map(|(c, _)| c.to_string())
+        .unwrap_or_else(|| field.to_string())
+}
+
+pub async fn ping(State(state): State<Arc<AppState>>) -> Response {
+    match ready_model(&state) {
+        Ok(info) => Json(json!({"status": "ready", "model": info.source})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Output formats a caller can ask for with `Accept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl Format {
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Png => "image/png",
+            Format::Jpeg => "image/jpeg",
+            Format::Webp => "image/webp",
+        }
+    }
+}
+
+/// What the response body is: raw image bytes, or JSON with base64 images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    Image(Format),
+    Json(Format),
+}
+
+/// Picks the first acceptable media range of the Accept header, in order.
+fn negotiate(headers: &HeaderMap) -> Result<Reply, ApiError> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accept.trim().is_empty() {
+        return Ok(Reply::Json(Format::Png));
+    }
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        // JumpStart's `application/json;jpeg` asks for JSON with JPEG images.
+        let param = parts.next().unwrap_or("").to_ascii_lowercase();
+        let json_format = match param.as_str() {
+            "jpeg" | "jpg" => Format::Jpeg,
+            "webp" => Format::Webp,
+            _ => Format::Png,
+        };
+        match media.as_str() {
+            "image/png" => return Ok(Reply::Image(Format::Png)),
+            "image/jpeg" | "image/jpg" => return Ok(Reply::Image(Format::Jpeg)),
+            "image/webp" => return Ok(Reply::Image(Format::Webp)),
+            "application/json" | "*/*" | "application/*" => return Ok(Reply::Json(json_format)),
+            "image/*" => return Ok(Reply::Image(Format::Png)),
+            _ => {}
+        }
+    }
+    Err(ApiError::NotAcceptable(format!(
+        "cannot produce {accept:?}; accepted: application/json, image/png, image/jpeg, image/webp"
+    )))
+}
+
+/// Parses `key=value;key=value` custom attributes into JSON values.
+fn custom_attributes(headers: &HeaderMap) -> Map<String, Value> {
+    let mut out = Map::new();
+    let Some(raw) = headers.get(CUSTOM_ATTRIBUTES).and_then(|v| v.to_str().ok()) else {
+        return out;
+    };
+    for pair in raw.split(';') {
+        if let Some((k, v)) = pair.split_once('=') {
+            let (k, v) = (k.trim(), v.trim());
+            if FIELDS.iter().any(|(name, _)| *name == k) {
+                let value =
+                    serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+                out.insert(k.to_string(), value);
+            }
+        }
+    }
+    out
+}
+
+/// The request body as a JSON object, from `application/json` or `text/plain`.
+fn body_object(headers: &HeaderMap, body: &Bytes) -> Result<Map<String, Value>, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match content_type.as_str() {
+        "application/json" | "" => match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Err(ApiError::BadRequest {
+                field: "body".into(),
+                message: "expected a JSON object".into(),
+            }),
+            Err(e) => Err(ApiError::BadRequest {
+                field: "body".into(),
+                message: format!("invalid JSON: {e}"),
+            }),
+        },
+        "text/plain" => {
+            let prompt = std::str::from_utf8(body).map_err(|_| ApiError::BadRequest {
+                field: "body".into(),
+                message: "not UTF-8 text".into(),
+            })?;
+            Ok(Map::from_iter([(
+                "prompt".to_string(),
+                Value::String(prompt.trim().to_string()),
+            )]))
+        }
+        other => Err(ApiError::UnsupportedMedia(format!(
+            "Content-Type {other:?} is not supported; send application/json or text/plain"
+        ))),
+    }
+}
+
+fn field<T: DeserializeOwned>(obj: &Map<String, Value>, name: &str) -> Result<Option<T>, ApiError> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|e| ApiError::BadRequest {
+                field: name.to_string(),
+                message: e.to_string(),
+            }),
+    }
+}
+
+/// Builds the typed parameters, refusing unknown fields by name.
+fn params(obj: &Map<String, Value>) -> Result<GenerateParams, ApiError> {
+    if let Some(unknown) = obj
+        .keys()
+        .find(|k| !FIELDS.iter().any(|(name, _)| name == k) && k.as_str() != "eta")
+    {
+        let known: Vec<&str> = FIELDS.iter().map(|(n, _)| *n).collect();
+        return Err(ApiError::BadRequest {
+            field: unknown.clone(),
+            message: format!("unknown field; accepted: {}", known.join(", ")),
+        });
+    }
+    // JumpStart clients send DDIM's `eta`; only the deterministic 0 is implemented.
+    if let Some(eta) = field::<f64>(obj, "eta")?
+        && eta != 0.0
+    {
+        return Err(ApiError::BadRequest {
+            field: "eta".into(),
+            message: "only 0 is supported".into(),
+        });
+    }
+    if obj.get("prompt").is_none_or(Value::is_null) {
+        return Err(ApiError::BadRequest {
+            field: "prompt".into(),
+            message: "required".into(),
+        });
+    }
+    Ok(GenerateParams {
+        prompt: field(obj, "prompt")?,
+        negative_prompt: field(obj, "negative_prompt")?,
+        width: field(obj, "width")?,
+        height: field(obj, "height")?,
+        steps: field(obj, "num_inference_steps")?,
+        guidance: field(obj, "guidance_scale")?,
+        scheduler: field(obj, "scheduler")?,
+        scheduler_options: field(obj, "scheduler_options")?,
+        seed: field(obj, "seed")?,
+        num_images: field(obj, "num_images_per_prompt")?,
+    })
+}
+
+fn encode(
+    img: &image::RgbImage,
+    format: Format,
+    meta: &ImageMetadata,
+) -> Result<Vec<u8>, ApiError> {
+    let internal =
+        |e: &dyn std::fmt::Display| ApiError::Internal(format!("image encoding failed: {e}"));
+    match format {
+        Format::Png => encode_png(img, Some(meta)).map_err(|e| internal(&e)),
+        Format::Jpeg => {
+            let mut out = Cursor::new(Vec::new());
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92)
+                .encode_image(img)
+                .map_err(|e| internal(&e))?;
+            Ok(out.into_inner())
+        }
+        Format::Webp => {
+            let mut out = Cursor::new(Vec::new());
+            image::codecs::webp::WebPEncoder::new_lossless(&mut out)
+                .encode(
+                    img.as_raw(),
+                    img.width(),
+                    img.height(),
+                    image::ExtendedColorType::Rgb8,
+                )
+                .map_err(|e| internal(&e))?;
+            Ok(out.into_inner())
+        }
+    }
+}
+
+pub async fn invocations(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match invoke(&state, &headers, &body).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Response, ApiError> {
+    let info = ready_model(state)?;
+    let reply = negotiate(headers)?;
+    let mut obj = body_object(headers, body)?;
+    obj.extend(custom_attributes(headers));
+    let request = params(&obj)?
+        .validate(&info, &state.limits, None)
+        .map_err(|e| ApiError::from_error(e, caller_name))?;
+    if matches!(reply, Reply::Image(_)) && request.num_images > 1 {
+        return Err(ApiError::BadRequest {
+            field: "num_images_per_prompt".into(),
+            message:
+                "an image Accept type returns one image; ask for application/json to get several"
+                    .into(),
+        });
+    }
+    let mut ticket = state
+        .engine
+        .submit(request.clone())
+        .map_err(|e| ApiError::Busy {
+            retry_after: 5,
+            message: format!("{e}; retry later"),
+        })?;
+    // A caller that hangs up drops this future, and with it the guard: the job is
+    // skipped if still queued, or stopped after its current step.
+    let guard = ticket.cancel_on_drop();
+    let status = ticket.wait().await;
+    guard.disarm();
+    let out = match status {
+        JobStatus::Done(out) => out,
+        JobStatus::Cancelled => return Err(ApiError::Cancelled),
+        JobStatus::Failed(e) => return Err(ApiError::Internal(e)),
+        JobStatus::Queued { .. } | JobStatus::Running { .. } => {
+            unreachable!("wait returns a final status")
+        }
+    };
+
+    let images = to_rgb8(&out.images).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let meta = |seed: u64| ImageMetadata {
+        prompt: request.prompt.clone(),
+        negative_prompt: request.negative_prompt.clone(),
+        steps: request.steps,
+        guidance: request.guidance,
+        scheduler: out.scheduler.clone(),
+        scheduler_options: request.scheduler_options.clone(),
+        seed,
+        width: request.width,
+        height: request.height,
+        model: info.source.clone(),
+        generator: concat!("sdserve ", env!("CARGO_PKG_VERSION")).to_string(),
+    };
+    let too_large = |n: usize| {
+        ApiError::TooLarge(format!(
+            "the response would be {n} bytes, over SageMaker's {MAX_RESPONSE_BYTES}-byte real-time limit; \
+             ask for fewer or smaller images, JPEG, or use asynchronous inference"
+        ))
+    };
+    match reply {
+        Reply::Image(format) => {
+            let bytes = encode(&images[0], format, &meta(out.seeds[0]))?;
+            if bytes.len() > MAX_RESPONSE_BYTES {
+                return Err(too_large(bytes.len()));
+            }
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, format.content_type())],
+                bytes,
+            )
+                .into_response())
+        }
+        Reply::Json(format) => {
+            let mut encoded = Vec::with_capacity(images.len());
+            for (img, seed) in images.iter().zip(&out.seeds) {
+                let bytes = encode(img, format, &meta(*seed))?;
+                encoded.push(base64::engine::general_purpose::STANDARD.encode(bytes));
+            }
+            let body = json!({
+                "generated_images": encoded,
+                "content_type": format.content_type(),
+                "seeds": out.seeds,
+                "prompt": request.prompt,
+                "parameters": {
+                    "negative_prompt": request.negative_prompt,
+                    "width": request.width,
+                    "height": request.height,
+                    "num_inference_steps": request.steps,
+                    "guidance_scale": request.guidance,
+                    "scheduler": out.scheduler,
+                    "scheduler_options": request.scheduler_options,
+                    "num_images_per_prompt": request.num_images,
+                },
+                "timings": {
+                    "queue_seconds": out.queue_seconds,
+                    "text_encoder_seconds": out.timings.text_encoder,
+                    "denoise_seconds": out.timings.denoise,
+                    "vae_decode_seconds": out.timings.vae_decode,
+                },
+            });
+            let bytes = serde_json::to_vec(&body).expect("JSON serialises");
+            if bytes.len() > MAX_RESPONSE_BYTES {
+                return Err(too_large(bytes.len()));
+            }
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                bytes,
+            )
+                .into_response())
+        }
+    }
+}
