@@ -747,6 +747,37 @@ def drift_refs(folder, base_config, cases, drift_cases, tensors, raw_cases):
     return out
 
 
+@torch.no_grad()
+def tanh_gelu_refs(folder, base_config, cases, tensors, raw_cases):
+    """How far diffusers moves when GEGLU uses the tanh-approximate GELU instead of
+    the exact erf GELU (diffusers.models.activations.GEGLU.gelu). candle 0.11's
+    stable_diffusion UNet, which sdserve runs, makes exactly that approximation; the
+    Rust tests add this measured deviation to their tolerance."""
+    import diffusers.models.activations as activations
+
+    pipe = load_pipeline(folder, torch.float32)
+    exact = activations.GEGLU.gelu
+    activations.GEGLU.gelu = lambda self, gate: torch.nn.functional.gelu(gate, approximate="tanh")
+    try:
+        out = {}
+        for prefix in ["unet", "unet_ns"]:
+            o = pipe.unet(tensors[f"{prefix}/sample"], int(tensors[f"{prefix}/timestep"][0]),
+                          encoder_hidden_states=tensors[f"{prefix}/encoder_hidden_states"]).sample
+            out[f"{prefix}/out"] = diff(tensors[f"{prefix}/out"], o)
+        for spec in cases:
+            name = spec["name"]
+            latents, r32 = raw_cases[name]
+            replay = list(r32["noise"]) if "noise" in r32 else None
+            rt = run_pipeline(pipe, base_config, spec, latents, 0, replay)
+            p = f"case/{name}"
+            out[f"{p}/step_latents"] = diff(r32["step_latents"], rt["step_latents"])
+            out[f"{p}/image"] = diff(r32["image"], rt["image"])
+    finally:
+        activations.GEGLU.gelu = exact
+    out["note"] = "max |exact-GELU GEGLU - tanh-GELU GEGLU| per tensor, both float32"
+    return out
+
+
 def check_sane(tensors):
     for key, t in tensors.items():
         if t.is_floating_point():
@@ -825,6 +856,7 @@ def write_references(kind, folder, out_dir, cases, drift_cases, save_info):
     scheduler_tables(pipe, base_config, tensors, meta)
     raw = case_refs(pipe, base_config, cases, tensors, meta)
     meta["drift"] = drift_refs(folder, base_config, meta["cases"], drift_cases, tensors, raw)
+    meta["tanh_gelu"] = tanh_gelu_refs(folder, base_config, meta["cases"], tensors, raw)
     check_sane(tensors)
 
     refs = out_dir / "references"
