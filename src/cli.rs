@@ -20,6 +20,9 @@ use crate::request::{GenerateParams, GivenLatents, Limits};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr: `text`, or `json` (one object per line, e.g. for CloudWatch).
+    #[arg(long, global = true, env = "SDSERVE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 #[derive(Debug, Subcommand)]

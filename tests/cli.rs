@@ -414,3 +414,20 @@ fn unreachable_hub_says_how_to_use_a_local_folder() {
         "{err}"
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = ok(generate(
+        tmp.path(),
+        "j.png",
+        &["--prompt", "x", "--steps", "1", "--log-format", "json"],
+    ));
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{v}");
+    }
+}

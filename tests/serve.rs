@@ -563,3 +563,47 @@ fn ping_is_503_until_the_model_is_loaded_and_names_a_load_failure() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn retry_after_comes_from_measured_job_times() {
+    let engine = sdserve::engine::Engine::start(
+        || {
+            sdserve::diffusion::pipeline::StableDiffusion::load(
+                &common::model_dir("tiny-sd1"),
+                &Default::default(),
+            )
+        },
+        Default::default(),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        assert!(matches!(
+            engine.ready().await,
+            sdserve::engine::EngineState::Ready(_)
+        ));
+        assert_eq!(engine.average_job_seconds(), None);
+        assert_eq!(
+            engine.retry_after_seconds(),
+            5,
+            "before any job has finished"
+        );
+        let info = match engine.state() {
+            sdserve::engine::EngineState::Ready(i) => i,
+            _ => unreachable!(),
+        };
+        let params = sdserve::request::GenerateParams {
+            prompt: Some("x".into()),
+            steps: Some(2),
+            ..Default::default()
+        };
+        let req = params.validate(&info, &Default::default(), None).unwrap();
+        let mut ticket = engine.submit(req).unwrap();
+        assert!(matches!(
+            ticket.wait().await,
+            sdserve::engine::JobStatus::Done(_)
+        ));
+        let avg = engine.average_job_seconds().expect("measured");
+        assert!(avg > 0.0);
+        assert_eq!(engine.retry_after_seconds(), (avg.ceil() as u64).max(1));
+    });
+}

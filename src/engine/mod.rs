@@ -159,6 +159,8 @@ pub struct Engine {
     queue: Arc<queue::JobQueue>,
     state: watch::Receiver<EngineState>,
     next_id: Arc<std::sync::atomic::AtomicU64>,
+    /// Moving average of a job's run time in seconds (f64 bits; 0 = none yet).
+    job_seconds: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Engine {
@@ -171,14 +173,17 @@ impl Engine {
         let queue = Arc::new(queue::JobQueue::new(config.queue_capacity));
         let (state_tx, state) = watch::channel(EngineState::Loading);
         let worker_queue = queue.clone();
+        let job_seconds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let worker_seconds = job_seconds.clone();
         std::thread::Builder::new()
             .name("sdserve-engine".into())
-            .spawn(move || worker::run(load, worker_queue, state_tx))
+            .spawn(move || worker::run(load, worker_queue, state_tx, worker_seconds))
             .expect("spawning the engine thread");
         Self {
             queue,
             state,
             next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            job_seconds,
         }
     }
 
@@ -227,5 +232,22 @@ impl Engine {
 
     pub fn queue_capacity(&self) -> usize {
         self.queue.capacity()
+    }
+
+    /// Average seconds a job has taken to run, once one has finished.
+    pub fn average_job_seconds(&self) -> Option<f64> {
+        let s = f64::from_bits(self.job_seconds.load(Ordering::Relaxed));
+        (s > 0.0).then_some(s)
+    }
+
+    /// Seconds until a slot is likely free: the measured average job time times
+    /// the jobs ahead (5 s before any job has finished), between 1 s and 1 h.
+    pub fn retry_after_seconds(&self) -> u64 {
+        match self.average_job_seconds() {
+            Some(avg) => (avg * (self.queue_len() + 1) as f64)
+                .ceil()
+                .clamp(1.0, 3600.0) as u64,
+            None => 5,
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The engine thread: loads the model, then runs queued jobs one at a time.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::watch;
 
@@ -11,8 +11,12 @@ use crate::diffusion::pipeline::StableDiffusion;
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
 
-pub(crate) fn run<F>(load: F, queue: Arc<JobQueue>, state: watch::Sender<EngineState>)
-where
+pub(crate) fn run<F>(
+    load: F,
+    queue: Arc<JobQueue>,
+    state: watch::Sender<EngineState>,
+    job_seconds: Arc<AtomicU64>,
+) where
     F: FnOnce() -> Result<StableDiffusion>,
 {
     let model = match load() {
@@ -47,6 +51,15 @@ where
         }));
         let final_status = match result {
             Ok(Ok(out)) => {
+                let t = &out.timings;
+                let took = t.text_encoder + t.denoise + t.vae_decode;
+                let prev = f64::from_bits(job_seconds.load(Ordering::Relaxed));
+                let avg = if prev > 0.0 {
+                    0.8 * prev + 0.2 * took
+                } else {
+                    took
+                };
+                job_seconds.store(avg.to_bits(), Ordering::Relaxed);
                 let scheduler = match job.request.scheduler {
                     SchedulerKind::Default => model
                         .scheduler_config()

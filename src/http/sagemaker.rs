@@ -293,7 +293,7 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
         .engine
         .submit(request.clone())
         .map_err(|e| ApiError::Busy {
-            retry_after: 5,
+            retry_after: state.engine.retry_after_seconds(),
             message: format!("{e}; retry later"),
         })?;
     // A caller that hangs up drops this future, and with it the guard: the job is
