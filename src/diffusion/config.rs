@@ -4,12 +4,13 @@
 //! `unet/config.json`, `vae/config.json`, `text_encoder/config.json`); missing keys
 //! take the defaults of the Python class's `__init__` (diffusers
 //! `UNet2DConditionModel`, `AutoencoderKL`; transformers `CLIPTextConfig`).
-//! Features the candle modules cannot run are refused here, with the key named,
-//! instead of loading a model that would compute something else.
+//! Features the modules cannot run are refused, with the key named, instead of
+//! loading a model that would compute something else (the UNet's checks live with the
+//! UNet, in [`crate::diffusion::unet`]).
 
 use std::path::Path;
 
-use candle_transformers::models::stable_diffusion::{unet_2d, vae};
+use candle_transformers::models::stable_diffusion::vae;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -37,13 +38,13 @@ pub enum PerBlock<T> {
 }
 
 impl<T: Clone> PerBlock<T> {
-    fn get(&self, i: usize) -> Option<T> {
+    pub(crate) fn get(&self, i: usize) -> Option<T> {
         match self {
             PerBlock::One(v) => Some(v.clone()),
             PerBlock::Each(v) => v.get(i).cloned(),
         }
     }
-    fn len_matches(&self, n: usize) -> bool {
+    pub(crate) fn len_matches(&self, n: usize) -> bool {
         match self {
             PerBlock::One(_) => true,
             PerBlock::Each(v) => v.len() == n,
@@ -147,7 +148,12 @@ impl Default for UNetConfig {
 }
 
 /// Fails with a message naming `key` unless `ok`.
-fn require(path: &Path, ok: bool, key: &str, what: impl std::fmt::Display) -> Result<()> {
+pub(crate) fn require(
+    path: &Path,
+    ok: bool,
+    key: &str,
+    what: impl std::fmt::Display,
+) -> Result<()> {
     if ok {
         Ok(())
     } else {
@@ -162,203 +168,6 @@ impl UNetConfig {
     /// Default image side in pixels is `sample_size * vae_scale_factor`.
     pub fn sample_size(&self) -> Option<usize> {
         self.sample_size.as_ref().and_then(|s| s.get(0))
-    }
-
-    /// Validates the config and converts it to candle's UNet config. `path` is
-    /// the config file, for error messages.
-    pub fn to_candle(&self, path: &Path) -> Result<unet_2d::UNet2DConditionModelConfig> {
-        let n = self.block_out_channels.len();
-        require(path, n > 0, "block_out_channels", "empty")?;
-        require(
-            path,
-            self.down_block_types.len() == n,
-            "down_block_types",
-            "must have one entry per block_out_channels",
-        )?;
-        require(
-            path,
-            self.up_block_types.len() == n,
-            "up_block_types",
-            "must have one entry per block_out_channels",
-        )?;
-        require(
-            path,
-            self.mid_block_type.as_deref() == Some("UNetMidBlock2DCrossAttn"),
-            "mid_block_type",
-            format!("{:?}", self.mid_block_type),
-        )?;
-        require(path, self.act_fn == "silu", "act_fn", &self.act_fn)?;
-        require(
-            path,
-            !self.dual_cross_attention,
-            "dual_cross_attention",
-            true,
-        )?;
-        require(
-            path,
-            self.class_embed_type.is_none(),
-            "class_embed_type",
-            format!("{:?}", self.class_embed_type),
-        )?;
-        require(
-            path,
-            self.addition_embed_type.is_none(),
-            "addition_embed_type",
-            format!(
-                "{:?} (SDXL-style added conditioning)",
-                self.addition_embed_type
-            ),
-        )?;
-        require(
-            path,
-            self.encoder_hid_dim.is_none(),
-            "encoder_hid_dim",
-            format!("{:?}", self.encoder_hid_dim),
-        )?;
-        require(
-            path,
-            self.time_cond_proj_dim.is_none(),
-            "time_cond_proj_dim",
-            format!("{:?}", self.time_cond_proj_dim),
-        )?;
-        require(
-            path,
-            self.resnet_time_scale_shift == "default",
-            "resnet_time_scale_shift",
-            &self.resnet_time_scale_shift,
-        )?;
-        require(
-            path,
-            self.time_embedding_type == "positional",
-            "time_embedding_type",
-            &self.time_embedding_type,
-        )?;
-        require(
-            path,
-            self.conv_in_kernel == 3 && self.conv_out_kernel == 3,
-            "conv_in_kernel/conv_out_kernel",
-            "only 3 is supported",
-        )?;
-        require(
-            path,
-            matches!(self.only_cross_attention, PerBlock::One(false))
-                || matches!(&self.only_cross_attention, PerBlock::Each(v) if v.iter().all(|b| !b)),
-            "only_cross_attention",
-            "true",
-        )?;
-        let layers_per_block = match self.layers_per_block {
-            PerBlock::One(l) => l,
-            PerBlock::Each(ref v) if !v.is_empty() && v.iter().all(|&l| l == v[0]) => v[0],
-            _ => {
-                return Err(Error::model_file(
-                    path,
-                    "unsupported `layers_per_block`: different values per block",
-                ));
-            }
-        };
-        let cross_attention_dim = match self.cross_attention_dim {
-            PerBlock::One(d) => d,
-            PerBlock::Each(ref v) if !v.is_empty() && v.iter().all(|&d| d == v[0]) => v[0],
-            _ => {
-                return Err(Error::model_file(
-                    path,
-                    "unsupported `cross_attention_dim`: different values per block",
-                ));
-            }
-        };
-        let norm_num_groups = self
-            .norm_num_groups
-            .ok_or_else(|| Error::model_file(path, "unsupported `norm_num_groups`: null"))?;
-        // candle 0.11's UpBlock2D builds its resnets with the default 32 groups whatever
-        // the config says; every released SD 1.x/2.x UNet uses 32.
-        require(
-            path,
-            norm_num_groups == 32,
-            "norm_num_groups",
-            format!("{norm_num_groups} (candle's up blocks only run 32)"),
-        )?;
-        // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`
-        // (the legacy SD configs store the head *count* under attention_head_dim).
-        let heads = self
-            .num_attention_heads
-            .as_ref()
-            .unwrap_or(&self.attention_head_dim);
-        require(
-            path,
-            heads.len_matches(n),
-            "attention_head_dim",
-            "must have one entry per block",
-        )?;
-        require(
-            path,
-            self.transformer_layers_per_block.len_matches(n),
-            "transformer_layers_per_block",
-            "must have one entry per block",
-        )?;
-        let mut blocks = Vec::with_capacity(n);
-        for (i, &out_channels) in self.block_out_channels.iter().enumerate() {
-            let cross = match self.down_block_types[i].as_str() {
-                "CrossAttnDownBlock2D" => true,
-                "DownBlock2D" => false,
-                other => {
-                    return Err(Error::model_file(
-                        path,
-                        format!("unsupported `down_block_types[{i}]`: {other}"),
-                    ));
-                }
-            };
-            let up = &self.up_block_types[n - 1 - i];
-            let up_cross = match up.as_str() {
-                "CrossAttnUpBlock2D" => true,
-                "UpBlock2D" => false,
-                other => {
-                    return Err(Error::model_file(
-                        path,
-                        format!("unsupported `up_block_types[{}]`: {other}", n - 1 - i),
-                    ));
-                }
-            };
-            require(
-                path,
-                cross == up_cross,
-                "up_block_types",
-                "must mirror down_block_types",
-            )?;
-            let n_heads = heads.get(i).unwrap_or(1);
-            require(
-                path,
-                n_heads > 0 && out_channels.is_multiple_of(n_heads),
-                "attention_head_dim",
-                format!("{n_heads} heads do not divide {out_channels} channels"),
-            )?;
-            require(
-                path,
-                out_channels.is_multiple_of(norm_num_groups),
-                "norm_num_groups",
-                format!("{norm_num_groups} groups do not divide {out_channels} channels"),
-            )?;
-            let layers = self.transformer_layers_per_block.get(i).unwrap_or(1);
-            blocks.push(unet_2d::BlockConfig {
-                out_channels,
-                use_cross_attn: cross.then_some(layers),
-                attention_head_dim: n_heads,
-            });
-        }
-        Ok(unet_2d::UNet2DConditionModelConfig {
-            center_input_sample: self.center_input_sample,
-            flip_sin_to_cos: self.flip_sin_to_cos,
-            freq_shift: self.freq_shift,
-            blocks,
-            layers_per_block,
-            downsample_padding: self.downsample_padding,
-            mid_block_scale_factor: self.mid_block_scale_factor,
-            norm_num_groups,
-            norm_eps: self.norm_eps,
-            cross_attention_dim,
-            // candle 0.11's sliced attention stacks where it should concatenate.
-            sliced_attention_size: None,
-            use_linear_projection: self.use_linear_projection,
-        })
     }
 }
 

@@ -8,4 +8,6 @@ pub mod latents;
 pub mod pipeline;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod unet;
+pub mod unet_blocks;
 pub mod weights;

@@ -10,15 +10,14 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::{
-    unet_2d::UNet2DConditionModel, vae::AutoEncoderKL,
-};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::diffusion::latents::{NoiseSource, ReplayNoise, SeededNoise};
 use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::diffusion::tokenizer::ClipTokenizer;
+use crate::diffusion::unet::UNet2DConditionModel;
 use crate::diffusion::weights::WeightFiles;
 use crate::error::{Error, Result};
 use crate::request::GenerateRequest;
@@ -450,10 +449,10 @@ pub fn build_unet(
     cfg_path: &Path,
     weights: &Path,
 ) -> Result<UNet2DConditionModel> {
-    let flash = cfg!(feature = "flash-attn") && vb.device().is_cuda();
-    let candle_cfg = cfg.to_candle(cfg_path)?;
-    UNet2DConditionModel::new(vb, cfg.in_channels, cfg.out_channels, flash, candle_cfg)
-        .map_err(|e| Error::model_file(weights, e))
+    UNet2DConditionModel::new(vb, cfg, cfg_path).map_err(|e| match e {
+        Error::Candle(e) => Error::model_file(weights, e),
+        other => other,
+    })
 }
 
 /// Builds the VAE described by `vae/config.json` (at `cfg_path`) from `vb`,

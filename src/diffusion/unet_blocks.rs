@@ -1,0 +1,545 @@
+//! The layers the Stable Diffusion UNet is built from, following diffusers 0.42.1
+//! operation for operation:
+//!
+//! - [`ResnetBlock2D`]: `models/resnet.py` `ResnetBlock2D` (`time_embedding_norm="default"`,
+//!   SiLU, pre-norm) — He et al. 2016 residual blocks as used by Ho et al. 2020 (DDPM);
+//! - [`Downsample2D`] / [`Upsample2D`]: `models/downsampling.py` / `models/upsampling.py`
+//!   with `use_conv=True`;
+//! - [`Transformer2D`]: the continuous-input path of `models/transformers/transformer_2d.py`
+//!   `Transformer2DModel` (`_operate_on_continuous_inputs`, `_get_output_for_continuous_inputs`);
+//! - [`BasicTransformerBlock`], [`FeedForward`] (GEGLU, Shazeer 2020 "GLU Variants Improve
+//!   Transformer"): `models/attention.py` and `models/activations.py` `GEGLU`, which uses
+//!   the exact erf GELU (`F.gelu`);
+//! - [`Attention`]: `models/attention_processor.py` `Attention` run by `AttnProcessor2_0`
+//!   (scaled dot-product attention, Vaswani et al. 2017), computed in query chunks so the
+//!   score matrix stays bounded, with an exact softmax per query row.
+//!
+//! Every tensor is requested under diffusers' `state_dict` name and shape, and nothing
+//! else is requested. Construction does no tensor arithmetic (weights are only viewed).
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+/// Upper bound, in bytes, of one block of f32 attention scores on a GPU: queries are
+/// processed in chunks of rows so that `batch × heads × rows × keys × 4` stays below it.
+pub const SCORE_BLOCK_BYTES: usize = 64 << 20;
+
+/// The same bound on the CPU, where the block is written by `q·kᵀ`, rewritten by the
+/// softmax and read by `probs·v`: a block that stays in cache made a 4096-token attention
+/// about twice as fast as a 64 MB one (2-core EPYC, 32 MB L3).
+pub const CPU_SCORE_BLOCK_BYTES: usize = 8 << 20;
+
+/// Normalisation and time-embedding settings shared by a UNet block's resnets.
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetConfig {
+    /// `resnet_groups` (the UNet's `norm_num_groups`).
+    pub groups: usize,
+    /// `resnet_eps` (the UNet's `norm_eps`).
+    pub eps: f64,
+    /// `temb_channels`: width of the time embedding.
+    pub temb_channels: usize,
+    /// `output_scale_factor` (the UNet's `mid_block_scale_factor` in the mid block, else 1).
+    pub output_scale_factor: f64,
+}
+
+/// diffusers `ResnetBlock2D`: `norm1 → SiLU → conv1 → + time_emb_proj(SiLU(temb)) →
+/// norm2 → SiLU → conv2`, plus the (1×1-projected when channels change) input.
+#[derive(Debug)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        cfg: &ResnetConfig,
+    ) -> Result<Self> {
+        let conv3 = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let norm1 = candle_nn::group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
+        let conv1 = candle_nn::conv2d(in_channels, out_channels, 3, conv3, vb.pp("conv1"))?;
+        let time_emb_proj =
+            candle_nn::linear(cfg.temb_channels, out_channels, vb.pp("time_emb_proj"))?;
+        let norm2 = candle_nn::group_norm(cfg.groups, out_channels, cfg.eps, vb.pp("norm2"))?;
+        let conv2 = candle_nn::conv2d(out_channels, out_channels, 3, conv3, vb.pp("conv2"))?;
+        // `use_in_shortcut = in_channels != conv_2d_out_channels`, 1x1 with bias.
+        let conv_shortcut = if in_channels != out_channels {
+            Some(candle_nn::conv2d(
+                in_channels,
+                out_channels,
+                1,
+                Default::default(),
+                vb.pp("conv_shortcut"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1,
+            conv1,
+            time_emb_proj,
+            norm2,
+            conv2,
+            conv_shortcut,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// `temb_act` is `SiLU(temb)` (`[1 or batch, temb_channels]`): every resnet applies
+    /// the same nonlinearity to the same embedding, so the UNet does it once.
+    pub fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let t = self.time_emb_proj.forward(temb_act)?;
+        let (tb, tc) = t.dims2()?;
+        let h = h.broadcast_add(&t.reshape((tb, tc, 1, 1))?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// diffusers `Downsample2D(use_conv=True)`: a stride-2 3×3 conv; with `padding=0` the
+/// input is first padded by one zero row/column at the bottom/right.
+#[derive(Debug)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    pad_bottom_right: bool,
+}
+
+impl Downsample2D {
+    pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding,
+            stride: 2,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            pad_bottom_right: padding == 0,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.pad_bottom_right {
+            let xs = xs
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// diffusers `Upsample2D(use_conv=True)`: nearest-neighbour ×2 (or to `output_size`,
+/// which the UNet passes when the latent side is not a multiple of its overall factor),
+/// then a 3×3 conv.
+#[derive(Debug)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, output_size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (h, w) = match output_size {
+            Some(size) => size,
+            None => {
+                let (_, _, h, w) = xs.dims4()?;
+                (2 * h, 2 * w)
+            }
+        };
+        self.conv.forward(&xs.upsample_nearest2d(h, w)?)
+    }
+}
+
+/// diffusers `Attention` (no bias on q/k/v, bias on `to_out.0`) run the way
+/// `AttnProcessor2_0` runs it: `softmax(q kᵀ / √d) v` per head, then `to_out`.
+#[derive(Debug)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    upcast: bool,
+}
+
+impl Attention {
+    /// `cross_attention_dim: None` is self-attention. `upcast` is diffusers'
+    /// `upcast_attention`: in f16/bf16, `q kᵀ` is computed in f32 (as diffusers'
+    /// `Attention.get_attention_scores` does). The softmax is always computed in f32.
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        cross_attention_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let context_dim = cross_attention_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            head_dim,
+            upcast,
+        })
+    }
+
+    /// `xs`: `[batch, tokens, query_dim]`; `context`: `[batch, ctx_tokens, cross_dim]`,
+    /// `None` for self-attention.
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, _) = xs.dims3()?;
+        let context = context.unwrap_or(xs);
+        let dtype = xs.dtype();
+        let score_dtype = if self.upcast && matches!(dtype, DType::F16 | DType::BF16) {
+            DType::F32
+        } else {
+            dtype
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        // The scale is folded into q (N·d multiplications instead of N·M).
+        let q = (self
+            .split_heads(&self.to_q.forward(xs)?)?
+            .to_dtype(score_dtype)?
+            * scale)?;
+        let k = self
+            .split_heads(&self.to_k.forward(context)?)?
+            .to_dtype(score_dtype)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let budget = if xs.device().is_cpu() {
+            CPU_SCORE_BLOCK_BYTES
+        } else {
+            SCORE_BLOCK_BYTES
+        };
+        let out = chunked_attention(&q, &k, &v, budget)?;
+        // [b, heads, n, d] -> [b, n, heads * d]
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.head_dim))?;
+        self.to_out.forward(&out)
+    }
+
+    /// `[b, n, heads * d]` -> contiguous `[b, heads, n, d]`.
+    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = xs.dims3()?;
+        xs.reshape((b, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+}
+
+/// `softmax(q kᵀ) v` for `q: [b, h, n, d]` (already scaled), `k, v: [b, h, m, d]`, all
+/// contiguous. Query rows are processed in chunks whose f32 scores fit in `budget` bytes;
+/// each row's softmax sees all of its keys, so the result is the unchunked one (up to the
+/// matmul kernel's blocking, a few ulps).
+/// The scores are computed in `q`'s dtype, the softmax in f32, and `probs · v` in `v`'s.
+pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, budget: usize) -> Result<Tensor> {
+    let (b, h, n, _) = q.dims4()?;
+    let m = k.dim(2)?;
+    let row_bytes = (b * h * m * DType::F32.size_in_bytes()).max(1);
+    let rows = (budget / row_bytes).clamp(1, n.max(1));
+    let kt = k.t()?;
+    let mut chunks = Vec::with_capacity(n.div_ceil(rows));
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let scores = q.narrow(2, start, len)?.matmul(&kt)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
+        chunks.push(probs.to_dtype(v.dtype())?.matmul(v)?);
+    }
+    if chunks.len() == 1 {
+        Ok(chunks.remove(0))
+    } else {
+        Tensor::cat(&chunks, 2)
+    }
+}
+
+/// diffusers `FeedForward(activation_fn="geglu")`: `net.0` is `GEGLU` (one linear to
+/// `2 × inner`, split into value and gate, `value * gelu(gate)` with the exact erf GELU),
+/// `net.2` the output linear. The `net.0.proj` weight is viewed as its two halves so the
+/// value and gate come out of two matmuls contiguous.
+#[derive(Debug)]
+pub struct FeedForward {
+    value: Linear,
+    gate: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = 4 * dim;
+        let proj = vb.pp("net.0.proj");
+        let w = proj.get((2 * inner, dim), "weight")?;
+        let b = proj.get(2 * inner, "bias")?;
+        let half = |i: usize| -> Result<Linear> {
+            Ok(Linear::new(
+                w.narrow(0, i * inner, inner)?,
+                Some(b.narrow(0, i * inner, inner)?),
+            ))
+        };
+        Ok(Self {
+            value: half(0)?,
+            gate: half(1)?,
+            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = (self.value.forward(xs)? * self.gate.forward(xs)?.gelu_erf()?)?;
+        self.out.forward(&h)
+    }
+}
+
+/// diffusers `BasicTransformerBlock` with `norm_type="layer_norm"`: self-attention,
+/// cross-attention on the text embeddings, GEGLU feed-forward, each pre-normed and residual.
+#[derive(Debug)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+/// `Transformer2DModel`'s `norm_eps` default; the UNet does not pass its own.
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+impl BasicTransformerBlock {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross_attention_dim: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        let ln = |name: &str| candle_nn::layer_norm(dim, LAYER_NORM_EPS, vb.pp(name));
+        Ok(Self {
+            norm1: ln("norm1")?,
+            attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim, upcast)?,
+            norm2: ln("norm2")?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                Some(cross_attention_dim),
+                heads,
+                head_dim,
+                upcast,
+            )?,
+            norm3: ln("norm3")?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+/// Settings of one `Transformer2DModel` inside a UNet block.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerConfig {
+    pub heads: usize,
+    /// `transformer_layers_per_block` for this block.
+    pub layers: usize,
+    pub cross_attention_dim: usize,
+    /// `norm_num_groups` of the input GroupNorm.
+    pub groups: usize,
+    /// `use_linear_projection`: `proj_in`/`proj_out` are linears, else 1×1 convs.
+    pub linear_projection: bool,
+    pub upcast_attention: bool,
+}
+
+/// diffusers `Transformer2DModel` on continuous input: GroupNorm (eps 1e-6), `proj_in`,
+/// the transformer blocks over the `h·w` tokens, `proj_out`, plus the input.
+///
+/// A 1×1 conv and a linear are the same per-pixel map, so both projections are held as a
+/// `[out, in]` matrix (the conv weight viewed without its 1×1 dims); `proj_out` is computed
+/// channel-first (`W · hᵀ`) so its output needs no transpose copy.
+#[derive(Debug)]
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Linear,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out_weight: Tensor,
+    proj_out_bias: Tensor,
+}
+
+/// A `[out, in]` projection stored as a linear (`[out, in]`) or a 1×1 conv (`[out, in, 1, 1]`).
+fn pointwise(
+    vb: VarBuilder,
+    in_dim: usize,
+    out_dim: usize,
+    linear: bool,
+) -> Result<(Tensor, Tensor)> {
+    let weight = if linear {
+        vb.get((out_dim, in_dim), "weight")?
+    } else {
+        vb.get((out_dim, in_dim, 1, 1), "weight")?
+            .squeeze(3)?
+            .squeeze(2)?
+    };
+    Ok((weight, vb.get(out_dim, "bias")?))
+}
+
+impl Transformer2D {
+    pub fn new(vb: VarBuilder, channels: usize, cfg: &TransformerConfig) -> Result<Self> {
+        // `Transformer2DModel(num_attention_heads, out_channels // num_attention_heads, ...)`
+        let head_dim = channels / cfg.heads;
+        let inner = cfg.heads * head_dim;
+        let norm = candle_nn::group_norm(cfg.groups, channels, 1e-6, vb.pp("norm"))?;
+        let (w, b) = pointwise(vb.pp("proj_in"), channels, inner, cfg.linear_projection)?;
+        let proj_in = Linear::new(w, Some(b));
+        let blocks = (0..cfg.layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    inner,
+                    cfg.heads,
+                    head_dim,
+                    cfg.cross_attention_dim,
+                    cfg.upcast_attention,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (proj_out_weight, proj_out_bias) =
+            pointwise(vb.pp("proj_out"), inner, channels, cfg.linear_projection)?;
+        Ok(Self {
+            norm,
+            proj_in,
+            blocks,
+            proj_out_weight,
+            proj_out_bias,
+        })
+    }
+
+    /// `xs`: `[b, c, h, w]`; `context`: the text embeddings `[b, tokens, cross_dim]`.
+    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        // permute(0, 2, 3, 1).reshape(b, h*w, c): one copy, then a plain row-major matmul.
+        // (A transposed view would take candle 0.11's CPU matmul down a path that
+        // mis-strides transposed inputs against a batch-broadcast weight.)
+        let tokens = self
+            .norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let mut tokens = self.proj_in.forward(&tokens)?;
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        // [b, c, h*w] = W[c, inner] · tokensᵀ[b, inner, h*w] + bias
+        let out = self
+            .proj_out_weight
+            .broadcast_left(b)?
+            .matmul(&tokens.t()?)?
+            .broadcast_add(&self.proj_out_bias.reshape((c, 1))?)?;
+        out.reshape((b, c, h, w))? + xs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn chunked_attention_equals_one_block() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1f32, (2, 3, 37, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1f32, (2, 3, 11, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1f32, (2, 3, 11, 8), &dev).unwrap();
+        let whole = chunked_attention(&q, &k, &v, usize::MAX).unwrap();
+        // Reference: plain softmax(q kᵀ) v.
+        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t().unwrap()).unwrap()).unwrap();
+        let want = probs.matmul(&v).unwrap();
+        assert!(max_diff(&whole, &want) < 1e-6);
+        // 5 rows per chunk (2*3*11*4 bytes a row): 8 chunks, the last one short.
+        // Every row's softmax is the same; only the matmul kernel's blocking (and so its
+        // rounding) can differ with the number of rows.
+        let chunked = chunked_attention(&q, &k, &v, 2 * 3 * 11 * 4 * 5).unwrap();
+        assert_eq!(chunked.dims(), &[2, 3, 37, 8]);
+        let d = max_diff(&chunked, &whole);
+        eprintln!("chunked vs whole: {d:e}");
+        assert!(d < 1e-6, "{d}");
+        // A budget below one row still makes progress, one row at a time.
+        let rows = chunked_attention(&q, &k, &v, 1).unwrap();
+        let d = max_diff(&rows, &whole);
+        eprintln!("row by row vs whole: {d:e}");
+        assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn projection_paths_match_a_plain_linear() {
+        // proj_out's channel-first matmul equals the token-major linear, transposed.
+        let dev = Device::Cpu;
+        let tokens = Tensor::randn(0f32, 1f32, (2, 6, 4), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1f32, (3, 4), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1f32, 3, &dev).unwrap();
+        let lin = Linear::new(w.clone(), Some(bias.clone()))
+            .forward(&tokens)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let cf = w
+            .broadcast_left(2)
+            .unwrap()
+            .matmul(&tokens.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias.reshape((3, 1)).unwrap())
+            .unwrap();
+        assert!(max_diff(&lin, &cf) < 1e-6);
+    }
+}
