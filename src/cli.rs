@@ -339,6 +339,29 @@ pub struct ServeArgs {
     /// Port; SageMaker's SAGEMAKER_BIND_TO_PORT wins when set.
     #[arg(long, env = "SDSERVE_PORT", default_value_t = 8080)]
     pub port: u16,
+    /// Where images and job records are kept: a folder, or s3://bucket/prefix
+    /// (standard AWS environment for credentials, region and endpoint).
+    #[arg(long, env = "SDSERVE_STORAGE", default_value = "./data")]
+    pub storage: String,
+    /// Base URL prefixed to image links served by this server (e.g. behind a
+    /// proxy); empty gives relative links (`/files/...`).
+    #[arg(long, env = "SDSERVE_PUBLIC_URL", default_value = "")]
+    pub public_url: String,
+    /// Origins allowed to call the API from a page hosted elsewhere,
+    /// comma-separated (`*` for any); none: no CORS headers.
+    #[arg(long, env = "SDSERVE_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+    /// Seconds a running job may go on after SIGTERM before it is interrupted
+    /// (interrupted and queued jobs run again at the next start).
+    #[arg(long, env = "SDSERVE_SHUTDOWN_GRACE", default_value_t = 20)]
+    pub shutdown_grace: u64,
+    /// Lifetime in seconds of presigned S3 image URLs.
+    #[arg(long, env = "SDSERVE_PRESIGN_SECONDS", default_value_t = 3600)]
+    pub presign_seconds: u64,
+    /// Skip the one-step warm-up generation that measures step times for
+    /// estimates before /ping turns 200.
+    #[arg(long, env = "SDSERVE_NO_WARMUP")]
+    pub no_warmup: bool,
     /// Jobs that may wait for the model at once; more are refused with 503/429.
     #[arg(long, env = "SDSERVE_QUEUE_CAPACITY", default_value_t = 32)]
     pub queue_capacity: usize,
@@ -395,6 +418,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         max_pixels: args.max_pixels,
         ..Limits::default()
     };
+    let storage = crate::storage::Storage::open(&args.storage)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -404,6 +428,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .map_err(|e| Error::invalid("port", format!("cannot listen on {addr}: {e}")))?;
+        tracing::info!("images and job records in {storage:?}");
         tracing::info!(
             "listening on http://{}",
             listener.local_addr().map_err(|e| Error::io(&addr, e))?
@@ -412,11 +437,39 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
             move || load_model(&source, &opts),
             crate::engine::EngineConfig {
                 queue_capacity: args.queue_capacity,
+                warmup: !args.no_warmup,
+                metrics: Default::default(),
             },
         );
-        let app = crate::http::router(crate::http::AppState { engine, limits });
+        let jobs = crate::jobs::Jobs::new(
+            engine.clone(),
+            storage,
+            limits,
+            crate::jobs::JobsConfig {
+                public_url: args.public_url.trim_end_matches('/').to_string(),
+                presign_expiry: std::time::Duration::from_secs(args.presign_seconds),
+            },
+        );
+        let recovering = jobs.clone();
+        tokio::spawn(async move {
+            match recovering.recover().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("re-queued {n} unfinished job(s) from storage"),
+                Err(e) => tracing::error!("reading stored jobs failed: {e}"),
+            }
+        });
+        let app = crate::http::router(crate::http::AppState {
+            engine,
+            jobs: jobs.clone(),
+            limits,
+            cors_origins: args.cors_origin.clone(),
+        });
+        let grace = std::time::Duration::from_secs(args.shutdown_grace);
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                jobs.shutdown(grace).await;
+            })
             .await
             .map_err(|e| Error::io(&addr, e))?;
         tracing::info!("shut down");
@@ -444,7 +497,7 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutdown signal received: finishing open requests");
+    tracing::info!("shutdown signal received: finishing the running job, keeping queued ones");
 }
 
 pub fn run_download(args: &DownloadArgs) -> Result<PathBuf> {

@@ -34,6 +34,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Image or job-record storage (local folder or S3) failed; names the location.
+    #[error("storage {location}: {message}")]
+    Storage { location: String, message: String },
+
     /// A generation was cancelled before it finished.
     #[error("cancelled")]
     Cancelled,
@@ -50,6 +54,13 @@ impl Error {
     pub fn model_file(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
         Error::ModelFile {
             path: path.into(),
+            message: message.to_string(),
+        }
+    }
+
+    pub fn storage(location: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        Error::Storage {
+            location: location.into(),
             message: message.to_string(),
         }
     }

@@ -5,6 +5,9 @@
 //! - [`diffusion`]: loading unmodified diffusers model folders and running the
 //!   text-to-image pipeline (tokenizer, CLIP text encoder, UNet, schedulers, VAE).
 //! - [`request`]: the one validated generation request every front door builds.
+//! - [`engine`]: the model's worker thread, its bounded queue and job tickets.
+//! - [`jobs`], [`storage`], [`styles`]: the public job API's records, images and presets.
+//! - [`http`]: the axum server (SageMaker contract, job API, page, metrics, OpenAPI).
 //! - [`cli`]: the command-line interface.
 
 pub mod cli;
@@ -12,6 +15,10 @@ pub mod diffusion;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod jobs;
+pub mod metrics;
 pub mod request;
+pub mod storage;
+pub mod styles;
 
 pub use error::{Error, Result};

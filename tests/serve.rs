@@ -3,114 +3,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::server::{Server, client, tiny};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
-
-/// A running `sdserve serve` child process and its log.
-struct Server {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Server {
-    fn start(extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdserve"));
-        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .args(extra)
-            .env_remove("SDSERVE_MODEL")
-            .env_remove("SAGEMAKER_BIND_TO_PORT")
-            .env("SDSERVE_SAGEMAKER_MODEL_DIR", "/nonexistent/opt/ml/model")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("starts sdserve serve");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-                log2.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server prints its address");
-        let server = Server {
-            child,
-            base: format!("http://{addr}"),
-            log,
-        };
-        server.wait_ready();
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(r) = reqwest::blocking::get(self.url("/ping"))
-                && r.status() == 200
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("server never became ready:\n{}", self.log.lock().unwrap());
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Sends SIGTERM and returns the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
-fn tiny() -> String {
-    common::model_dir("tiny-sd1").display().to_string()
-}
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-}
 
 fn invoke(s: &Server, body: Value) -> reqwest::blocking::Response {
     client()
@@ -379,7 +280,7 @@ fn full_queue_is_refused_with_retry_after_and_ping_stays_fast() {
         std::thread::spawn(move || invoke(&s, body).status().as_u16())
     };
     let running = spawn(slow.clone());
-    wait_for_log(&s, "job=1", "started");
+    s.wait_for_log("job=1", "started");
     let queued = spawn(slow.clone());
     std::thread::sleep(Duration::from_millis(300));
     // ...so a third is refused at once, with Retry-After.
@@ -399,17 +300,6 @@ fn full_queue_is_refused_with_retry_after_and_ping_stays_fast() {
     assert_eq!(queued.join().unwrap(), 200);
 }
 
-fn wait_for_log(s: &Server, a: &str, b: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if s.log().lines().any(|l| l.contains(a) && l.contains(b)) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("no log line with {a:?} and {b:?}:\n{}", s.log());
-}
-
 #[test]
 fn a_caller_that_hangs_up_cancels_its_job() {
     let s = Server::start(&["--model", &tiny()], &[]);
@@ -422,7 +312,7 @@ fn a_caller_that_hangs_up_cancels_its_job() {
         .json(&json!({"prompt": "x", "num_inference_steps": 400}))
         .send();
     assert!(r.is_err(), "the client gave up");
-    wait_for_log(&s, "job=1", "cancelled");
+    s.wait_for_log("job=1", "cancelled");
     assert_eq!(
         invoke(&s, json!({"prompt": "x", "num_inference_steps": 1})).status(),
         200
@@ -439,9 +329,13 @@ fn serve_with_no_flags_uses_the_sagemaker_model_dir_and_port() {
         .port()
         .to_string();
     let dir = tiny();
+    // The default storage, ./data, lands in this scratch working directory.
+    let cwd = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sdserve"))
         .arg("serve")
+        .current_dir(cwd.path())
         .env_remove("SDSERVE_MODEL")
+        .env_remove("SDSERVE_STORAGE")
         .env("SDSERVE_SAGEMAKER_MODEL_DIR", &dir)
         .env("SAGEMAKER_BIND_TO_PORT", &port)
         .stderr(Stdio::null())
@@ -491,9 +385,19 @@ where
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
             let engine = sdserve::engine::Engine::start(load, Default::default());
+            let data = tempfile::tempdir().unwrap();
+            let storage = sdserve::storage::Storage::open(data.path().to_str().unwrap()).unwrap();
+            let jobs = sdserve::jobs::Jobs::new(
+                engine.clone(),
+                storage,
+                Default::default(),
+                Default::default(),
+            );
             let app = sdserve::http::router(sdserve::http::AppState {
                 engine,
+                jobs,
                 limits: Default::default(),
+                cors_origins: vec![],
             });
             axum::serve(listener, app).await.unwrap();
         });
@@ -565,45 +469,80 @@ fn ping_is_503_until_the_model_is_loaded_and_names_a_load_failure() {
 }
 
 #[test]
-fn retry_after_comes_from_measured_job_times() {
-    let engine = sdserve::engine::Engine::start(
-        || {
-            sdserve::diffusion::pipeline::StableDiffusion::load(
-                &common::model_dir("tiny-sd1"),
-                &Default::default(),
-            )
-        },
-        Default::default(),
-    );
+fn estimates_and_retry_after_come_from_measured_step_times() {
+    let load = || {
+        sdserve::diffusion::pipeline::StableDiffusion::load(
+            &common::model_dir("tiny-sd1"),
+            &Default::default(),
+        )
+    };
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // Without the warm-up nothing is measured until a job finishes.
+    let cold = sdserve::engine::Engine::start(
+        load,
+        sdserve::engine::EngineConfig {
+            warmup: false,
+            ..Default::default()
+        },
+    );
+    let engine = sdserve::engine::Engine::start(load, Default::default());
     rt.block_on(async {
+        let info = match engine.ready().await {
+            sdserve::engine::EngineState::Ready(i) => i,
+            other => panic!("{other:?}"),
+        };
         assert!(matches!(
-            engine.ready().await,
+            cold.ready().await,
             sdserve::engine::EngineState::Ready(_)
         ));
-        assert_eq!(engine.average_job_seconds(), None);
-        assert_eq!(
-            engine.retry_after_seconds(),
-            5,
-            "before any job has finished"
+        assert_eq!(cold.cost_model(), None);
+        assert_eq!(cold.retry_after_seconds(), 5, "nothing measured yet");
+        // The warm-up measured both rates.
+        let warm = engine
+            .cost_model()
+            .expect("the warm-up measures step times");
+        assert!(warm.step_rate > 0.0 && warm.image_rate > 0.0, "{warm:?}");
+
+        let request = |steps: usize| {
+            sdserve::request::GenerateParams {
+                prompt: Some("x".into()),
+                steps: Some(steps),
+                scheduler: Some("ddim".into()),
+                ..Default::default()
+            }
+            .validate(&info, &Default::default(), None)
+            .unwrap()
+        };
+        let mut long = engine.submit(request(300)).unwrap();
+        let short = engine.submit(request(2)).unwrap();
+        // Wait until the long job is running, then check the estimates: the
+        // short job waits for the rest of the long one, then runs its own steps.
+        while !matches!(
+            *long.status.borrow_and_update(),
+            sdserve::engine::JobStatus::Running { step, .. } if step >= 1
+        ) {
+            long.status.changed().await.unwrap();
+        }
+        let cost = engine.cost_model().unwrap();
+        let long_left = engine.estimate_seconds(long.id).unwrap();
+        let short_total = engine.estimate_seconds(short.id).unwrap();
+        let shape = |steps| sdserve::engine::JobShape::of(&request(steps));
+        let short_own = cost.remaining(&shape(2), 0);
+        assert!(long_left > 0.0 && long_left <= cost.remaining(&shape(300), 0));
+        assert!(
+            (short_total - (long_left + short_own)).abs() < 0.05 * short_total + 1e-3,
+            "short {short_total} vs long left {long_left} + own {short_own}"
         );
-        let info = match engine.state() {
-            sdserve::engine::EngineState::Ready(i) => i,
-            _ => unreachable!(),
-        };
-        let params = sdserve::request::GenerateParams {
-            prompt: Some("x".into()),
-            steps: Some(2),
-            ..Default::default()
-        };
-        let req = params.validate(&info, &Default::default(), None).unwrap();
-        let mut ticket = engine.submit(req).unwrap();
+        // A slot frees when the running job ends.
+        let retry = engine.retry_after_seconds();
+        assert!(
+            retry >= 1 && retry as f64 >= long_left.floor(),
+            "{retry} vs {long_left}"
+        );
+        long.cancel();
         assert!(matches!(
-            ticket.wait().await,
-            sdserve::engine::JobStatus::Done(_)
+            long.wait().await,
+            sdserve::engine::JobStatus::Cancelled
         ));
-        let avg = engine.average_job_seconds().expect("measured");
-        assert!(avg > 0.0);
-        assert_eq!(engine.retry_after_seconds(), (avg.ceil() as u64).max(1));
     });
 }

@@ -6,25 +6,28 @@
 //! owned by one worker, per-request reply channel, requests whose caller went
 //! away skipped) and mistral.rs (model on its own thread, a ready handshake).
 
+mod cost;
 mod queue;
 mod worker;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::diffusion::pipeline::{ModelInfo, StableDiffusion, Timings};
 use crate::error::Result;
+use crate::metrics::Metrics;
 use crate::request::GenerateRequest;
 
-pub use queue::QueueFull;
+pub use cost::{CostModel, JobShape};
+pub use queue::SubmitError;
 
 /// Where the engine is in its life.
 #[derive(Debug, Clone)]
 pub enum EngineState {
-    /// The worker thread is loading the model.
+    /// The worker thread is loading the model (and running its warm-up).
     Loading,
     /// Serving requests for this model.
     Ready(Arc<ModelInfo>),
@@ -39,22 +42,23 @@ pub enum JobStatus {
     Queued {
         position: usize,
     },
-    /// Denoising step `step` of `total` finished.
+    /// `step` of `total` denoising steps are done (0 as the job starts).
     Running {
         step: usize,
         total: usize,
     },
     Done(Arc<JobOutput>),
     Failed(String),
+    /// Cancelled by its caller.
     Cancelled,
+    /// The server shut down before the job finished; its caller may keep it and
+    /// run it again.
+    Interrupted,
 }
 
 impl JobStatus {
     pub fn is_final(&self) -> bool {
-        matches!(
-            self,
-            JobStatus::Done(_) | JobStatus::Failed(_) | JobStatus::Cancelled
-        )
+        !matches!(self, JobStatus::Queued { .. } | JobStatus::Running { .. })
     }
 }
 
@@ -72,15 +76,23 @@ pub struct JobOutput {
 }
 
 /// Engine settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct EngineConfig {
-    /// Jobs that may wait at once; submitting more fails with [`QueueFull`].
+    /// Jobs that may wait at once; submitting more fails with [`SubmitError::Full`].
     pub queue_capacity: usize,
+    /// Run one short generation after loading, before reporting ready: it
+    /// measures step times for estimates and warms up kernels and allocators.
+    pub warmup: bool,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { queue_capacity: 32 }
+        Self {
+            queue_capacity: 32,
+            warmup: true,
+            metrics: Arc::default(),
+        }
     }
 }
 
@@ -88,24 +100,26 @@ impl Default for EngineConfig {
 pub(crate) struct Job {
     pub id: u64,
     pub request: GenerateRequest,
+    pub shape: JobShape,
     pub status: watch::Sender<JobStatus>,
     pub cancel: Arc<AtomicBool>,
     pub submitted: Instant,
 }
 
 /// The caller's side of a job: its status channel and a way to cancel it.
-#[derive(Debug)]
 pub struct Ticket {
     pub id: u64,
     pub status: watch::Receiver<JobStatus>,
     cancel: Arc<AtomicBool>,
+    queue: Arc<queue::JobQueue>,
 }
 
 impl Ticket {
-    /// Asks the engine to drop the job: skipped if still queued, stopped after the
-    /// current step if running.
+    /// Asks the engine to drop the job: removed at once if still queued,
+    /// stopped after the current step if running.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
+        self.queue.prune();
     }
 
     /// A guard that cancels the job when dropped unless [`CancelOnDrop::disarm`]
@@ -153,14 +167,31 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// What the worker shares with the handle.
+#[derive(Default)]
+pub(crate) struct Shared {
+    /// Measured rates, once a job (or the warm-up) has run.
+    pub cost: Mutex<Option<CostModel>>,
+    /// The running job: id, shape and steps done.
+    pub running: Mutex<Option<(u64, JobShape, usize)>>,
+    /// Set by [`Engine::shutdown`]: the running job is interrupted after this instant.
+    pub stop_running_after: Mutex<Option<Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Handle to the engine; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
     queue: Arc<queue::JobQueue>,
     state: watch::Receiver<EngineState>,
-    next_id: Arc<std::sync::atomic::AtomicU64>,
-    /// Moving average of a job's run time in seconds (f64 bits; 0 = none yet).
-    job_seconds: Arc<std::sync::atomic::AtomicU64>,
+    next_id: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+    /// Becomes true when the worker thread has exited.
+    stopped: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 }
 
 impl Engine {
@@ -172,23 +203,38 @@ impl Engine {
     {
         let queue = Arc::new(queue::JobQueue::new(config.queue_capacity));
         let (state_tx, state) = watch::channel(EngineState::Loading);
-        let worker_queue = queue.clone();
-        let job_seconds = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let worker_seconds = job_seconds.clone();
+        let (stopped_tx, stopped) = watch::channel(false);
+        let shared = Arc::new(Shared::default());
+        let worker = worker::Worker {
+            queue: queue.clone(),
+            state: state_tx,
+            shared: shared.clone(),
+            metrics: config.metrics.clone(),
+            warmup: config.warmup,
+        };
         std::thread::Builder::new()
             .name("sdserve-engine".into())
-            .spawn(move || worker::run(load, worker_queue, state_tx, worker_seconds))
+            .spawn(move || {
+                worker.run(load);
+                let _ = stopped_tx.send(true);
+            })
             .expect("spawning the engine thread");
         Self {
             queue,
             state,
-            next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
-            job_seconds,
+            next_id: Arc::new(AtomicU64::new(1)),
+            shared,
+            stopped,
+            metrics: config.metrics,
         }
     }
 
     pub fn state(&self) -> EngineState {
         self.state.borrow().clone()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Waits until the model is loaded (or failed to load).
@@ -206,22 +252,39 @@ impl Engine {
     }
 
     /// Queues a validated request. Fails at once when the queue is full.
-    pub fn submit(&self, request: GenerateRequest) -> std::result::Result<Ticket, QueueFull> {
+    pub fn submit(&self, request: GenerateRequest) -> std::result::Result<Ticket, SubmitError> {
+        self.push(request, true)
+    }
+
+    /// Queues a request accepted before a restart: the queue bound applies to
+    /// new requests only.
+    pub fn resubmit(&self, request: GenerateRequest) -> std::result::Result<Ticket, SubmitError> {
+        self.push(request, false)
+    }
+
+    fn push(
+        &self,
+        request: GenerateRequest,
+        bounded: bool,
+    ) -> std::result::Result<Ticket, SubmitError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(JobStatus::Queued { position: 0 });
         let cancel = Arc::new(AtomicBool::new(false));
         let job = Job {
             id,
+            shape: JobShape::of(&request),
             request,
             status: tx,
             cancel: cancel.clone(),
             submitted: Instant::now(),
         };
-        self.queue.push(job)?;
+        self.queue.push(job, bounded)?;
+        self.metrics.queue_depth.set(self.queue.len() as i64);
         Ok(Ticket {
             id,
             status: rx,
             cancel,
+            queue: self.queue.clone(),
         })
     }
 
@@ -234,20 +297,54 @@ impl Engine {
         self.queue.capacity()
     }
 
-    /// Average seconds a job has taken to run, once one has finished.
-    pub fn average_job_seconds(&self) -> Option<f64> {
-        let s = f64::from_bits(self.job_seconds.load(Ordering::Relaxed));
-        (s > 0.0).then_some(s)
+    /// The measured rates, once the warm-up or a job has run.
+    pub fn cost_model(&self) -> Option<CostModel> {
+        *lock(&self.shared.cost)
     }
 
-    /// Seconds until a slot is likely free: the measured average job time times
-    /// the jobs ahead (5 s before any job has finished), between 1 s and 1 h.
-    pub fn retry_after_seconds(&self) -> u64 {
-        match self.average_job_seconds() {
-            Some(avg) => (avg * (self.queue_len() + 1) as f64)
-                .ceil()
-                .clamp(1.0, 3600.0) as u64,
-            None => 5,
+    /// Seconds until job `id` is likely done: what is left of the running job,
+    /// the jobs ahead of it, and its own steps, at the measured rates. `None`
+    /// before anything was measured or when the job is not in the engine.
+    pub fn estimate_seconds(&self, id: u64) -> Option<f64> {
+        let cost = self.cost_model()?;
+        let running = *lock(&self.shared.running);
+        if let Some((rid, shape, done)) = running
+            && rid == id
+        {
+            return Some(cost.remaining(&shape, done));
         }
+        let (ahead, own) = self.queue.ahead_of(id)?;
+        let running_left = running.map_or(0.0, |(_, s, done)| cost.remaining(&s, done));
+        let queued: f64 = ahead.iter().map(|s| cost.remaining(s, 0)).sum();
+        Some(running_left + queued + cost.remaining(&own, 0))
+    }
+
+    /// Seconds until a queue slot is likely free (the running job's remaining
+    /// time at the measured rates; 5 s before anything was measured), between
+    /// 1 s and 1 h.
+    pub fn retry_after_seconds(&self) -> u64 {
+        let running = *lock(&self.shared.running);
+        match (self.cost_model(), running) {
+            (Some(cost), Some((_, shape, done))) => {
+                cost.remaining(&shape, done).ceil().clamp(1.0, 3600.0) as u64
+            }
+            (Some(_), None) => 1,
+            (None, _) => 5,
+        }
+    }
+
+    /// Stops the engine: new jobs are refused, queued ones are told
+    /// [`JobStatus::Interrupted`], and the running job may finish for up to
+    /// `grace` before it is interrupted too. Resolves when the worker has stopped
+    /// (or at once if it never started serving).
+    pub async fn shutdown(&self, grace: Duration) {
+        *lock(&self.shared.stop_running_after) = Some(Instant::now() + grace);
+        self.queue.close();
+        let mut stopped = self.stopped.clone();
+        if matches!(self.state(), EngineState::Loading) {
+            // A worker still loading stops when it looks at the queue; don't wait for the load.
+            return;
+        }
+        let _ = stopped.wait_for(|s| *s).await;
     }
 }

@@ -4,17 +4,25 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex};
 
+use super::cost::JobShape;
 use super::{Job, JobStatus};
 
-/// The queue was full; nothing was queued.
+/// Why a job was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the queue is full ({capacity} jobs waiting)")]
-pub struct QueueFull {
-    pub capacity: usize,
+pub enum SubmitError {
+    #[error("the queue is full ({capacity} jobs waiting)")]
+    Full { capacity: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+struct Inner {
+    jobs: VecDeque<Job>,
+    closed: bool,
 }
 
 pub(crate) struct JobQueue {
-    jobs: Mutex<VecDeque<Job>>,
+    inner: Mutex<Inner>,
     available: Condvar,
     capacity: usize,
 }
@@ -22,7 +30,10 @@ pub(crate) struct JobQueue {
 impl JobQueue {
     pub fn new(capacity: usize) -> Self {
         Self {
-            jobs: Mutex::new(VecDeque::new()),
+            inner: Mutex::new(Inner {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
             available: Condvar::new(),
             capacity: capacity.max(1),
         }
@@ -33,46 +44,93 @@ impl JobQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().jobs.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the deque inconsistent.
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn push(&self, job: Job) -> Result<(), QueueFull> {
-        let mut jobs = self.lock();
+    /// Queues `job` at the back; `bounded` jobs are refused when the queue is
+    /// full (jobs recovered from storage were accepted earlier and are not).
+    pub fn push(&self, job: Job, bounded: bool) -> Result<(), SubmitError> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(SubmitError::ShuttingDown);
+        }
         // Jobs cancelled while waiting do not hold a slot.
-        prune_cancelled(&mut jobs);
-        if jobs.len() >= self.capacity {
-            return Err(QueueFull {
+        prune_cancelled(&mut inner.jobs);
+        if bounded && inner.jobs.len() >= self.capacity {
+            return Err(SubmitError::Full {
                 capacity: self.capacity,
             });
         }
         let _ = job.status.send(JobStatus::Queued {
-            position: jobs.len(),
+            position: inner.jobs.len(),
         });
-        jobs.push_back(job);
-        drop(jobs);
+        inner.jobs.push_back(job);
+        drop(inner);
         self.available.notify_one();
         Ok(())
     }
 
-    /// Blocks until a job is available and takes it; jobs behind it are told
-    /// their new position.
-    pub fn pop_blocking(&self) -> Job {
-        let mut jobs = self.lock();
+    /// Blocks until a job is available and takes it (jobs behind it are told
+    /// their new position); `None` once the queue is closed.
+    pub fn pop_blocking(&self) -> Option<Job> {
+        let mut inner = self.lock();
         loop {
-            prune_cancelled(&mut jobs);
-            if let Some(job) = jobs.pop_front() {
-                for (i, j) in jobs.iter().enumerate() {
-                    let _ = j.status.send(JobStatus::Queued { position: i });
-                }
-                return job;
+            if inner.closed {
+                return None;
             }
-            jobs = self.available.wait(jobs).unwrap_or_else(|e| e.into_inner());
+            prune_cancelled(&mut inner.jobs);
+            if let Some(job) = inner.jobs.pop_front() {
+                renumber(&inner.jobs);
+                return Some(job);
+            }
+            inner = self
+                .available
+                .wait(inner)
+                .unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Refuses new jobs, wakes the worker, and tells every waiting job it was
+    /// interrupted (its caller keeps it for the next start).
+    pub fn close(&self) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        for job in inner.jobs.drain(..) {
+            let _ = job.status.send(JobStatus::Interrupted);
+        }
+        drop(inner);
+        self.available.notify_all();
+    }
+
+    /// Drops cancelled jobs now (instead of at the next push or pop), so their
+    /// callers hear at once.
+    pub fn prune(&self) {
+        prune_cancelled(&mut self.lock().jobs);
+    }
+
+    /// The shapes of the jobs ahead of job `id` and its own, if it is queued.
+    pub fn ahead_of(&self, id: u64) -> Option<(Vec<JobShape>, JobShape)> {
+        let inner = self.lock();
+        let pos = inner.jobs.iter().position(|j| j.id == id)?;
+        let ahead = inner
+            .jobs
+            .iter()
+            .take(pos)
+            .filter(|j| !j.cancel.load(Ordering::SeqCst))
+            .map(|j| j.shape)
+            .collect();
+        Some((ahead, inner.jobs[pos].shape))
+    }
+}
+
+fn renumber(jobs: &VecDeque<Job>) {
+    for (i, j) in jobs.iter().enumerate() {
+        let _ = j.status.send(JobStatus::Queued { position: i });
     }
 }
 
@@ -89,7 +147,5 @@ fn prune_cancelled(jobs: &mut VecDeque<Job>) {
         }
         !cancelled
     });
-    for (i, j) in jobs.iter().enumerate() {
-        let _ = j.status.send(JobStatus::Queued { position: i });
-    }
+    renumber(jobs);
 }

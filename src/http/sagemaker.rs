@@ -19,10 +19,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, AppState, ready_model};
+use super::{ApiError, AppState, body_object, field, ready_model};
 use crate::diffusion::image::{ImageMetadata, encode_png, to_rgb8};
 use crate::engine::JobStatus;
 use crate::request::GenerateParams;
@@ -56,7 +55,7 @@ fn caller_name(field: &str) -> String {
 }
 
 pub async fn ping(State(state): State<Arc<AppState>>) -> Response {
-    match ready_model(&state) {
+    match ready_model(&state.engine) {
         Ok(info) => Json(json!({"status": "ready", "model": info.source})).into_response(),
         Err(e) => e.into_response(),
     }
@@ -140,56 +139,6 @@ fn custom_attributes(headers: &HeaderMap) -> Map<String, Value> {
 }
 
 /// The request body as a JSON object, from `application/json` or `text/plain`.
-fn body_object(headers: &HeaderMap, body: &Bytes) -> Result<Map<String, Value>, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    match content_type.as_str() {
-        "application/json" | "" => match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(m)) => Ok(m),
-            Ok(_) => Err(ApiError::BadRequest {
-                field: "body".into(),
-                message: "expected a JSON object".into(),
-            }),
-            Err(e) => Err(ApiError::BadRequest {
-                field: "body".into(),
-                message: format!("invalid JSON: {e}"),
-            }),
-        },
-        "text/plain" => {
-            let prompt = std::str::from_utf8(body).map_err(|_| ApiError::BadRequest {
-                field: "body".into(),
-                message: "not UTF-8 text".into(),
-            })?;
-            Ok(Map::from_iter([(
-                "prompt".to_string(),
-                Value::String(prompt.trim().to_string()),
-            )]))
-        }
-        other => Err(ApiError::UnsupportedMedia(format!(
-            "Content-Type {other:?} is not supported; send application/json or text/plain"
-        ))),
-    }
-}
-
-fn field<T: DeserializeOwned>(obj: &Map<String, Value>, name: &str) -> Result<Option<T>, ApiError> {
-    match obj.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => serde_json::from_value(v.clone())
-            .map(Some)
-            .map_err(|e| ApiError::BadRequest {
-                field: name.to_string(),
-                message: e.to_string(),
-            }),
-    }
-}
-
 /// Builds the typed parameters, refusing unknown fields by name.
 fn params(obj: &Map<String, Value>) -> Result<GenerateParams, ApiError> {
     if let Some(unknown) = obj
@@ -274,7 +223,7 @@ pub async fn invocations(
 }
 
 async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Response, ApiError> {
-    let info = ready_model(state)?;
+    let info = ready_model(&state.engine)?;
     let reply = negotiate(headers)?;
     let mut obj = body_object(headers, body)?;
     obj.extend(custom_attributes(headers));
@@ -305,6 +254,11 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
         JobStatus::Done(out) => out,
         JobStatus::Cancelled => return Err(ApiError::Cancelled),
         JobStatus::Failed(e) => return Err(ApiError::Internal(e)),
+        JobStatus::Interrupted => {
+            return Err(ApiError::NotReady(
+                "the server shut down before the job finished; retry".into(),
+            ));
+        }
         JobStatus::Queued { .. } | JobStatus::Running { .. } => {
             unreachable!("wait returns a final status")
         }

@@ -1,0 +1,580 @@
+//! The public job API's engine room (the Lambdas + S3 of the setup sdserve
+//! replaces): accepts jobs, persists a record at every state change, stores the
+//! images, answers status for live, finished, and other replicas' jobs, and
+//! re-queues unfinished jobs after a restart.
+
+pub mod record;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::diffusion::image::{ImageMetadata, encode_png, to_rgb8};
+use crate::engine::{Engine, EngineState, JobStatus, SubmitError, Ticket};
+use crate::error::{Error, Result};
+use crate::http::ApiError;
+use crate::request::{GenerateRequest, Limits};
+use crate::storage::Storage;
+pub use record::{JobRecord, JobRequest, JobState, JobTimings};
+
+/// A job as the API shows it: the record plus live progress.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    pub record: JobRecord,
+    /// Jobs ahead while queued here.
+    pub queue_position: Option<usize>,
+    pub step: usize,
+    pub total_steps: usize,
+    /// The engine's id while the job is in this server's engine.
+    engine_id: Option<u64>,
+}
+
+impl JobView {
+    fn new(record: JobRecord) -> Self {
+        let total_steps = record.request.steps.unwrap_or(0);
+        let step = if record.status == JobState::Completed {
+            total_steps
+        } else {
+            0
+        };
+        Self {
+            record,
+            queue_position: None,
+            step,
+            total_steps,
+            engine_id: None,
+        }
+    }
+
+    pub fn progress(&self) -> f64 {
+        match self.record.status {
+            JobState::Completed => 1.0,
+            _ if self.total_steps == 0 => 0.0,
+            _ => (self.step as f64 / self.total_steps as f64).min(1.0),
+        }
+    }
+}
+
+/// The body of `GET /image/{id}` (and of the final SSE event).
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusBody {
+    pub image_id: String,
+    pub status: JobState,
+    pub image_url: Option<String>,
+    pub image_urls: Vec<String>,
+    pub created_at: chrono::DateTime<Utc>,
+    pub started_at: Option<chrono::DateTime<Utc>>,
+    pub generated_at: Option<chrono::DateTime<Utc>>,
+    pub progress: f64,
+    pub step: usize,
+    pub total_steps: usize,
+    pub queue_position: Option<usize>,
+    pub estimated_time: Option<f64>,
+    pub error: Option<String>,
+    pub request: JobRequest,
+    pub seeds: Vec<u64>,
+    pub timings: Option<JobTimings>,
+}
+
+/// Service settings.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// Prefix of image URLs served by this server (`""`: relative `/files/...`).
+    pub public_url: String,
+    /// Lifetime of presigned S3 URLs.
+    pub presign_expiry: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            public_url: String::new(),
+            presign_expiry: Duration::from_secs(3600),
+        }
+    }
+}
+
+struct Entry {
+    view: watch::Sender<JobView>,
+    ticket: Mutex<Option<Arc<Ticket>>>,
+}
+
+/// Cheap to clone; every clone is the same service.
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    storage: Storage,
+    limits: Limits,
+    config: JobsConfig,
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+    tracker: TaskTracker,
+    shutting_down: AtomicBool,
+    /// Cancelled at shutdown: ends event streams.
+    closing: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Job ids are UUIDs; anything else is no job (and never a storage path).
+fn valid_id(id: &str) -> bool {
+    uuid::Uuid::parse_str(id).is_ok()
+}
+
+impl Jobs {
+    pub fn new(engine: Engine, storage: Storage, limits: Limits, config: JobsConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                engine,
+                storage,
+                limits,
+                config,
+                entries: Mutex::default(),
+                tracker: TaskTracker::new(),
+                shutting_down: AtomicBool::new(false),
+                closing: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    /// A token cancelled when the server starts shutting down.
+    pub fn closing(&self) -> CancellationToken {
+        self.inner.closing.clone()
+    }
+
+    /// Loads every stored record, then (once the model is ready) re-queues the
+    /// ones that had not finished, oldest first. Returns how many were re-queued.
+    pub async fn recover(&self) -> Result<usize> {
+        let mut unfinished = Vec::new();
+        for key in self.inner.storage.list("jobs").await? {
+            let Some(bytes) = self.inner.storage.get(&key).await? else {
+                continue;
+            };
+            let record: JobRecord = match serde_json::from_slice(&bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(key, "skipping an unreadable job record: {e}");
+                    continue;
+                }
+            };
+            if !record.status.is_final() {
+                unfinished.push(record.clone());
+            }
+            self.insert(JobView::new(record));
+        }
+        unfinished.sort_by_key(|r| r.created_at);
+        let count = unfinished.len();
+        if count == 0 {
+            return Ok(0);
+        }
+        let info = match self.inner.engine.ready().await {
+            EngineState::Ready(info) => info,
+            _ => return Ok(0),
+        };
+        for mut record in unfinished {
+            let id = record.image_id.clone();
+            let validated = record
+                .request
+                .to_params()
+                .and_then(|p| p.validate(&info, &self.inner.limits, None));
+            let result = match validated {
+                Ok(req) => self.inner.engine.resubmit(req).map_err(|e| e.to_string()),
+                Err(e) => Err(format!("cannot run after restart: {e}")),
+            };
+            match result {
+                Ok(ticket) => {
+                    tracing::info!(image_id = id, "re-queued an unfinished job");
+                    record.status = JobState::Queued;
+                    self.watch(record, ticket);
+                }
+                Err(e) => {
+                    record.status = JobState::Failed;
+                    record.error = Some(e);
+                    self.write(&record).await?;
+                    self.insert(JobView::new(record));
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    fn insert(&self, view: JobView) -> Arc<Entry> {
+        let entry = Arc::new(Entry {
+            view: watch::channel(view.clone()).0,
+            ticket: Mutex::new(None),
+        });
+        lock(&self.inner.entries).insert(view.record.image_id.clone(), entry.clone());
+        entry
+    }
+
+    async fn write(&self, record: &JobRecord) -> Result<()> {
+        let json = serde_json::to_vec_pretty(record).expect("records serialize");
+        self.inner
+            .storage
+            .put(&JobRecord::key(&record.image_id), json)
+            .await
+    }
+
+    /// Validates and queues a job, writes its record, and starts following it.
+    pub async fn submit(&self, request: JobRequest) -> Result<JobView, ApiError> {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::NotReady("the server is shutting down".into()));
+        }
+        let info = crate::http::ready_model(&self.inner.engine)?;
+        let validated: GenerateRequest = request
+            .to_params()
+            .and_then(|p| p.validate(&info, &self.inner.limits, None))
+            .map_err(|e| ApiError::from_error(e, record::caller_name))?;
+        let resolved = JobRequest {
+            style: Some(
+                request
+                    .style
+                    .clone()
+                    .unwrap_or_else(|| crate::styles::DEFAULT_STYLE.into()),
+            ),
+            resolution: Some(format!("{}x{}", validated.width, validated.height)),
+            steps: Some(validated.steps),
+            guidance: Some(validated.guidance),
+            seed: Some(validated.seed),
+            scheduler: Some(validated.scheduler.name().to_string()),
+            num_images: Some(validated.num_images),
+            ..request
+        };
+        let ticket = self.inner.engine.submit(validated).map_err(|e| match e {
+            SubmitError::Full { .. } => ApiError::TooManyRequests {
+                retry_after: self.inner.engine.retry_after_seconds(),
+                message: format!("{e}; retry later"),
+            },
+            SubmitError::ShuttingDown => ApiError::NotReady(e.to_string()),
+        })?;
+        let record = JobRecord {
+            image_id: uuid::Uuid::new_v4().to_string(),
+            status: JobState::Queued,
+            created_at: Utc::now(),
+            started_at: None,
+            generated_at: None,
+            request: resolved,
+            images: vec![],
+            seeds: vec![],
+            error: None,
+            timings: None,
+        };
+        if let Err(e) = self.write(&record).await {
+            // Not stored, so not accepted: nothing may run that nobody can find.
+            ticket.cancel();
+            return Err(ApiError::Internal(format!("could not store the job: {e}")));
+        }
+        Ok(self.watch(record, ticket))
+    }
+
+    /// Registers a queued job and spawns the task that follows it through the
+    /// engine, writing its record and images.
+    fn watch(&self, record: JobRecord, ticket: Ticket) -> JobView {
+        let ticket = Arc::new(ticket);
+        let mut view = JobView::new(record);
+        view.engine_id = Some(ticket.id);
+        let entry = self.insert(view.clone());
+        *lock(&entry.ticket) = Some(ticket.clone());
+        let this = self.clone();
+        self.inner
+            .tracker
+            .spawn(async move { this.follow(entry, ticket).await });
+        view
+    }
+
+    async fn follow(&self, entry: Arc<Entry>, ticket: Arc<Ticket>) {
+        let mut status = ticket.status.clone();
+        loop {
+            let current = status.borrow_and_update().clone();
+            match current {
+                JobStatus::Queued { position } => {
+                    entry
+                        .view
+                        .send_modify(|v| v.queue_position = Some(position));
+                }
+                JobStatus::Running { step, total } => {
+                    let started = entry.view.borrow().record.status == JobState::Queued;
+                    if started {
+                        let mut record = entry.view.borrow().record.clone();
+                        record.status = JobState::Processing;
+                        record.started_at = Some(Utc::now());
+                        self.persist(&record).await;
+                        entry.view.send_modify(|v| v.record = record);
+                    }
+                    entry.view.send_modify(|v| {
+                        v.queue_position = None;
+                        v.step = step;
+                        v.total_steps = total;
+                    });
+                }
+                JobStatus::Interrupted => {
+                    // Left as stored (queued or processing): the next start re-runs it.
+                    tracing::info!(
+                        image_id = entry.view.borrow().record.image_id,
+                        "job interrupted by shutdown; it will run after a restart"
+                    );
+                    break;
+                }
+                final_status => {
+                    let record = entry.view.borrow().record.clone();
+                    let record = self.finish(record, final_status).await;
+                    entry.view.send_modify(|v| {
+                        v.record = record;
+                        v.queue_position = None;
+                        v.engine_id = None;
+                        if v.record.status == JobState::Completed {
+                            v.step = v.total_steps;
+                        }
+                    });
+                    break;
+                }
+            }
+            if status.changed().await.is_err() {
+                // The engine dropped the job without a final word (it stopped):
+                // leave the record as stored for the next start.
+                break;
+            }
+        }
+        *lock(&entry.ticket) = None;
+    }
+
+    /// Stores the outcome (images first, then the record) and returns the record.
+    async fn finish(&self, mut record: JobRecord, status: JobStatus) -> JobRecord {
+        match status {
+            JobStatus::Done(out) => match self.store_images(&record, &out).await {
+                Ok(keys) => {
+                    record.status = JobState::Completed;
+                    record.generated_at = Some(Utc::now());
+                    record.images = keys;
+                    record.seeds = out.seeds.clone();
+                    record.timings = Some(JobTimings {
+                        queue: out.queue_seconds,
+                        text_encoder: out.timings.text_encoder,
+                        denoise: out.timings.denoise,
+                        vae_decode: out.timings.vae_decode,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(image_id = record.image_id, "storing images failed: {e}");
+                    record.status = JobState::Failed;
+                    record.error = Some(format!("storing the images failed: {e}"));
+                }
+            },
+            JobStatus::Failed(e) => {
+                record.status = JobState::Failed;
+                record.error = Some(e);
+            }
+            _ => record.status = JobState::Cancelled,
+        }
+        self.persist(&record).await;
+        record
+    }
+
+    async fn persist(&self, record: &JobRecord) {
+        if let Err(e) = self.write(record).await {
+            tracing::error!(
+                image_id = record.image_id,
+                "writing the job record failed: {e}"
+            );
+        }
+    }
+
+    async fn store_images(
+        &self,
+        record: &JobRecord,
+        out: &crate::engine::JobOutput,
+    ) -> Result<Vec<String>> {
+        let request = record.request.clone();
+        let (prompt, negative_prompt) = {
+            let p = request.to_params()?;
+            (
+                p.prompt.unwrap_or_default(),
+                p.negative_prompt.unwrap_or_default(),
+            )
+        };
+        let images = out.images.clone();
+        let seeds = out.seeds.clone();
+        let scheduler = out.scheduler.clone();
+        let pngs = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>> {
+            let rgb = to_rgb8(&images)?;
+            rgb.iter()
+                .zip(&seeds)
+                .map(|(img, &seed)| {
+                    let meta = ImageMetadata {
+                        prompt: prompt.clone(),
+                        negative_prompt: negative_prompt.clone(),
+                        steps: request.steps.unwrap_or_default(),
+                        guidance: request.guidance.unwrap_or_default(),
+                        scheduler: scheduler.clone(),
+                        scheduler_options: request.scheduler_options.clone().unwrap_or_default(),
+                        seed,
+                        width: img.width() as usize,
+                        height: img.height() as usize,
+                        model: String::new(),
+                        generator: concat!("sdserve ", env!("CARGO_PKG_VERSION")).to_string(),
+                    };
+                    encode_png(img, Some(&meta))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::storage("png encoding", e))??;
+        let mut keys = Vec::with_capacity(pngs.len());
+        for (i, png) in pngs.into_iter().enumerate() {
+            let key = JobRecord::image_key(&record.image_id, i);
+            self.inner.storage.put(&key, png).await?;
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// The live view of job `id`: this server's, else the stored record
+    /// (a job another replica or an earlier run accepted).
+    pub async fn get(&self, id: &str) -> Result<Option<watch::Receiver<JobView>>, ApiError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        if let Some(entry) = lock(&self.inner.entries).get(id) {
+            return Ok(Some(entry.view.subscribe()));
+        }
+        let Some(bytes) = self
+            .inner
+            .storage
+            .get(&JobRecord::key(id))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let record: JobRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::Internal(format!("job record {id} is unreadable: {e}")))?;
+        Ok(Some(watch::channel(JobView::new(record)).1))
+    }
+
+    /// Cancels job `id` if it is queued or running here. `Ok(None)`: no such job.
+    pub async fn cancel(&self, id: &str) -> Result<Option<JobView>, ApiError> {
+        let Some(mut rx) = self.get(id).await? else {
+            return Ok(None);
+        };
+        let view = rx.borrow().clone();
+        if view.record.status.is_final() {
+            return Err(ApiError::Conflict(format!(
+                "job {id} already finished ({})",
+                serde_json::to_value(view.record.status).unwrap_or_default()
+            )));
+        }
+        let ticket = lock(&self.inner.entries)
+            .get(id)
+            .and_then(|e| lock(&e.ticket).clone());
+        let Some(ticket) = ticket else {
+            return Err(ApiError::Conflict(format!(
+                "job {id} is not running on this server; cancel it where it runs"
+            )));
+        };
+        ticket.cancel();
+        // A queued job is cancelled at once; a running one after its current step.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            rx.wait_for(|v| v.record.status.is_final()),
+        )
+        .await;
+        let view = rx.borrow().clone();
+        Ok(Some(view))
+    }
+
+    /// The most recent completed jobs, newest first.
+    pub fn recent(&self, limit: usize) -> Vec<JobView> {
+        let mut done: Vec<JobView> = lock(&self.inner.entries)
+            .values()
+            .map(|e| e.view.borrow().clone())
+            .filter(|v| v.record.status == JobState::Completed)
+            .collect();
+        done.sort_by_key(|v| std::cmp::Reverse(v.record.generated_at));
+        done.truncate(limit);
+        done
+    }
+
+    /// The API body for a view: image URLs (presigned for S3) and time estimate.
+    pub async fn status_body(&self, view: &JobView) -> Result<StatusBody, ApiError> {
+        let mut urls = Vec::with_capacity(view.record.images.len());
+        for (i, key) in view.record.images.iter().enumerate() {
+            let signed = self
+                .inner
+                .storage
+                .signed_url(key, self.inner.config.presign_expiry)
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            urls.push(signed.unwrap_or_else(|| {
+                format!(
+                    "{}/files/{}/{i}.png",
+                    self.inner.config.public_url, view.record.image_id
+                )
+            }));
+        }
+        let r = &view.record;
+        Ok(StatusBody {
+            image_id: r.image_id.clone(),
+            status: r.status,
+            image_url: urls.first().cloned(),
+            image_urls: urls,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            generated_at: r.generated_at,
+            progress: view.progress(),
+            step: view.step,
+            total_steps: view.total_steps,
+            queue_position: view.queue_position,
+            estimated_time: view
+                .engine_id
+                .and_then(|id| self.inner.engine.estimate_seconds(id))
+                .map(|s| (s * 10.0).round() / 10.0),
+            error: r.error.clone(),
+            request: r.request.clone(),
+            seeds: r.seeds.clone(),
+            timings: r.timings,
+        })
+    }
+
+    /// The stored bytes of image `index` of job `id`.
+    pub async fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>, ApiError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        self.inner
+            .storage
+            .get(&JobRecord::image_key(id, index))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    /// Stops taking jobs, lets the running one finish for up to `grace`, and
+    /// waits until every record write is done. Unfinished jobs stay stored as
+    /// queued or processing and run after the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.closing.cancel();
+        self.inner.engine.shutdown(grace).await;
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+    }
+}

@@ -1,0 +1,238 @@
+//! The persisted record of one public job (`jobs/{image_id}.json` in storage),
+//! written at every state change so a restarted server, or another replica on
+//! the same bucket, answers for it.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::request::GenerateParams;
+use crate::styles;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Processing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// A `POST /generate` body, as the caller sends it (every field optional here;
+/// [`JobRequest::to_params`] checks them).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub style: Option<String>,
+    /// `"WIDTHxHEIGHT"`, e.g. `"512x512"`.
+    #[serde(default)]
+    pub resolution: Option<String>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub guidance: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    #[serde(default)]
+    pub num_images: Option<usize>,
+    #[serde(default)]
+    pub scheduler_options: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Request fields named as `POST /generate` callers spell them.
+pub fn caller_name(field: &str) -> String {
+    match field {
+        "prompt" => "text",
+        "width" | "height" => "resolution",
+        f => f,
+    }
+    .to_string()
+}
+
+/// Parses `"512x768"` (also `X` or `×`) into (width, height).
+pub fn parse_resolution(s: &str) -> Result<(usize, usize)> {
+    let bad = || {
+        Error::invalid(
+            "resolution",
+            format!("{s:?} is not WIDTHxHEIGHT (e.g. \"512x512\")"),
+        )
+    };
+    let (w, h) = s.trim().split_once(['x', 'X', '×']).ok_or_else(bad)?;
+    let w = w.trim().parse().map_err(|_| bad())?;
+    let h = h.trim().parse().map_err(|_| bad())?;
+    Ok((w, h))
+}
+
+impl JobRequest {
+    /// The pipeline parameters: the style applied to the text and negative prompt.
+    pub fn to_params(&self) -> Result<GenerateParams> {
+        let text = self.text.as_deref().unwrap_or("");
+        if text.trim().is_empty() {
+            return Err(Error::invalid("text", "is required and must not be empty"));
+        }
+        let style_name = self.style.as_deref().unwrap_or(styles::DEFAULT_STYLE);
+        let style = styles::find(style_name).ok_or_else(|| {
+            Error::invalid(
+                "style",
+                format!(
+                    "unknown style {style_name:?}; choose one of: {}",
+                    styles::names()
+                ),
+            )
+        })?;
+        let (prompt, negative) = style.apply(text, self.negative_prompt.as_deref().unwrap_or(""));
+        let (width, height) = match &self.resolution {
+            Some(r) => {
+                let (w, h) = parse_resolution(r)?;
+                (Some(w), Some(h))
+            }
+            None => (None, None),
+        };
+        Ok(GenerateParams {
+            prompt: Some(prompt),
+            negative_prompt: Some(negative),
+            width,
+            height,
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: self.scheduler.clone(),
+            scheduler_options: self.scheduler_options.clone(),
+            seed: self.seed,
+            num_images: self.num_images,
+        })
+    }
+}
+
+/// Timings of a finished job, seconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct JobTimings {
+    pub queue: f64,
+    pub text_encoder: f64,
+    pub denoise: f64,
+    pub vae_decode: f64,
+}
+
+/// Everything stored about one job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub image_id: String,
+    pub status: JobState,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub generated_at: Option<DateTime<Utc>>,
+    /// The request with every default resolved (seed included), so a re-run
+    /// after a restart makes the same images.
+    pub request: JobRequest,
+    /// Storage keys of the images, in order.
+    #[serde(default)]
+    pub images: Vec<String>,
+    #[serde(default)]
+    pub seeds: Vec<u64>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub timings: Option<JobTimings>,
+}
+
+impl JobRecord {
+    /// Storage key of job `id`'s record.
+    pub fn key(id: &str) -> String {
+        format!("jobs/{id}.json")
+    }
+
+    /// Storage key of job `id`'s image `index`.
+    pub fn image_key(id: &str, index: usize) -> String {
+        format!("images/{id}/{index}.png")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolutions_parse_and_bad_ones_name_the_field() {
+        assert_eq!(parse_resolution("512x768").unwrap(), (512, 768));
+        assert_eq!(parse_resolution(" 64 X 32 ").unwrap(), (64, 32));
+        assert_eq!(parse_resolution("8×16").unwrap(), (8, 16));
+        for bad in ["512", "x512", "512x", "axb", "-8x8", ""] {
+            match parse_resolution(bad) {
+                Err(Error::InvalidRequest { field, .. }) => assert_eq!(field, "resolution"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn params_apply_the_style_and_require_text() {
+        let req = JobRequest {
+            text: Some("a cat".into()),
+            style: Some("anime".into()),
+            resolution: Some("64x32".into()),
+            ..Default::default()
+        };
+        let p = req.to_params().unwrap();
+        assert!(p.prompt.unwrap().contains("a cat"));
+        assert_eq!((p.width, p.height), (Some(64), Some(32)));
+        let err = |r: JobRequest| match r.to_params() {
+            Err(Error::InvalidRequest { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(err(JobRequest::default()), "text");
+        assert_eq!(
+            err(JobRequest {
+                text: Some("x".into()),
+                style: Some("nope".into()),
+                ..Default::default()
+            }),
+            "style"
+        );
+    }
+
+    #[test]
+    fn records_round_trip_through_json() {
+        let r = JobRecord {
+            image_id: "id".into(),
+            status: JobState::Processing,
+            created_at: Utc::now(),
+            started_at: None,
+            generated_at: None,
+            request: JobRequest {
+                text: Some("x".into()),
+                seed: Some(7),
+                ..Default::default()
+            },
+            images: vec![],
+            seeds: vec![],
+            error: None,
+            timings: None,
+        };
+        let back: JobRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.status, JobState::Processing);
+        assert_eq!(back.request.seed, Some(7));
+        assert!(
+            serde_json::to_string(&r)
+                .unwrap()
+                .contains(r#""status":"processing""#)
+        );
+    }
+}

@@ -1,0 +1,144 @@
+//! A real `sdserve serve` process on loopback for the HTTP tests.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+
+/// A running `sdserve serve` child process and its log.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    log: Arc<Mutex<String>>,
+    /// Storage folder made for this server when the caller gave none.
+    _data: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts `sdserve serve` on a free loopback port with `extra` flags and
+    /// waits for `/ping` 200. Images and records go to a fresh temporary folder
+    /// unless `extra` names `--storage`.
+    pub fn start(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let server = Self::spawn(extra, env);
+        server.wait_ready();
+        server
+    }
+
+    /// Like [`Server::start`] without waiting for the model.
+    pub fn spawn(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let data = (!extra.contains(&"--storage")).then(|| tempfile::tempdir().unwrap());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdserve"));
+        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(extra)
+            .env_remove("SDSERVE_MODEL")
+            .env_remove("SAGEMAKER_BIND_TO_PORT")
+            .env("SDSERVE_SAGEMAKER_MODEL_DIR", "/nonexistent/opt/ml/model")
+            .env("RUST_LOG", "info")
+            .env_remove("SDSERVE_STORAGE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(d) = &data {
+            cmd.env("SDSERVE_STORAGE", d.path());
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starts sdserve serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                log2.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server prints its address");
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            log,
+            _data: data,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(r) = reqwest::blocking::get(self.url("/ping"))
+                && r.status() == 200
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server never became ready:\n{}", self.log.lock().unwrap());
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Server {
+    /// Kills the process at once (SIGKILL), as a crash or OOM would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for a log line containing both `a` and `b`.
+    pub fn wait_for_log(&self, a: &str, b: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.log().lines().any(|l| l.contains(a) && l.contains(b)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no log line with {a:?} and {b:?}:\n{}", self.log());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+pub fn tiny() -> String {
+    super::model_dir("tiny-sd1").display().to_string()
+}
+
+pub fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
