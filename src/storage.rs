@@ -54,8 +54,16 @@ impl Storage {
             {
                 builder = builder.with_endpoint(endpoint);
             }
+            // A few quick retries: a request waits on storage before it is
+            // accepted, so an outage should fail it in seconds, not minutes.
+            let retry = object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(20),
+                ..Default::default()
+            };
             let s3 = Arc::new(
                 builder
+                    .with_retry(retry)
                     .build()
                     .map_err(|e| bad(format!("cannot use {spec}: {e}")))?,
             );

@@ -1,0 +1,219 @@
+//! The web page end to end in headless Chromium (Debian's `chromium` and
+//! `chromium-driver`), driven over the W3C WebDriver protocol: type a prompt,
+//! click Generate, watch the real tiny model's image appear. Without
+//! chromedriver the test fails (CI installs it); set
+//! `SDSERVE_SKIP_BROWSER_TESTS=1` to skip it explicitly, which it reports.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::server::{Server, client, tiny};
+use serde_json::{Value, json};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// A chromedriver process with one headless Chromium session.
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+}
+
+impl Browser {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (apt-get install chromium chromium-driver)");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::blocking::get(format!("{base}/status")).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver never answered");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu",
+                "--disable-dev-shm-usage", "--window-size=1280,1000"
+            ]}
+        }}});
+        let mut b = Browser {
+            driver,
+            base,
+            session: String::new(),
+        };
+        b.session = b.call("POST", "/session", Some(caps))["sessionId"]
+            .as_str()
+            .expect("a session id")
+            .to_string();
+        b
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}{path}", self.base);
+        let req = client().request(method.parse().unwrap(), url);
+        let req = match body {
+            Some(b) => req.json(&b),
+            None => req,
+        };
+        let v: Value = req.send().unwrap().json().unwrap();
+        assert!(v["value"]["error"].is_null(), "{method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn session(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.call(method, &format!("/session/{}{path}", self.session), body)
+    }
+
+    fn goto(&self, url: &str) {
+        self.session("POST", "/url", Some(json!({ "url": url })));
+    }
+
+    fn find(&self, css: &str) -> String {
+        let v = self.session(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v[ELEMENT].as_str().unwrap().to_string()
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let e = self.find(css);
+        self.session(
+            "POST",
+            &format!("/element/{e}/value"),
+            Some(json!({ "text": text })),
+        );
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.find(css);
+        self.session("POST", &format!("/element/{e}/click"), Some(json!({})));
+    }
+
+    fn js(&self, script: &str) -> Value {
+        self.session(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+    }
+
+    /// Polls `script` until it returns something truthy.
+    fn wait_for(&self, script: &str, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = self.js(script);
+            if !(v.is_null() || v == json!(false) || v == json!("") || v == json!(0)) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; status: {}",
+                self.js("return document.querySelector('#status').textContent")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = client()
+                .delete(format!("{}/session/{}", self.base, self.session))
+                .send();
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn skipped() -> bool {
+    if std::env::var_os("SDSERVE_SKIP_BROWSER_TESTS").is_some() {
+        eprintln!("SKIPPED: browser test (SDSERVE_SKIP_BROWSER_TESTS is set)");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn type_a_prompt_click_generate_and_see_the_image() {
+    if skipped() {
+        return;
+    }
+    let s = Server::start(&["--model", &tiny()], &[]);
+    let b = Browser::start();
+    b.goto(&s.url("/"));
+    // The selects are filled from /styles and /info.
+    b.wait_for(
+        "return document.querySelectorAll('#style option').length > 3 && \
+                document.querySelectorAll('#resolution option').length > 0",
+        "styles and resolutions",
+    );
+    b.js("document.querySelector('#style').value = 'oil-painting'");
+    b.type_into("#prompt", "a lighthouse at dusk");
+    b.click("#generate");
+    let src = b.wait_for(
+        "const i = document.querySelector('#result img.result-image'); \
+         return i && i.complete && i.naturalWidth > 0 ? i.getAttribute('src') : null",
+        "the result image",
+    );
+    let src = src.as_str().unwrap().to_string();
+    assert_eq!(
+        b.js("return document.querySelector('#status').textContent.trim()"),
+        "Done"
+    );
+    // The page shows the job's stored image: its prompt is the styled one.
+    let id = src.split('/').nth(2).expect("/files/{id}/0.png");
+    let job: Value = client()
+        .get(s.url(&format!("/image/{id}")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(job["status"], "completed");
+    assert_eq!(job["request"]["text"], "a lighthouse at dusk");
+    assert_eq!(job["request"]["style"], "oil-painting");
+    assert_eq!(job["image_url"], src.as_str());
+    let width = b.js("return document.querySelector('#result img.result-image').naturalWidth");
+    assert_eq!(width, json!(96));
+    let download = b.js("return document.querySelector('#result a.download').getAttribute('href')");
+    assert_eq!(download, json!(src));
+    // The gallery picks it up.
+    b.wait_for(
+        &format!(
+            "return [...document.querySelectorAll('#gallery img.gallery-image')]\
+             .some(i => i.getAttribute('src') === '{src}')"
+        ),
+        "the image in the gallery",
+    );
+
+    // A server-side validation error is shown, naming the field.
+    b.js("document.querySelector('#steps').value = '100000'");
+    b.click("#generate");
+    let error = b.wait_for(
+        "const e = document.querySelector('#error'); \
+         return e && !e.hidden && e.textContent.trim() ? e.textContent : null",
+        "the error message",
+    );
+    assert!(
+        error.as_str().unwrap().to_lowercase().contains("steps"),
+        "{error}"
+    );
+    assert_eq!(
+        b.js("return document.querySelector('#steps').getAttribute('aria-invalid')"),
+        "true"
+    );
+}

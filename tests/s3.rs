@@ -1,0 +1,196 @@
+//! The S3 storage backend against a real S3-protocol server on loopback
+//! (moto's server mode, from PyPI: `pip install -r deploy/sagemaker/requirements.txt`):
+//! images and records go to the bucket, image URLs are presigned, and a
+//! restarted server answers from the bucket.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::server::{Server, client, tiny};
+use serde_json::{Value, json};
+
+/// A `moto_server` child process on a free loopback port.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let mut moto = Moto { child, endpoint };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if reqwest::blocking::get(&moto.endpoint).is_ok() {
+                return moto;
+            }
+            if let Ok(Some(status)) = moto.child.try_wait() {
+                panic!(
+                    "moto_server exited ({status}); install it with \
+                     `pip install -r deploy/sagemaker/requirements.txt`"
+                );
+            }
+            assert!(Instant::now() < deadline, "moto_server never answered");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn aws_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", endpoint.to_string()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+    ]
+}
+
+fn wait_final(s: &Server, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v: Value = client()
+            .get(s.url(&format!("/image/{id}")))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never finished: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn images_and_records_live_in_the_bucket() {
+    let moto = Moto::start();
+    // Create the bucket with a plain S3 PUT (moto does not check signatures).
+    let r = client()
+        .put(format!("{}/sdserve-test", moto.endpoint))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text());
+
+    let env = aws_env(&moto.endpoint);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = ["--model", &tiny(), "--storage", "s3://sdserve-test/run1"];
+    let s = Server::start(&args, &env);
+    let r = client()
+        .post(s.url("/generate"))
+        .json(&json!({"text": "a boat", "steps": 2, "seed": 5}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().unwrap()["image_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = wait_final(&s, &id);
+    assert_eq!(done["status"], "completed", "{done}");
+
+    // The URL is presigned, straight to the bucket.
+    let url = done["image_url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!(
+            "{}/sdserve-test/run1/images/{id}/0.png?",
+            moto.endpoint
+        )),
+        "{url}"
+    );
+    assert!(url.contains("X-Amz-Signature="), "{url}");
+    let direct = client().get(url).send().unwrap();
+    assert_eq!(direct.status(), 200);
+    let png = direct.bytes().unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    // The server serves the same bytes from the bucket too.
+    let proxied = client()
+        .get(s.url(&format!("/files/{id}/0.png")))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(proxied, png);
+
+    // The record is in the bucket, under the prefix.
+    let listing = client()
+        .get(format!(
+            "{}/sdserve-test?list-type=2&prefix=run1/jobs/",
+            moto.endpoint
+        ))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        listing.contains(&format!("<Key>run1/jobs/{id}.json</Key>")),
+        "{listing}"
+    );
+    // A fresh server on the same bucket answers for the job from its record.
+    s.kill();
+    let s = Server::start(&args, &env);
+    let again: Value = client()
+        .get(s.url(&format!("/image/{id}")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(again["status"], "completed");
+    assert_eq!(again["seeds"], json!([5]));
+}
+
+#[test]
+fn an_unreachable_bucket_refuses_jobs_instead_of_losing_them() {
+    // Nothing listens on this port: storing the record fails, so the job is
+    // refused with a 500 naming storage, and never runs unrecorded.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = aws_env(&format!("http://127.0.0.1:{port}"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = Server::start(&["--model", &tiny(), "--storage", "s3://nowhere/x"], &env);
+    let r = client()
+        .post(s.url("/generate"))
+        .json(&json!({"text": "x", "steps": 2}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let v: Value = r.json().unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("could not store the job"),
+        "{v}"
+    );
+}
