@@ -362,6 +362,12 @@ pub struct ServeArgs {
     /// estimates before /ping turns 200.
     #[arg(long, env = "SDSERVE_NO_WARMUP")]
     pub no_warmup: bool,
+    /// Most images one UNet batch may hold: queued jobs with the same size,
+    /// steps, scheduler and guidance run together up to this (1: no batching).
+    /// Each image is the same as when its job runs alone. Default: 4 on GPUs,
+    /// 1 on CPU (where larger batches measured no faster; see benches/README.md).
+    #[arg(long, env = "SDSERVE_MAX_BATCH_IMAGES")]
+    pub max_batch_images: Option<usize>,
     /// Jobs that may wait for the model at once; more are refused with 503/429.
     #[arg(long, env = "SDSERVE_QUEUE_CAPACITY", default_value_t = 32)]
     pub queue_capacity: usize,
@@ -419,6 +425,12 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         ..Limits::default()
     };
     let storage = crate::storage::Storage::open(&args.storage)?;
+    let max_batch_images = match args.max_batch_images {
+        Some(0) => return Err(Error::invalid("max-batch-images", "must be at least 1")),
+        Some(n) => n,
+        None if opts.device.is_cpu() => 1,
+        None => 4,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -438,6 +450,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
             crate::engine::EngineConfig {
                 queue_capacity: args.queue_capacity,
                 warmup: !args.no_warmup,
+                max_batch_images,
                 metrics: Default::default(),
             },
         );

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub queue_wait_seconds: Histogram,
     pub generation_seconds: Histogram,
     pub step_seconds: Histogram,
+    pub batch_images: Histogram,
     pub jobs: Family<OutcomeLabels, Counter>,
     pub images: Counter,
 }
@@ -93,6 +94,12 @@ impl Default for Metrics {
             "Seconds per denoising step (one UNet batch plus the scheduler)",
             step_seconds.clone(),
         );
+        let batch_images = Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]);
+        registry.register(
+            "batch_images",
+            "Images per UNet batch (compatible queued jobs run together)",
+            batch_images.clone(),
+        );
         let jobs = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "jobs",
@@ -109,6 +116,7 @@ impl Default for Metrics {
             queue_wait_seconds,
             generation_seconds,
             step_seconds,
+            batch_images,
             jobs,
             images,
         }

@@ -236,6 +236,20 @@ impl GenerateParams {
 }
 
 impl GenerateRequest {
+    /// Whether `other` can share a UNet batch with this request: same size,
+    /// steps, scheduler (and options) and guidance, and neither brings its own
+    /// latents. Prompts, seeds and image counts may differ.
+    pub fn batches_with(&self, other: &GenerateRequest) -> bool {
+        self.width == other.width
+            && self.height == other.height
+            && self.steps == other.steps
+            && self.scheduler == other.scheduler
+            && self.scheduler_options == other.scheduler_options
+            && self.guidance.to_bits() == other.guidance.to_bits()
+            && self.latents.is_none()
+            && other.latents.is_none()
+    }
+
     /// One seed per image: `seed, seed + 1, ...`.
     pub fn seeds(&self) -> Vec<u64> {
         (0..self.num_images as u64)

@@ -554,11 +554,13 @@ fn a_killed_server_runs_every_accepted_job_after_restart() {
         assert_eq!(done["status"], "completed", "{done}");
         get_bytes(&s, done["image_url"].as_str().unwrap());
     }
-    // Oldest first, with the seeds they were accepted with.
+    // Oldest first (the three short ones may share a batch), with the seeds
+    // they were accepted with.
     assert_eq!(status(&s, &rest[2])["seeds"], json!([12]));
     let started = |id: &str| status(&s, id)["started_at"].as_str().unwrap().to_string();
-    assert!(started(&first) < started(&rest[0]));
-    assert!(started(&rest[0]) < started(&rest[1]));
+    for id in &rest {
+        assert!(started(&first) < started(id));
+    }
 }
 
 #[test]

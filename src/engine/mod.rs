@@ -83,6 +83,9 @@ pub struct EngineConfig {
     /// Run one short generation after loading, before reporting ready: it
     /// measures step times for estimates and warms up kernels and allocators.
     pub warmup: bool,
+    /// Most images one UNet batch may hold: compatible queued jobs (same size,
+    /// steps, scheduler, guidance) run together up to this; 1 disables batching.
+    pub max_batch_images: usize,
     pub metrics: Arc<Metrics>,
 }
 
@@ -91,6 +94,7 @@ impl Default for EngineConfig {
         Self {
             queue_capacity: 32,
             warmup: true,
+            max_batch_images: 4,
             metrics: Arc::default(),
         }
     }
@@ -172,10 +176,19 @@ impl Drop for CancelOnDrop {
 pub(crate) struct Shared {
     /// Measured rates, once a job (or the warm-up) has run.
     pub cost: Mutex<Option<CostModel>>,
-    /// The running job: id, shape and steps done.
-    pub running: Mutex<Option<(u64, JobShape, usize)>>,
+    /// The running batch.
+    pub running: Mutex<Option<RunningBatch>>,
     /// Set by [`Engine::shutdown`]: the running job is interrupted after this instant.
     pub stop_running_after: Mutex<Option<Instant>>,
+}
+
+/// The jobs the worker is running as one batch.
+#[derive(Debug, Clone)]
+pub(crate) struct RunningBatch {
+    pub ids: Vec<u64>,
+    /// All the batch's images together.
+    pub shape: JobShape,
+    pub steps_done: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -211,6 +224,7 @@ impl Engine {
             shared: shared.clone(),
             metrics: config.metrics.clone(),
             warmup: config.warmup,
+            max_batch_images: config.max_batch_images.max(1),
         };
         std::thread::Builder::new()
             .name("sdserve-engine".into())
@@ -307,27 +321,28 @@ impl Engine {
     /// before anything was measured or when the job is not in the engine.
     pub fn estimate_seconds(&self, id: u64) -> Option<f64> {
         let cost = self.cost_model()?;
-        let running = *lock(&self.shared.running);
-        if let Some((rid, shape, done)) = running
-            && rid == id
-        {
-            return Some(cost.remaining(&shape, done));
+        let running = lock(&self.shared.running).clone();
+        let running_left = running
+            .as_ref()
+            .map_or(0.0, |r| cost.remaining(&r.shape, r.steps_done));
+        if running.as_ref().is_some_and(|r| r.ids.contains(&id)) {
+            return Some(running_left);
         }
         let (ahead, own) = self.queue.ahead_of(id)?;
-        let running_left = running.map_or(0.0, |(_, s, done)| cost.remaining(&s, done));
         let queued: f64 = ahead.iter().map(|s| cost.remaining(s, 0)).sum();
         Some(running_left + queued + cost.remaining(&own, 0))
     }
 
-    /// Seconds until a queue slot is likely free (the running job's remaining
+    /// Seconds until a queue slot is likely free (the running batch's remaining
     /// time at the measured rates; 5 s before anything was measured), between
     /// 1 s and 1 h.
     pub fn retry_after_seconds(&self) -> u64 {
-        let running = *lock(&self.shared.running);
+        let running = lock(&self.shared.running).clone();
         match (self.cost_model(), running) {
-            (Some(cost), Some((_, shape, done))) => {
-                cost.remaining(&shape, done).ceil().clamp(1.0, 3600.0) as u64
-            }
+            (Some(cost), Some(r)) => cost
+                .remaining(&r.shape, r.steps_done)
+                .ceil()
+                .clamp(1.0, 3600.0) as u64,
             (Some(_), None) => 1,
             (None, _) => 5,
         }

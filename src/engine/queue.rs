@@ -95,6 +95,30 @@ impl JobQueue {
         }
     }
 
+    /// Takes queued jobs that can share a UNet batch with `first`, in queue
+    /// order, while the batch stays within `max_images` images in all.
+    pub fn take_compatible(&self, first: &Job, max_images: usize) -> Vec<Job> {
+        let mut inner = self.lock();
+        prune_cancelled(&mut inner.jobs);
+        let mut images = first.request.num_images;
+        let mut taken = Vec::new();
+        let mut i = 0;
+        while i < inner.jobs.len() && images < max_images {
+            let j = &inner.jobs[i];
+            if first.request.batches_with(&j.request) && images + j.request.num_images <= max_images
+            {
+                images += j.request.num_images;
+                taken.extend(inner.jobs.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        if !taken.is_empty() {
+            renumber(&inner.jobs);
+        }
+        taken
+    }
+
     /// Refuses new jobs, wakes the worker, and tells every waiting job it was
     /// interrupted (its caller keeps it for the next start).
     pub fn close(&self) {

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::cost::{CostModel, JobShape};
 use super::queue::JobQueue;
-use super::{EngineState, Job, JobOutput, JobStatus, Shared, lock};
+use super::{EngineState, Job, JobOutput, JobStatus, RunningBatch, Shared, lock};
 use crate::diffusion::pipeline::{Generated, StableDiffusion};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
@@ -22,6 +22,7 @@ pub(crate) struct Worker {
     pub shared: Arc<Shared>,
     pub metrics: Arc<Metrics>,
     pub warmup: bool,
+    pub max_batch_images: usize,
 }
 
 impl Worker {
@@ -51,8 +52,13 @@ impl Worker {
             .state
             .send(EngineState::Ready(Arc::new(model.info().clone())));
         while let Some(job) = self.queue.pop_blocking() {
+            let mut batch = vec![job];
+            if self.max_batch_images > 1 {
+                let more = self.queue.take_compatible(&batch[0], self.max_batch_images);
+                batch.extend(more);
+            }
             self.metrics.queue_depth.set(self.queue.len() as i64);
-            self.run_job(&model, job);
+            self.run_batch(&model, batch);
         }
         tracing::info!("engine stopped");
     }
@@ -94,26 +100,49 @@ impl Worker {
         lock(&self.shared.stop_running_after).is_some_and(|deadline| Instant::now() >= deadline)
     }
 
-    fn run_job(&self, model: &StableDiffusion, job: Job) {
-        if job.cancel.load(Ordering::SeqCst) {
+    /// Runs `jobs` (compatible, see [`crate::request::GenerateRequest::batches_with`])
+    /// as one UNet batch. A job cancelled mid-way is told at once and its rows
+    /// finish unseen; the batch stops early only when every job is cancelled.
+    fn run_batch(&self, model: &StableDiffusion, jobs: Vec<Job>) {
+        let (jobs, cancelled): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|j| !j.cancel.load(Ordering::SeqCst));
+        for job in cancelled {
             tracing::info!(job = job.id, "job cancelled before it started");
             let _ = job.status.send(JobStatus::Cancelled);
             self.metrics.job_finished("cancelled");
+        }
+        if jobs.is_empty() {
             return;
         }
-        let queue_seconds = job.submitted.elapsed().as_secs_f64();
-        self.metrics.queue_wait_seconds.observe(queue_seconds);
-        tracing::info!(job = job.id, queue_seconds, "job started");
-        *lock(&self.shared.running) = Some((job.id, job.shape, 0));
-        let _ = job.status.send(JobStatus::Running {
-            step: 0,
-            total: job.request.steps,
+        let ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
+        let mut shape = jobs[0].shape;
+        shape.num_images = jobs.iter().map(|j| j.request.num_images).sum();
+        self.metrics.batch_images.observe(shape.num_images as f64);
+        let mut queue_seconds = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            let waited = job.submitted.elapsed().as_secs_f64();
+            self.metrics.queue_wait_seconds.observe(waited);
+            tracing::info!(job = job.id, queue_seconds = waited, batch = ?ids, "job started");
+            queue_seconds.push(waited);
+            let _ = job.status.send(JobStatus::Running {
+                step: 0,
+                total: job.request.steps,
+            });
+        }
+        *lock(&self.shared.running) = Some(RunningBatch {
+            ids: ids.clone(),
+            shape,
+            steps_done: 0,
         });
         let started = Instant::now();
         let mut last_step = Instant::now();
         let mut interrupted = false;
+        // Jobs told `Cancelled` mid-batch.
+        let mut dropped = vec![false; jobs.len()];
+        let requests: Vec<_> = jobs.iter().map(|j| &j.request).collect();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.generate(&job.request, &mut |p| {
+            model.generate_batch(&requests, &mut |p| {
                 // Step 1's interval also holds the text encoder: not a step time.
                 if p.step > 1 {
                     let step_s = last_step.elapsed().as_secs_f64();
@@ -121,25 +150,36 @@ impl Worker {
                 }
                 last_step = Instant::now();
                 if let Some(r) = lock(&self.shared.running).as_mut() {
-                    r.2 = p.step;
+                    r.steps_done = p.step;
                 }
-                let _ = job.status.send(JobStatus::Running {
-                    step: p.step,
-                    total: p.total,
-                });
+                for (job, dropped) in jobs.iter().zip(dropped.iter_mut()) {
+                    if *dropped {
+                        continue;
+                    }
+                    if job.cancel.load(Ordering::SeqCst) {
+                        tracing::info!(job = job.id, "job cancelled while running");
+                        let _ = job.status.send(JobStatus::Cancelled);
+                        self.metrics.job_finished("cancelled");
+                        *dropped = true;
+                        continue;
+                    }
+                    let _ = job.status.send(JobStatus::Running {
+                        step: p.step,
+                        total: p.total,
+                    });
+                }
                 interrupted = self.stop_requested();
-                !job.cancel.load(Ordering::SeqCst) && !interrupted
+                !interrupted && dropped.iter().any(|d| !d)
             })
         }));
         *lock(&self.shared.running) = None;
-        let (status, outcome) = match result {
-            Ok(Ok(out)) => {
-                self.record_cost(&job.shape, &out);
+        let results: Vec<(JobStatus, &'static str)> = match result {
+            Ok(Ok(outs)) => {
+                self.record_cost(&shape, &outs[0]);
                 self.metrics
                     .generation_seconds
                     .observe(started.elapsed().as_secs_f64());
-                self.metrics.images.inc_by(out.seeds.len() as u64);
-                let scheduler = match job.request.scheduler {
+                let scheduler = match jobs[0].request.scheduler {
                     SchedulerKind::Default => model
                         .scheduler_config()
                         .default_kind()
@@ -147,34 +187,42 @@ impl Worker {
                         .unwrap_or_else(|_| "default".into()),
                     k => k.name().to_string(),
                 };
-                let output = JobOutput {
-                    images: out.images,
-                    seeds: out.seeds,
-                    scheduler,
-                    timings: out.timings,
-                    queue_seconds,
-                };
-                (JobStatus::Done(Arc::new(output)), "completed")
+                outs.into_iter()
+                    .zip(&queue_seconds)
+                    .map(|(out, &queue_seconds)| {
+                        self.metrics.images.inc_by(out.seeds.len() as u64);
+                        let output = JobOutput {
+                            images: out.images,
+                            seeds: out.seeds,
+                            scheduler: scheduler.clone(),
+                            timings: out.timings,
+                            queue_seconds,
+                        };
+                        (JobStatus::Done(Arc::new(output)), "completed")
+                    })
+                    .collect()
             }
             Ok(Err(Error::Cancelled)) if interrupted => {
-                tracing::info!(job = job.id, "job interrupted by shutdown");
-                (JobStatus::Interrupted, "interrupted")
+                tracing::info!(batch = ?ids, "interrupted by shutdown");
+                vec![(JobStatus::Interrupted, "interrupted"); jobs.len()]
             }
-            Ok(Err(Error::Cancelled)) => {
-                tracing::info!(job = job.id, "job cancelled while running");
-                (JobStatus::Cancelled, "cancelled")
-            }
+            Ok(Err(Error::Cancelled)) => vec![(JobStatus::Cancelled, "cancelled"); jobs.len()],
             Ok(Err(e)) => {
-                tracing::warn!(job = job.id, "generation failed: {e}");
-                (JobStatus::Failed(e.to_string()), "failed")
+                tracing::warn!(batch = ?ids, "generation failed: {e}");
+                vec![(JobStatus::Failed(e.to_string()), "failed"); jobs.len()]
             }
             Err(_) => {
-                tracing::error!(job = job.id, "generation panicked");
+                tracing::error!(batch = ?ids, "generation panicked");
                 let msg = "internal error during generation".to_string();
-                (JobStatus::Failed(msg), "failed")
+                vec![(JobStatus::Failed(msg), "failed"); jobs.len()]
             }
         };
-        self.metrics.job_finished(outcome);
-        let _ = job.status.send(status);
+        for ((job, (status, outcome)), dropped) in jobs.iter().zip(results).zip(dropped) {
+            if dropped {
+                continue;
+            }
+            self.metrics.job_finished(outcome);
+            let _ = job.status.send(status);
+        }
     }
 }
