@@ -117,6 +117,33 @@ fn unsupported_pipeline_and_unet_features_are_refused() {
         err.contains("unet/config.json") && err.contains("addition_embed_type"),
         "{err}"
     );
+
+    // Every UNet key that changes the network away from its default is named.
+    for (key, value) in [
+        ("attention_type", serde_json::json!("gated")),
+        ("time_embedding_act_fn", serde_json::json!("silu")),
+        ("timestep_post_act", serde_json::json!("silu")),
+        ("num_class_embeds", serde_json::json!(10)),
+        ("class_embeddings_concat", serde_json::json!(true)),
+        (
+            "reverse_transformer_layers_per_block",
+            serde_json::json!([[1, 1], [1, 1]]),
+        ),
+        ("mid_block_only_cross_attention", serde_json::json!(true)),
+        ("cross_attention_norm", serde_json::json!("group_norm")),
+        ("addition_time_embed_dim", serde_json::json!(256)),
+        ("time_embedding_dim", serde_json::json!(7)),
+    ] {
+        let tmp = copy_model("tiny-sd1");
+        edit_json(&tmp.path().join("unet/config.json"), |v| {
+            v[key] = value.clone();
+        });
+        let err = load_err(tmp.path());
+        assert!(
+            err.contains("unet/config.json") && err.contains(key),
+            "{key}: {err}"
+        );
+    }
 }
 
 #[test]

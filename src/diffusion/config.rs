@@ -95,6 +95,18 @@ pub struct UNetConfig {
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
     pub encoder_hid_dim: Option<usize>,
+    pub attention_type: String,
+    pub time_embedding_act_fn: Option<String>,
+    pub timestep_post_act: Option<String>,
+    pub num_class_embeds: Option<usize>,
+    pub class_embeddings_concat: bool,
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    pub mid_block_only_cross_attention: Option<bool>,
+    pub cross_attention_norm: Option<String>,
+    pub addition_time_embed_dim: Option<usize>,
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    pub time_embedding_dim: Option<usize>,
+    pub dropout: f64,
 }
 
 impl Default for UNetConfig {
@@ -143,6 +155,18 @@ impl Default for UNetConfig {
             conv_in_kernel: 3,
             conv_out_kernel: 3,
             encoder_hid_dim: None,
+            attention_type: "default".into(),
+            time_embedding_act_fn: None,
+            timestep_post_act: None,
+            num_class_embeds: None,
+            class_embeddings_concat: false,
+            reverse_transformer_layers_per_block: None,
+            mid_block_only_cross_attention: None,
+            cross_attention_norm: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
+            time_embedding_dim: None,
+            dropout: 0.0,
         }
     }
 }

@@ -141,6 +141,71 @@ impl Plan {
             "time_embedding_type",
             &cfg.time_embedding_type,
         )?;
+        // Keys of UNet2DConditionModel.__init__ that change the network when set
+        // away from their defaults (SD 1.x/2.x leave them all at the default).
+        let unset =
+            |key: &str, is_default: bool, value: String| require(path, is_default, key, value);
+        unset(
+            "attention_type",
+            cfg.attention_type == "default",
+            cfg.attention_type.clone(),
+        )?;
+        unset(
+            "time_embedding_act_fn",
+            cfg.time_embedding_act_fn.is_none(),
+            format!("{:?}", cfg.time_embedding_act_fn),
+        )?;
+        unset(
+            "timestep_post_act",
+            cfg.timestep_post_act.is_none(),
+            format!("{:?}", cfg.timestep_post_act),
+        )?;
+        unset(
+            "num_class_embeds",
+            cfg.num_class_embeds.is_none(),
+            format!("{:?}", cfg.num_class_embeds),
+        )?;
+        unset(
+            "class_embeddings_concat",
+            !cfg.class_embeddings_concat,
+            "true".into(),
+        )?;
+        unset(
+            "reverse_transformer_layers_per_block",
+            cfg.reverse_transformer_layers_per_block
+                .as_ref()
+                .is_none_or(serde_json::Value::is_null),
+            format!("{:?}", cfg.reverse_transformer_layers_per_block),
+        )?;
+        unset(
+            "mid_block_only_cross_attention",
+            cfg.mid_block_only_cross_attention != Some(true),
+            "true".into(),
+        )?;
+        unset(
+            "cross_attention_norm",
+            cfg.cross_attention_norm.is_none(),
+            format!("{:?}", cfg.cross_attention_norm),
+        )?;
+        unset(
+            "addition_time_embed_dim",
+            cfg.addition_time_embed_dim.is_none(),
+            format!(
+                "{:?} (SDXL-style added conditioning)",
+                cfg.addition_time_embed_dim
+            ),
+        )?;
+        unset(
+            "projection_class_embeddings_input_dim",
+            cfg.projection_class_embeddings_input_dim.is_none(),
+            format!("{:?}", cfg.projection_class_embeddings_input_dim),
+        )?;
+        unset(
+            "time_embedding_dim",
+            cfg.time_embedding_dim
+                .is_none_or(|d| d == cfg.block_out_channels[0] * 4),
+            format!("{:?}", cfg.time_embedding_dim),
+        )?;
         // diffusers pads by (k - 1) // 2; an even kernel would change the spatial size.
         for (key, k) in [
             ("conv_in_kernel", cfg.conv_in_kernel),
