@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod conv;
 pub mod hub;
 pub mod image;
 pub mod latents;

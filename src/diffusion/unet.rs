@@ -12,8 +12,9 @@
 
 use std::path::Path;
 
+use crate::diffusion::conv::{Conv2d, conv2d};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 use crate::diffusion::config::{PerBlock, UNetConfig, require};
 use crate::diffusion::unet_blocks::{
@@ -422,7 +423,7 @@ impl UNet2DConditionModel {
             padding: (k - 1) / 2,
             ..Default::default()
         };
-        let conv_in = candle_nn::conv2d(
+        let conv_in = conv2d(
             cfg.in_channels,
             c0,
             cfg.conv_in_kernel,
@@ -521,7 +522,7 @@ impl UNet2DConditionModel {
 
         let conv_norm_out =
             candle_nn::group_norm(plan.groups, c0, cfg.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = candle_nn::conv2d(
+        let conv_out = conv2d(
             c0,
             cfg.out_channels,
             cfg.conv_out_kernel,

@@ -17,8 +17,9 @@
 //! Every tensor is requested under diffusers' `state_dict` name and shape, and nothing
 //! else is requested. Construction does no tensor arithmetic (weights are only viewed).
 
+use crate::diffusion::conv::{Conv2d, conv2d};
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
 
 /// Upper bound, in bytes, of one block of f32 attention scores on a GPU: queries are
 /// processed in chunks of rows so that `batch × heads × rows × keys × 4` stays below it.
@@ -67,14 +68,14 @@ impl ResnetBlock2D {
             ..Default::default()
         };
         let norm1 = candle_nn::group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
-        let conv1 = candle_nn::conv2d(in_channels, out_channels, 3, conv3, vb.pp("conv1"))?;
+        let conv1 = conv2d(in_channels, out_channels, 3, conv3, vb.pp("conv1"))?;
         let time_emb_proj =
             candle_nn::linear(cfg.temb_channels, out_channels, vb.pp("time_emb_proj"))?;
         let norm2 = candle_nn::group_norm(cfg.groups, out_channels, cfg.eps, vb.pp("norm2"))?;
-        let conv2 = candle_nn::conv2d(out_channels, out_channels, 3, conv3, vb.pp("conv2"))?;
+        let conv2 = conv2d(out_channels, out_channels, 3, conv3, vb.pp("conv2"))?;
         // `use_in_shortcut = in_channels != conv_2d_out_channels`, 1x1 with bias.
         let conv_shortcut = if in_channels != out_channels {
-            Some(candle_nn::conv2d(
+            Some(conv2d(
                 in_channels,
                 out_channels,
                 1,
@@ -132,7 +133,7 @@ impl Downsample2D {
             ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
             pad_bottom_right: padding == 0,
         })
     }
@@ -164,7 +165,7 @@ impl Upsample2D {
             ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
         })
     }
 
