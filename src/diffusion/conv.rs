@@ -10,7 +10,7 @@
 //! bias pre-loaded; 1x1 convolutions multiply the input in place. Tiles run on
 //! all cores. Other devices and dtypes use candle's conv2d unchanged.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
@@ -25,11 +25,10 @@ pub struct Conv2d {
     cpu: Option<CpuConv>,
 }
 
-/// Weights laid out for the CPU kernel.
+/// The CPU kernel's settings; the weight `[c_out, c_in, kh, kw]` is its second
+/// operand (read in place, never copied).
 #[derive(Debug, Clone)]
 struct CpuConv {
-    /// `[c_out, c_in * kh * kw]`, row-major (PyTorch's weight layout, flattened).
-    weight: std::sync::Arc<Vec<f32>>,
     bias: Option<std::sync::Arc<Vec<f32>>>,
     c_out: usize,
     c_in: usize,
@@ -63,7 +62,6 @@ impl Conv2d {
         let cpu = if usable {
             let (c_out, c_in, kh, kw) = w.dims4()?;
             Some(CpuConv {
-                weight: std::sync::Arc::new(w.flatten_all()?.to_vec1::<f32>()?),
                 bias: match candle.bias() {
                     Some(b) => Some(std::sync::Arc::new(b.to_vec1::<f32>()?)),
                     None => None,
@@ -86,7 +84,9 @@ impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match &self.cpu {
             Some(op) if xs.device().is_cpu() && xs.dtype() == DType::F32 => {
-                xs.contiguous()?.apply_op1_no_bwd(op)
+                // Loaded weights are contiguous already; this is then free.
+                let w = self.candle.weight().contiguous()?;
+                xs.contiguous()?.apply_op2_no_bwd(&w, op)
             }
             _ => self.candle.forward(xs),
         }
@@ -170,7 +170,16 @@ impl CpuConv {
     /// # Safety
     /// `dst` must be valid for `c_out` rows of `n` values `dst_rs` apart, and
     /// `rhs` for `k * n` values; no other thread may touch those values.
-    unsafe fn multiply(&self, dst: *mut f32, dst_rs: usize, rhs: &[f32], n: usize, threads: usize) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn multiply(
+        &self,
+        weight: &[f32],
+        dst: *mut f32,
+        dst_rs: usize,
+        rhs: &[f32],
+        n: usize,
+        threads: usize,
+    ) {
         let k = self.c_in * self.kh * self.kw;
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
@@ -187,7 +196,7 @@ impl CpuConv {
                 1,
                 dst_rs as isize,
                 true,
-                self.weight.as_ptr(),
+                weight.as_ptr(),
                 1,
                 k as isize,
                 rhs.as_ptr(),
@@ -204,16 +213,30 @@ impl CpuConv {
     }
 }
 
-impl CustomOp1 for CpuConv {
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("conv2d: {what} must be contiguous")))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+impl CustomOp2 for CpuConv {
     fn name(&self) -> &'static str {
         "sdserve-conv2d"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("conv2d: input must be contiguous".into()))?;
-        let x = &storage.as_slice::<f32>()?[start..end];
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        w_storage: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "input")?;
+        let weight = contiguous_f32(w_storage, w_layout, "weight")?;
+        if w_layout.shape().dims() != [self.c_out, self.c_in, self.kh, self.kw] {
+            candle_core::bail!("conv2d: weight shape {:?} changed", w_layout.shape());
+        }
         let (b, c, h, w) = layout.shape().dims4()?;
         if c != self.c_in {
             candle_core::bail!(
@@ -239,7 +262,7 @@ impl CustomOp1 for CpuConv {
             let ob = SendPtr(unsafe { out_ptr.0.add(bi * self.c_out * hw_out) });
             if pointwise {
                 // SAFETY: xb is [c_in, hw]; ob is this image's [c_out, hw] block.
-                unsafe { self.multiply(ob.0, hw_out, xb, hw_out, threads) };
+                unsafe { self.multiply(weight, ob.0, hw_out, xb, hw_out, threads) };
                 continue;
             }
             let rows = (TILE_BYTES / (4 * k * wo)).clamp(1, ho);
@@ -251,7 +274,16 @@ impl CustomOp1 for CpuConv {
                 let ob = ob;
                 // SAFETY: tile `oy0` owns output columns oy0*wo..(oy0+rows)*wo of
                 // every channel row; tiles never overlap.
-                unsafe { self.multiply(ob.0.add(oy0 * wo), hw_out, &col, rows * wo, gemm_threads) };
+                unsafe {
+                    self.multiply(
+                        weight,
+                        ob.0.add(oy0 * wo),
+                        hw_out,
+                        &col,
+                        rows * wo,
+                        gemm_threads,
+                    )
+                };
             };
             if tiles.len() >= 2 * threads && threads > 1 {
                 tiles.par_iter().for_each(|&oy0| run(oy0, 1));
