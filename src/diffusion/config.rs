@@ -10,7 +10,6 @@
 
 use std::path::Path;
 
-use candle_transformers::models::stable_diffusion::vae;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -245,56 +244,6 @@ impl VaeConfig {
     /// diffusers' `StableDiffusionPipeline.__init__`.
     pub fn scale_factor(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
-    }
-
-    pub fn to_candle(&self, path: &Path) -> Result<vae::AutoEncoderKLConfig> {
-        let n = self.block_out_channels.len();
-        require(path, n > 0, "block_out_channels", "empty")?;
-        require(path, self.act_fn == "silu", "act_fn", &self.act_fn)?;
-        require(
-            path,
-            self.mid_block_add_attention,
-            "mid_block_add_attention",
-            false,
-        )?;
-        require(
-            path,
-            self.in_channels == 3 && self.out_channels == 3,
-            "in_channels/out_channels",
-            "only RGB (3) is supported",
-        )?;
-        require(
-            path,
-            self.down_block_types
-                .iter()
-                .all(|t| t == "DownEncoderBlock2D")
-                && self.down_block_types.len() == n,
-            "down_block_types",
-            "expected DownEncoderBlock2D per block",
-        )?;
-        require(
-            path,
-            self.up_block_types.iter().all(|t| t == "UpDecoderBlock2D")
-                && self.up_block_types.len() == n,
-            "up_block_types",
-            "expected UpDecoderBlock2D per block",
-        )?;
-        for &c in &self.block_out_channels {
-            require(
-                path,
-                c.is_multiple_of(self.norm_num_groups),
-                "norm_num_groups",
-                format!("{} groups do not divide {c} channels", self.norm_num_groups),
-            )?;
-        }
-        Ok(vae::AutoEncoderKLConfig {
-            block_out_channels: self.block_out_channels.clone(),
-            layers_per_block: self.layers_per_block,
-            latent_channels: self.latent_channels,
-            norm_num_groups: self.norm_num_groups,
-            use_quant_conv: self.use_quant_conv,
-            use_post_quant_conv: self.use_post_quant_conv,
-        })
     }
 }
 

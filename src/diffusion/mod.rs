@@ -11,4 +11,5 @@ pub mod schedulers;
 pub mod tokenizer;
 pub mod unet;
 pub mod unet_blocks;
+pub mod vae;
 pub mod weights;

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
@@ -18,6 +17,7 @@ use crate::diffusion::latents::{NoiseSource, ReplayNoise, SeededNoise};
 use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::unet::UNet2DConditionModel;
+use crate::diffusion::vae::VaeDecoder;
 use crate::diffusion::weights::WeightFiles;
 use crate::error::{Error, Result};
 use crate::request::GenerateRequest;
@@ -91,7 +91,7 @@ pub struct StableDiffusion {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
     unet: UNet2DConditionModel,
-    vae: AutoEncoderKL,
+    vae: VaeDecoder,
     vae_dtype: DType,
     vae_scaling_factor: f64,
     scheduler_config: SchedulerConfig,
@@ -510,10 +510,11 @@ pub fn build_vae(
     cfg: &VaeConfig,
     cfg_path: &Path,
     weights: &Path,
-) -> Result<AutoEncoderKL> {
-    let candle_cfg = cfg.to_candle(cfg_path)?;
-    AutoEncoderKL::new(vb, cfg.in_channels, cfg.out_channels, candle_cfg)
-        .map_err(|e| Error::model_file(weights, e))
+) -> Result<VaeDecoder> {
+    VaeDecoder::new(vb, cfg, cfg_path).map_err(|e| match e {
+        Error::Candle(e) => Error::model_file(weights, e),
+        other => other,
+    })
 }
 
 fn device_name(device: &Device) -> String {

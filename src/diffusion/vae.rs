@@ -1,0 +1,271 @@
+//! The decoder half of diffusers' `AutoencoderKL` (Kingma & Welling 2014, as
+//! used by Rombach et al. 2022): `post_quant_conv`, then `Decoder` —
+//! `conv_in`, `UNetMidBlock2D` (resnet, single-head attention, resnet),
+//! `UpDecoderBlock2D`s with nearest-neighbour 2x upsampling, GroupNorm, SiLU,
+//! `conv_out`. Follows diffusers 0.42 `models/autoencoders/vae.py::Decoder`,
+//! `unets/unet_2d_blocks.py::{UNetMidBlock2D, UpDecoderBlock2D}`,
+//! `resnet.py::ResnetBlock2D` (no time embedding), `upsampling.py::Upsample2D`
+//! and `attention_processor.py::AttnProcessor2_0`.
+//!
+//! Text-to-image only decodes, so the encoder is not loaded (a third of the
+//! VAE's weights). Convolutions use [`super::conv`].
+
+use std::path::Path;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+use super::config::{VaeConfig, require};
+use super::conv::{Conv2d, conv2d};
+use super::unet_blocks::chunked_attention;
+
+/// diffusers builds every VAE norm with eps 1e-6.
+const EPS: f64 = 1e-6;
+
+fn conv3(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    conv2d(c_in, c_out, 3, cfg, vb)
+}
+
+/// `ResnetBlock2D(temb_channels=None)`.
+#[derive(Debug)]
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+}
+
+impl Resnet {
+    fn new(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: candle_nn::group_norm(groups, c_in, EPS, vb.pp("norm1"))?,
+            conv1: conv3(c_in, c_out, vb.pp("conv1"))?,
+            norm2: candle_nn::group_norm(groups, c_out, EPS, vb.pp("norm2"))?,
+            conv2: conv3(c_out, c_out, vb.pp("conv2"))?,
+            shortcut: if c_in == c_out {
+                None
+            } else {
+                Some(conv2d(
+                    c_in,
+                    c_out,
+                    1,
+                    Default::default(),
+                    vb.pp("conv_shortcut"),
+                )?)
+            },
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        match &self.shortcut {
+            Some(c) => c.forward(xs)? + h,
+            None => xs + h,
+        }
+    }
+}
+
+/// `Attention(heads = channels / attention_head_dim = 1, residual_connection=True)`.
+#[derive(Debug)]
+struct SelfAttention {
+    norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    channels: usize,
+}
+
+impl SelfAttention {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+        let lin = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
+        Ok(Self {
+            norm: candle_nn::group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
+            to_q: lin("to_q")?,
+            to_k: lin("to_k")?,
+            to_v: lin("to_v")?,
+            to_out: lin("to_out.0")?,
+            channels,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        // [b, c, h, w] -> [b, h*w, c] tokens (contiguous: see candle's batched-matmul caveat).
+        let tokens = self
+            .norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let scale = 1.0 / (self.channels as f64).sqrt();
+        let q = (self.to_q.forward(&tokens)? * scale)?.unsqueeze(1)?;
+        let k = self.to_k.forward(&tokens)?.unsqueeze(1)?;
+        let v = self.to_v.forward(&tokens)?.unsqueeze(1)?;
+        let budget = if xs.device().is_cpu() {
+            8 << 20
+        } else {
+            64 << 20
+        };
+        let out = chunked_attention(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, budget)?
+            .squeeze(1)?;
+        let out = self.to_out.forward(&out)?;
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        xs + out
+    }
+}
+
+/// `UpDecoderBlock2D`: resnets, then (except the last block) 2x nearest upsampling + conv.
+#[derive(Debug)]
+struct UpBlock {
+    resnets: Vec<Resnet>,
+    upsample: Option<Conv2d>,
+}
+
+impl UpBlock {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for r in &self.resnets {
+            xs = r.forward(&xs)?;
+        }
+        if let Some(conv) = &self.upsample {
+            let (_, _, h, w) = xs.dims4()?;
+            xs = conv.forward(&xs.upsample_nearest2d(h * 2, w * 2)?)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// The VAE decoder: latents (already divided by the scaling factor) to images in about [-1, 1].
+#[derive(Debug)]
+pub struct VaeDecoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: [Resnet; 2],
+    mid_attention: Option<SelfAttention>,
+    up_blocks: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl VaeDecoder {
+    /// Builds the decoder described by `vae/config.json` (`cfg`, read from `path`)
+    /// from `vb`, the VAE's weights.
+    pub fn new(vb: VarBuilder, cfg: &VaeConfig, path: &Path) -> crate::Result<Self> {
+        let n = cfg.block_out_channels.len();
+        require(path, n > 0, "block_out_channels", "empty")?;
+        require(path, cfg.act_fn == "silu", "act_fn", &cfg.act_fn)?;
+        require(
+            path,
+            cfg.out_channels == 3,
+            "out_channels",
+            "only RGB (3) is supported",
+        )?;
+        require(
+            path,
+            cfg.up_block_types.len() == n
+                && cfg.up_block_types.iter().all(|t| t == "UpDecoderBlock2D"),
+            "up_block_types",
+            "expected UpDecoderBlock2D per block",
+        )?;
+        // SD3/Flux-style VAEs shift latents before scaling; SD 1.x/2.x do not.
+        require(
+            path,
+            cfg.shift_factor.is_none_or(|f| f == 0.0),
+            "shift_factor",
+            format!("{:?}", cfg.shift_factor),
+        )?;
+        let groups = cfg.norm_num_groups;
+        for &c in &cfg.block_out_channels {
+            require(
+                path,
+                groups > 0 && c.is_multiple_of(groups),
+                "norm_num_groups",
+                format!("{groups} groups do not divide {c} channels"),
+            )?;
+        }
+        Ok(Self::build(vb, cfg)?)
+    }
+
+    fn build(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+        let groups = cfg.norm_num_groups;
+        let latent = cfg.latent_channels;
+        let top = *cfg.block_out_channels.last().expect("checked non-empty");
+        let post_quant_conv = if cfg.use_post_quant_conv {
+            Some(conv2d(
+                latent,
+                latent,
+                1,
+                Default::default(),
+                vb.pp("post_quant_conv"),
+            )?)
+        } else {
+            None
+        };
+        let vb = vb.pp("decoder");
+        let mid = vb.pp("mid_block");
+        let mid_resnets = [
+            Resnet::new(mid.pp("resnets.0"), top, top, groups)?,
+            Resnet::new(mid.pp("resnets.1"), top, top, groups)?,
+        ];
+        let mid_attention = if cfg.mid_block_add_attention {
+            Some(SelfAttention::new(mid.pp("attentions.0"), top, groups)?)
+        } else {
+            None
+        };
+        let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(reversed.len());
+        let mut prev = reversed[0];
+        for (i, &out) in reversed.iter().enumerate() {
+            let b = vb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..=cfg.layers_per_block)
+                .map(|j| {
+                    let c_in = if j == 0 { prev } else { out };
+                    Resnet::new(b.pp(format!("resnets.{j}")), c_in, out, groups)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < reversed.len() {
+                Some(conv3(out, out, b.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, upsample });
+            prev = out;
+        }
+        let first = cfg.block_out_channels[0];
+        Ok(Self {
+            post_quant_conv,
+            conv_in: conv3(latent, top, vb.pp("conv_in"))?,
+            mid_resnets,
+            mid_attention,
+            up_blocks,
+            norm_out: candle_nn::group_norm(groups, first, EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv3(first, cfg.out_channels, vb.pp("conv_out"))?,
+        })
+    }
+
+    /// `AutoencoderKL.decode(z).sample` for `z` already divided by the scaling factor.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let mut xs = match &self.post_quant_conv {
+            Some(c) => c.forward(z)?,
+            None => z.clone(),
+        };
+        xs = self.conv_in.forward(&xs)?;
+        xs = self.mid_resnets[0].forward(&xs)?;
+        if let Some(a) = &self.mid_attention {
+            xs = a.forward(&xs)?;
+        }
+        xs = self.mid_resnets[1].forward(&xs)?;
+        for b in &self.up_blocks {
+            xs = b.forward(&xs)?;
+        }
+        let xs = self.norm_out.forward(&xs)?.silu()?;
+        self.conv_out.forward(&xs)
+    }
+}
