@@ -99,6 +99,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Taking `self` makes closures capture the wrapper, not the bare pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl CpuConv {
     fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let ho = (h + 2 * self.padding).checked_sub(self.kh);
@@ -271,13 +278,12 @@ impl CustomOp2 for CpuConv {
                 let rows = rows.min(ho - oy0);
                 let mut col = vec![0f32; k * rows * wo];
                 self.unfold(xb, h, w, wo, oy0, rows, &mut col);
-                let ob = ob;
                 // SAFETY: tile `oy0` owns output columns oy0*wo..(oy0+rows)*wo of
                 // every channel row; tiles never overlap.
                 unsafe {
                     self.multiply(
                         weight,
-                        ob.0.add(oy0 * wo),
+                        ob.get().add(oy0 * wo),
                         hw_out,
                         &col,
                         rows * wo,
