@@ -602,3 +602,31 @@ fn a_second_server_on_the_same_storage_answers_for_finished_jobs() {
     assert_eq!(seen["status"], "completed");
     assert_eq!(get_bytes(&b, seen["image_url"].as_str().unwrap()), png_a);
 }
+
+#[test]
+fn servers_recovering_the_same_storage_do_not_redo_finished_jobs() {
+    let data = tempfile::tempdir().unwrap();
+    let storage = data.path().to_str().unwrap().to_string();
+    let args = ["--model", &tiny(), "--storage", &storage];
+    let a = Server::start(&args, &[]);
+    let long = accepted(&a, json!({"text": "a", "steps": 400, "scheduler": "ddim"}));
+    let short = accepted(&a, json!({"text": "b", "steps": 2}));
+    wait_status(&a, &long, "processing");
+    a.kill();
+
+    // Both B and C re-queue both jobs (so nothing is lost whichever survives);
+    // B, well ahead, finishes the short one before C gets to it.
+    let b = Server::start(&args, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&b, &long)["step"].as_u64().unwrap_or(0) < 150 {
+        assert!(Instant::now() < deadline, "B never ran the long job");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let c = Server::start(&args, &[]);
+    assert_eq!(wait_final(&b, &short)["status"], "completed");
+    c.wait_for_log("already finished by another server", &short);
+    let seen = wait_final(&c, &short);
+    assert_eq!(seen["status"], "completed");
+    assert_eq!(seen["image_url"], format!("/files/{short}/0.png"));
+    assert_eq!(wait_final(&c, &long)["status"], "completed");
+}

@@ -205,7 +205,7 @@ impl Jobs {
                 Ok(ticket) => {
                     tracing::info!(image_id = id, "re-queued an unfinished job");
                     record.status = JobState::Queued;
-                    self.watch(record, ticket);
+                    self.watch(record, ticket, true);
                 }
                 Err(e) => {
                     record.status = JobState::Failed;
@@ -284,12 +284,14 @@ impl Jobs {
             ticket.cancel();
             return Err(ApiError::Internal(format!("could not store the job: {e}")));
         }
-        Ok(self.watch(record, ticket))
+        Ok(self.watch(record, ticket, false))
     }
 
     /// Registers a queued job and spawns the task that follows it through the
     /// engine, writing its record and images.
-    fn watch(&self, record: JobRecord, ticket: Ticket) -> JobView {
+    /// `recovered`: re-queued from storage at start-up, so another server
+    /// sharing the storage may have run it meanwhile (see [`Jobs::follow`]).
+    fn watch(&self, record: JobRecord, ticket: Ticket, recovered: bool) -> JobView {
         let ticket = Arc::new(ticket);
         let mut view = JobView::new(record);
         view.engine_id = Some(ticket.id);
@@ -298,12 +300,18 @@ impl Jobs {
         let this = self.clone();
         self.inner
             .tracker
-            .spawn(async move { this.follow(entry, ticket).await });
+            .spawn(async move { this.follow(entry, ticket, recovered).await });
         view
     }
 
-    async fn follow(&self, entry: Arc<Entry>, ticket: Arc<Ticket>) {
+    /// Follows the job through the engine, persisting each state change. Every
+    /// server re-queues every unfinished stored job at start (so none is lost
+    /// when its server died); for such a recovered job the stored record is
+    /// read again as it starts and as it ends, and one another server already
+    /// finished is dropped instead of overwritten.
+    async fn follow(&self, entry: Arc<Entry>, ticket: Arc<Ticket>, recovered: bool) {
         let mut status = ticket.status.clone();
+        let id = entry.view.borrow().record.image_id.clone();
         loop {
             let current = status.borrow_and_update().clone();
             match current {
@@ -314,6 +322,21 @@ impl Jobs {
                 }
                 JobStatus::Running { step, total } => {
                     let started = entry.view.borrow().record.status == JobState::Queued;
+                    if started
+                        && recovered
+                        && let Some(done) = self.finished_elsewhere(&id).await
+                    {
+                        ticket.cancel();
+                        entry.view.send_modify(|v| {
+                            v.record = done;
+                            v.engine_id = None;
+                        });
+                        tracing::info!(
+                            image_id = id,
+                            "already finished by another server; dropped"
+                        );
+                        break;
+                    }
                     if started {
                         let mut record = entry.view.borrow().record.clone();
                         record.status = JobState::Processing;
@@ -336,8 +359,17 @@ impl Jobs {
                     break;
                 }
                 final_status => {
-                    let record = entry.view.borrow().record.clone();
-                    let record = self.finish(record, final_status).await;
+                    let record = match recovered {
+                        true => self.finished_elsewhere(&id).await,
+                        false => None,
+                    };
+                    let record = match record {
+                        Some(done) => done,
+                        None => {
+                            let record = entry.view.borrow().record.clone();
+                            self.finish(record, final_status).await
+                        }
+                    };
                     entry.view.send_modify(|v| {
                         v.record = record;
                         v.queue_position = None;
@@ -356,6 +388,13 @@ impl Jobs {
             }
         }
         *lock(&entry.ticket) = None;
+    }
+
+    /// The stored record of job `id` if it is final (another server finished it).
+    async fn finished_elsewhere(&self, id: &str) -> Option<JobRecord> {
+        let bytes = self.inner.storage.get(&JobRecord::key(id)).await.ok()??;
+        let stored: JobRecord = serde_json::from_slice(&bytes).ok()?;
+        stored.status.is_final().then_some(stored)
     }
 
     /// Stores the outcome (images first, then the record) and returns the record.
