@@ -19,11 +19,7 @@ struct Moto {
 
 impl Moto {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let child = Command::new("python3")
             .args([
                 "-m",
@@ -171,11 +167,7 @@ fn images_and_records_live_in_the_bucket() {
 fn an_unreachable_bucket_refuses_jobs_instead_of_losing_them() {
     // Nothing listens on this port: storing the record fails, so the job is
     // refused with a 500 naming storage, and never runs unrecorded.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let env = aws_env(&format!("http://127.0.0.1:{port}"));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let s = Server::start(&["--model", &tiny(), "--storage", "s3://nowhere/x"], &env);

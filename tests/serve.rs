@@ -322,12 +322,7 @@ fn a_caller_that_hangs_up_cancels_its_job() {
 #[test]
 fn serve_with_no_flags_uses_the_sagemaker_model_dir_and_port() {
     // What SageMaker runs: `<image> serve`, model in /opt/ml/model, port from the env.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = common::free_port().to_string();
     let dir = tiny();
     // The default storage, ./data, lands in this scratch working directory.
     let cwd = tempfile::tempdir().unwrap();

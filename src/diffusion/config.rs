@@ -187,6 +187,19 @@ pub(crate) fn require(
     }
 }
 
+/// Fails naming `norm_num_groups` unless `groups` divides every channel count.
+pub(crate) fn require_groups_divide(path: &Path, groups: usize, channels: &[usize]) -> Result<()> {
+    for &c in channels {
+        require(
+            path,
+            groups > 0 && c.is_multiple_of(groups),
+            "norm_num_groups",
+            format!("{groups} groups do not divide {c} channels"),
+        )?;
+    }
+    Ok(())
+}
+
 impl UNetConfig {
     /// Default image side in pixels is `sample_size * vae_scale_factor`.
     pub fn sample_size(&self) -> Option<usize> {

@@ -317,27 +317,13 @@ mod tests {
         Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
     }
 
+    fn max_abs(t: &Tensor) -> f32 {
+        let flat = t.abs().unwrap().flatten_all().unwrap();
+        flat.max(D::Minus1).unwrap().to_scalar().unwrap()
+    }
+
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let scale: f32 = b
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let d: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        d / scale.max(1e-6)
+        max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-6)
     }
 
     #[test]

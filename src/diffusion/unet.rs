@@ -16,7 +16,7 @@ use crate::diffusion::conv::{Conv2d, conv2d};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
-use crate::diffusion::config::{PerBlock, UNetConfig, require};
+use crate::diffusion::config::{PerBlock, UNetConfig, require, require_groups_divide};
 use crate::diffusion::unet_blocks::{
     Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, TransformerConfig, Upsample2D,
 };
@@ -224,14 +224,7 @@ impl Plan {
         let groups = cfg
             .norm_num_groups
             .ok_or_else(|| Error::model_file(path, "unsupported `norm_num_groups`: null"))?;
-        for &c in &cfg.block_out_channels {
-            require(
-                path,
-                groups > 0 && c.is_multiple_of(groups),
-                "norm_num_groups",
-                format!("{groups} groups do not divide {c} channels"),
-            )?;
-        }
+        require_groups_divide(path, groups, &cfg.block_out_channels)?;
         // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`
         // (the legacy SD configs store the head *count* under attention_head_dim).
         let (heads_key, heads) = match &cfg.num_attention_heads {

@@ -240,12 +240,7 @@ impl Attention {
             .split_heads(&self.to_k.forward(context)?)?
             .to_dtype(score_dtype)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let budget = if xs.device().is_cpu() {
-            CPU_SCORE_BLOCK_BYTES
-        } else {
-            SCORE_BLOCK_BYTES
-        };
-        let out = chunked_attention(&q, &k, &v, budget)?;
+        let out = chunked_attention(&q, &k, &v, score_budget(xs.device()))?;
         // [b, heads, n, d] -> [b, n, heads * d]
         let out = out
             .transpose(1, 2)?
@@ -259,6 +254,15 @@ impl Attention {
         xs.reshape((b, n, self.heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()
+    }
+}
+
+/// Bytes of f32 attention scores computed at once on `device`.
+pub fn score_budget(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        CPU_SCORE_BLOCK_BYTES
+    } else {
+        SCORE_BLOCK_BYTES
     }
 }
 

@@ -15,9 +15,9 @@ use std::path::Path;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
-use super::config::{VaeConfig, require};
+use super::config::{VaeConfig, require, require_groups_divide};
 use super::conv::{Conv2d, conv2d};
-use super::unet_blocks::chunked_attention;
+use super::unet_blocks::{chunked_attention, score_budget};
 
 /// diffusers builds every VAE norm with eps 1e-6.
 const EPS: f64 = 1e-6;
@@ -108,11 +108,7 @@ impl SelfAttention {
         let q = (self.to_q.forward(&tokens)? * scale)?.unsqueeze(1)?;
         let k = self.to_k.forward(&tokens)?.unsqueeze(1)?;
         let v = self.to_v.forward(&tokens)?.unsqueeze(1)?;
-        let budget = if xs.device().is_cpu() {
-            8 << 20
-        } else {
-            64 << 20
-        };
+        let budget = score_budget(xs.device());
         let out = chunked_attention(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, budget)?
             .squeeze(1)?;
         let out = self.to_out.forward(&out)?;
@@ -182,14 +178,7 @@ impl VaeDecoder {
             format!("{:?}", cfg.shift_factor),
         )?;
         let groups = cfg.norm_num_groups;
-        for &c in &cfg.block_out_channels {
-            require(
-                path,
-                groups > 0 && c.is_multiple_of(groups),
-                "norm_num_groups",
-                format!("{groups} groups do not divide {c} channels"),
-            )?;
-        }
+        require_groups_divide(path, groups, &cfg.block_out_channels)?;
         Ok(Self::build(vb, cfg)?)
     }
 

@@ -12,6 +12,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::{DType, Device, Tensor};
 use sdserve::diffusion::pipeline::{LoadOptions, StableDiffusion};
 
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
