@@ -83,7 +83,9 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match &self.cpu {
-            Some(op) if xs.device().is_cpu() && xs.dtype() == DType::F32 => {
+            Some(op)
+                if xs.device().is_cpu() && xs.dtype() == DType::F32 && !super::plain_kernels() =>
+            {
                 // Loaded weights are contiguous already; this is then free.
                 let w = self.candle.weight().contiguous()?;
                 xs.contiguous()?.apply_op2_no_bwd(&w, op)

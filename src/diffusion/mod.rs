@@ -6,6 +6,7 @@ pub mod conv;
 pub mod hub;
 pub mod image;
 pub mod latents;
+pub mod norm;
 pub mod pipeline;
 pub mod schedulers;
 pub mod tokenizer;
@@ -13,3 +14,14 @@ pub mod unet;
 pub mod unet_blocks;
 pub mod vae;
 pub mod weights;
+
+/// True when `SDSERVE_PLAIN_KERNELS=1`: the CPU convolution and GroupNorm
+/// kernels of [`conv`] and [`norm`] step aside for candle's own, for A/B
+/// benchmarks in one binary and as a fallback if they misbehave.
+pub fn plain_kernels() -> bool {
+    static PLAIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PLAIN.get_or_init(|| {
+        std::env::var("SDSERVE_PLAIN_KERNELS")
+            .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+    })
+}

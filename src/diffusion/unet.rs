@@ -13,8 +13,9 @@
 use std::path::Path;
 
 use crate::diffusion::conv::{Conv2d, conv2d};
+use crate::diffusion::norm::{GroupNorm, group_norm};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use crate::diffusion::config::{PerBlock, UNetConfig, require, require_groups_divide};
 use crate::diffusion::unet_blocks::{
@@ -513,8 +514,7 @@ impl UNet2DConditionModel {
             });
         }
 
-        let conv_norm_out =
-            candle_nn::group_norm(plan.groups, c0, cfg.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = group_norm(plan.groups, c0, cfg.norm_eps, vb.pp("conv_norm_out"))?;
         let conv_out = conv2d(
             c0,
             cfg.out_channels,
@@ -612,7 +612,7 @@ impl UNet2DConditionModel {
             xs = block.forward(&xs, own, &temb_act, &context, upsample_size)?;
         }
         // 6. post-process
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -18,8 +18,9 @@
 //! else is requested. Construction does no tensor arithmetic (weights are only viewed).
 
 use crate::diffusion::conv::{Conv2d, conv2d};
+use crate::diffusion::norm::{GroupNorm, group_norm};
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 /// Upper bound, in bytes, of one block of f32 attention scores on a GPU: queries are
 /// processed in chunks of rows so that `batch × heads × rows × keys × 4` stays below it.
@@ -67,11 +68,11 @@ impl ResnetBlock2D {
             padding: 1,
             ..Default::default()
         };
-        let norm1 = candle_nn::group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
+        let norm1 = group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
         let conv1 = conv2d(in_channels, out_channels, 3, conv3, vb.pp("conv1"))?;
         let time_emb_proj =
             candle_nn::linear(cfg.temb_channels, out_channels, vb.pp("time_emb_proj"))?;
-        let norm2 = candle_nn::group_norm(cfg.groups, out_channels, cfg.eps, vb.pp("norm2"))?;
+        let norm2 = group_norm(cfg.groups, out_channels, cfg.eps, vb.pp("norm2"))?;
         let conv2 = conv2d(out_channels, out_channels, 3, conv3, vb.pp("conv2"))?;
         // `use_in_shortcut = in_channels != conv_2d_out_channels`, 1x1 with bias.
         let conv_shortcut = if in_channels != out_channels {
@@ -99,11 +100,11 @@ impl ResnetBlock2D {
     /// `temb_act` is `SiLU(temb)` (`[1 or batch, temb_channels]`): every resnet applies
     /// the same nonlinearity to the same embedding, so the UNet does it once.
     pub fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let t = self.time_emb_proj.forward(temb_act)?;
         let (tb, tc) = t.dims2()?;
         let h = h.broadcast_add(&t.reshape((tb, tc, 1, 1))?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
@@ -430,7 +431,7 @@ impl Transformer2D {
         // `Transformer2DModel(num_attention_heads, out_channels // num_attention_heads, ...)`
         let head_dim = channels / cfg.heads;
         let inner = cfg.heads * head_dim;
-        let norm = candle_nn::group_norm(cfg.groups, channels, 1e-6, vb.pp("norm"))?;
+        let norm = group_norm(cfg.groups, channels, 1e-6, vb.pp("norm"))?;
         let (w, b) = pointwise(vb.pp("proj_in"), channels, inner, cfg.linear_projection)?;
         let proj_in = Linear::new(w, Some(b));
         let blocks = (0..cfg.layers)

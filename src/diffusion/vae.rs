@@ -13,10 +13,11 @@
 use std::path::Path;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use super::config::{VaeConfig, require, require_groups_divide};
 use super::conv::{Conv2d, conv2d};
+use super::norm::{GroupNorm, group_norm};
 use super::unet_blocks::{chunked_attention, score_budget};
 
 /// diffusers builds every VAE norm with eps 1e-6.
@@ -43,9 +44,9 @@ struct Resnet {
 impl Resnet {
     fn new(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<Self> {
         Ok(Self {
-            norm1: candle_nn::group_norm(groups, c_in, EPS, vb.pp("norm1"))?,
+            norm1: group_norm(groups, c_in, EPS, vb.pp("norm1"))?,
             conv1: conv3(c_in, c_out, vb.pp("conv1"))?,
-            norm2: candle_nn::group_norm(groups, c_out, EPS, vb.pp("norm2"))?,
+            norm2: group_norm(groups, c_out, EPS, vb.pp("norm2"))?,
             conv2: conv3(c_out, c_out, vb.pp("conv2"))?,
             shortcut: if c_in == c_out {
                 None
@@ -62,8 +63,8 @@ impl Resnet {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.shortcut {
             Some(c) => c.forward(xs)? + h,
             None => xs + h,
@@ -86,7 +87,7 @@ impl SelfAttention {
     fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
         let lin = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
         Ok(Self {
-            norm: candle_nn::group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
+            norm: group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
             to_q: lin("to_q")?,
             to_k: lin("to_k")?,
             to_v: lin("to_v")?,
@@ -234,7 +235,7 @@ impl VaeDecoder {
             mid_resnets,
             mid_attention,
             up_blocks,
-            norm_out: candle_nn::group_norm(groups, first, EPS, vb.pp("conv_norm_out"))?,
+            norm_out: group_norm(groups, first, EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv3(first, cfg.out_channels, vb.pp("conv_out"))?,
         })
     }
@@ -254,7 +255,7 @@ impl VaeDecoder {
         for b in &self.up_blocks {
             xs = b.forward(&xs)?;
         }
-        let xs = self.norm_out.forward(&xs)?.silu()?;
+        let xs = self.norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
