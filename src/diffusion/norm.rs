@@ -107,7 +107,7 @@ impl CustomOp3 for FusedGroupNorm {
         let bias = slice(s3, l3, "bias")?;
         let dims = l1.shape().dims();
         let c = dims[1];
-        if c % self.groups != 0 || weight.len() != c || bias.len() != c {
+        if !c.is_multiple_of(self.groups) || weight.len() != c || bias.len() != c {
             candle_core::bail!(
                 "group_norm: {c} channels, {} groups, {} weights",
                 self.groups,
