@@ -1,8 +1,8 @@
 //! Compatible queued jobs run as one UNet batch, and every image is the same
 //! as when its job runs alone (per-image seeds; rows never mix) up to float
-//! rounding: some candle CPU kernels round differently once the batch grows
-//! past 2 rows (UNet outputs ~7e-7 apart at 4 rows vs 2; 2 vs 1 is exact),
-//! far below one 8-bit level (3.9e-3).
+//! rounding: gemm kernels round differently once the batch grows past 2 rows
+//! (UNet outputs ~7e-7 apart at 4 rows vs 2; 2 vs 1 is exact; images up to
+//! 2.5e-5 apart with the AVX-512 kernels), far below one 8-bit level (3.9e-3).
 
 mod common;
 
@@ -121,7 +121,7 @@ fn queued_compatible_jobs_share_a_batch_and_images_do_not_change() {
                 )
                 .await;
                 let d = max_diff(&out.images, &solo.images);
-                assert!(d <= 2e-5, "{scheduler} {p}: batched vs alone differ by {d}");
+                assert!(d <= 1e-4, "{scheduler} {p}: batched vs alone differ by {d}");
             }
         }
     });
