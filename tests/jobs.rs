@@ -615,7 +615,8 @@ fn servers_recovering_the_same_storage_do_not_redo_finished_jobs() {
     a.kill();
 
     // Both B and C re-queue both jobs (so nothing is lost whichever survives);
-    // B, well ahead, finishes the short one before C gets to it.
+    // B, well ahead, finishes the short one before C gets to it, and C drops it
+    // as it starts (or, if C never saw it start, discards its result at the end).
     let b = Server::start(&args, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while status(&b, &long)["step"].as_u64().unwrap_or(0) < 150 {

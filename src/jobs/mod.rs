@@ -364,7 +364,13 @@ impl Jobs {
                         false => None,
                     };
                     let record = match record {
-                        Some(done) => done,
+                        Some(done) => {
+                            tracing::info!(
+                                image_id = id,
+                                "already finished by another server; this run's result discarded"
+                            );
+                            done
+                        }
                         None => {
                             let record = entry.view.borrow().record.clone();
                             self.finish(record, final_status).await
