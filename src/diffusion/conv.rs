@@ -14,6 +14,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use super::contiguous_f32;
+
 /// Target size of one unfolded tile (bytes).
 const TILE_BYTES: usize = 2 << 20;
 
@@ -222,13 +224,6 @@ impl CpuConv {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("conv2d: {what} must be contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
 impl CustomOp2 for CpuConv {
     fn name(&self) -> &'static str {
         "sdserve-conv2d"
@@ -241,8 +236,8 @@ impl CustomOp2 for CpuConv {
         w_storage: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, "input")?;
-        let weight = contiguous_f32(w_storage, w_layout, "weight")?;
+        let x = contiguous_f32(storage, layout, "conv2d", "input")?;
+        let weight = contiguous_f32(w_storage, w_layout, "conv2d", "weight")?;
         if w_layout.shape().dims() != [self.c_out, self.c_in, self.kh, self.kw] {
             candle_core::bail!("conv2d: weight shape {:?} changed", w_layout.shape());
         }

@@ -25,3 +25,17 @@ pub fn plain_kernels() -> bool {
             .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
     })
 }
+
+/// The f32 values a CPU custom op's operand covers, which must be contiguous;
+/// `op` and `what` name the op and operand in the error.
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}

@@ -12,6 +12,10 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::contiguous_f32;
+
+const OP: &str = "group_norm";
+
 /// A GroupNorm layer; built by [`group_norm`] like `candle_nn::group_norm`.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -65,6 +69,21 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// `group_norm(xs)` for `xs` `[b, c, h, w]` as contiguous tokens `[b, h*w, c]`
+    /// (diffusers' `permute(0, 2, 3, 1).reshape(b, h*w, c)`): one copy, so the
+    /// matmuls that follow see plain row-major input (a transposed view would take
+    /// candle 0.11's CPU matmul down a path that mis-strides transposed inputs
+    /// against a batch-broadcast weight).
+    pub fn forward_tokens(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        self.forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if self.fast(xs) {
@@ -81,13 +100,6 @@ struct FusedGroupNorm {
     silu: bool,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("group_norm: {what} must be contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
 impl CustomOp3 for FusedGroupNorm {
     fn name(&self) -> &'static str {
         "sdserve-group-norm"
@@ -102,9 +114,9 @@ impl CustomOp3 for FusedGroupNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "input")?;
-        let weight = slice(s2, l2, "weight")?;
-        let bias = slice(s3, l3, "bias")?;
+        let x = contiguous_f32(s1, l1, OP, "input")?;
+        let weight = contiguous_f32(s2, l2, OP, "weight")?;
+        let bias = contiguous_f32(s3, l3, OP, "bias")?;
         let dims = l1.shape().dims();
         let c = dims[1];
         if !c.is_multiple_of(self.groups) || weight.len() != c || bias.len() != c {

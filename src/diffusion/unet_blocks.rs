@@ -460,15 +460,7 @@ impl Transformer2D {
     /// `xs`: `[b, c, h, w]`; `context`: the text embeddings `[b, tokens, cross_dim]`.
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        // permute(0, 2, 3, 1).reshape(b, h*w, c): one copy, then a plain row-major matmul.
-        // (A transposed view would take candle 0.11's CPU matmul down a path that
-        // mis-strides transposed inputs against a batch-broadcast weight.)
-        let tokens = self
-            .norm
-            .forward(xs)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let tokens = self.norm.forward_tokens(xs)?;
         let mut tokens = self.proj_in.forward(&tokens)?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;

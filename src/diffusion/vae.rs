@@ -98,13 +98,7 @@ impl SelfAttention {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        // [b, c, h, w] -> [b, h*w, c] tokens (contiguous: see candle's batched-matmul caveat).
-        let tokens = self
-            .norm
-            .forward(xs)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let tokens = self.norm.forward_tokens(xs)?;
         let scale = 1.0 / (self.channels as f64).sqrt();
         let q = (self.to_q.forward(&tokens)? * scale)?.unsqueeze(1)?;
         let k = self.to_k.forward(&tokens)?.unsqueeze(1)?;
