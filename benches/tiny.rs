@@ -66,6 +66,61 @@ fn scheduler_step(c: &mut Criterion) {
     g.finish();
 }
 
+/// Attention alone on SD 1.5's shapes at 512 px (CFG batch of 2, 8 heads): the fused
+/// kernel `sdserve::diffusion::attention::attention` against the candle path it
+/// replaced on the CPU (split heads, `chunked_attention` with the 8 MiB score
+/// budget, merge heads), same inputs.
+fn attention(c: &mut Criterion) {
+    use sdserve::diffusion::attention::{CPU_SCORE_BLOCK_BYTES, attention, chunked_attention};
+    let mut g = c.benchmark_group("attention");
+    common::slow(&mut g);
+    let fixed = |dims: (usize, usize, usize), salt: f32| {
+        let n = dims.0 * dims.1 * dims.2;
+        let data: Vec<f32> = (0..n)
+            .map(|i| (i as f32 * 0.7137 + salt).sin() * 1.7)
+            .collect();
+        Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
+    };
+    let heads = 8;
+    // (name, query tokens, key tokens, channels): self-attention at 64x64 and 32x32
+    // latents, cross-attention on the 77 text tokens at 64x64.
+    for (name, n, m, c) in [
+        ("self_4096x320", 4096, 4096, 320),
+        ("self_1024x640", 1024, 1024, 640),
+        ("cross_4096x320", 4096, 77, 320),
+    ] {
+        let q = fixed((2, n, c), 0.1);
+        let k = fixed((2, m, c), 0.2);
+        let v = fixed((2, m, c), 0.3);
+        let scale = 1.0 / ((c / heads) as f64).sqrt();
+        g.bench_function(BenchmarkId::new("fused", name), |b| {
+            b.iter(|| attention(black_box(&q), &k, &v, heads, scale, false).unwrap())
+        });
+        let split = |t: &Tensor| {
+            let (b, n, c) = t.dims3().unwrap();
+            t.reshape((b, n, heads, c / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        g.bench_function(BenchmarkId::new("chunked", name), |b| {
+            b.iter(|| {
+                let out = chunked_attention(
+                    &(split(black_box(&q)) * scale).unwrap(),
+                    &split(&k),
+                    &split(&v),
+                    CPU_SCORE_BLOCK_BYTES,
+                )
+                .unwrap();
+                out.transpose(1, 2).unwrap().reshape((2, n, c)).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
 fn png_encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("png_encode");
     common::quick(&mut g);
@@ -99,5 +154,5 @@ fn png_encode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, model_stages, scheduler_step, png_encode);
+criterion_group!(benches, model_stages, scheduler_step, attention, png_encode);
 criterion_main!(benches);

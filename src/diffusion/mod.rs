@@ -1,5 +1,6 @@
 //! Stable Diffusion on candle: model loading, text encoding, denoising, decoding.
 
+pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod conv;

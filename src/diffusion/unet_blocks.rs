@@ -11,25 +11,17 @@
 //!   Transformer"): `models/attention.py` and `models/activations.py` `GEGLU`, which uses
 //!   the exact erf GELU (`F.gelu`);
 //! - [`Attention`]: `models/attention_processor.py` `Attention` run by `AttnProcessor2_0`
-//!   (scaled dot-product attention, Vaswani et al. 2017), computed in query chunks so the
-//!   score matrix stays bounded, with an exact softmax per query row.
+//!   (scaled dot-product attention, Vaswani et al. 2017), computed by
+//!   [`super::attention`] without ever holding the whole score matrix.
 //!
 //! Every tensor is requested under diffusers' `state_dict` name and shape, and nothing
 //! else is requested. Construction does no tensor arithmetic (weights are only viewed).
 
+use crate::diffusion::attention::attention;
 use crate::diffusion::conv::{Conv2d, conv2d};
 use crate::diffusion::norm::{GroupNorm, group_norm};
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
-
-/// Upper bound, in bytes, of one block of f32 attention scores on a GPU: queries are
-/// processed in chunks of rows so that `batch × heads × rows × keys × 4` stays below it.
-pub const SCORE_BLOCK_BYTES: usize = 64 << 20;
-
-/// The same bound on the CPU, where the block is written by `q·kᵀ`, rewritten by the
-/// softmax and read by `probs·v`: a block that stays in cache made a 4096-token attention
-/// about twice as fast as a 64 MB one (2-core EPYC, 32 MB L3).
-pub const CPU_SCORE_BLOCK_BYTES: usize = 8 << 20;
 
 /// Normalisation and time-embedding settings shared by a UNet block's resnets.
 #[derive(Debug, Clone, Copy)]
@@ -223,72 +215,17 @@ impl Attention {
     /// `xs`: `[batch, tokens, query_dim]`; `context`: `[batch, ctx_tokens, cross_dim]`,
     /// `None` for self-attention.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let (b, n, _) = xs.dims3()?;
         let context = context.unwrap_or(xs);
-        let dtype = xs.dtype();
-        let score_dtype = if self.upcast && matches!(dtype, DType::F16 | DType::BF16) {
-            DType::F32
-        } else {
-            dtype
-        };
         let scale = (self.head_dim as f64).powf(-0.5);
-        // The scale is folded into q (N·d multiplications instead of N·M).
-        let q = (self
-            .split_heads(&self.to_q.forward(xs)?)?
-            .to_dtype(score_dtype)?
-            * scale)?;
-        let k = self
-            .split_heads(&self.to_k.forward(context)?)?
-            .to_dtype(score_dtype)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let out = chunked_attention(&q, &k, &v, score_budget(xs.device()))?;
-        // [b, heads, n, d] -> [b, n, heads * d]
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.head_dim))?;
+        let out = attention(
+            &self.to_q.forward(xs)?,
+            &self.to_k.forward(context)?,
+            &self.to_v.forward(context)?,
+            self.heads,
+            scale,
+            self.upcast,
+        )?;
         self.to_out.forward(&out)
-    }
-
-    /// `[b, n, heads * d]` -> contiguous `[b, heads, n, d]`.
-    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = xs.dims3()?;
-        xs.reshape((b, n, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-}
-
-/// Bytes of f32 attention scores computed at once on `device`.
-pub fn score_budget(device: &candle_core::Device) -> usize {
-    if device.is_cpu() {
-        CPU_SCORE_BLOCK_BYTES
-    } else {
-        SCORE_BLOCK_BYTES
-    }
-}
-
-/// `softmax(q kᵀ) v` for `q: [b, h, n, d]` (already scaled), `k, v: [b, h, m, d]`, all
-/// contiguous. Query rows are processed in chunks whose f32 scores fit in `budget` bytes;
-/// each row's softmax sees all of its keys, so the result is the unchunked one (up to the
-/// matmul kernel's blocking, a few ulps).
-/// The scores are computed in `q`'s dtype, the softmax in f32, and `probs · v` in `v`'s.
-pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, budget: usize) -> Result<Tensor> {
-    let (b, h, n, _) = q.dims4()?;
-    let m = k.dim(2)?;
-    let row_bytes = (b * h * m * DType::F32.size_in_bytes()).max(1);
-    let rows = (budget / row_bytes).clamp(1, n.max(1));
-    let kt = k.t()?;
-    let mut chunks = Vec::with_capacity(n.div_ceil(rows));
-    for start in (0..n).step_by(rows) {
-        let len = rows.min(n - start);
-        let scores = q.narrow(2, start, len)?.matmul(&kt)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
-        chunks.push(probs.to_dtype(v.dtype())?.matmul(v)?);
-    }
-    if chunks.len() == 1 {
-        Ok(chunks.remove(0))
-    } else {
-        Tensor::cat(&chunks, 2)
     }
 }
 
@@ -491,47 +428,6 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
-    }
-
-    #[test]
-    fn chunked_attention_equals_one_block() {
-        // Fixed pseudo-random inputs in [-2, 2): the CPU device can't be seeded, and
-        // rounding differences between kernel blockings depend on the values.
-        let fixed = |dims: (usize, usize, usize, usize), salt: f32| {
-            let n = dims.0 * dims.1 * dims.2 * dims.3;
-            let data: Vec<f32> = (0..n)
-                .map(|i| ((i as f32 * 12.9898 + salt).sin() * 43758.547).fract() * 4.0 - 2.0)
-                .collect();
-            Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
-        };
-        let q = fixed((2, 3, 37, 8), 0.1);
-        let k = fixed((2, 3, 11, 8), 0.2);
-        let v = fixed((2, 3, 11, 8), 0.3);
-        // Reference: plain softmax(q kᵀ) v in f64.
-        let f64_ = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
-        let probs =
-            candle_nn::ops::softmax_last_dim(&f64_(&q).matmul(&f64_(&k).t().unwrap()).unwrap())
-                .unwrap();
-        let want = probs
-            .matmul(&f64_(&v))
-            .unwrap()
-            .to_dtype(candle_core::DType::F32)
-            .unwrap();
-        // Scores reach |32| here, so f32 rounding of q·k moves outputs by ~1e-5;
-        // chunking must stay within that, whatever the chunk size.
-        let tolerance = 3e-5;
-        let whole = chunked_attention(&q, &k, &v, usize::MAX).unwrap();
-        let d = max_diff(&whole, &want);
-        assert!(d < tolerance, "one block vs f64: {d}");
-        // 5 rows per chunk (2*3*11*4 bytes a row): 8 chunks, the last one short.
-        let chunked = chunked_attention(&q, &k, &v, 2 * 3 * 11 * 4 * 5).unwrap();
-        assert_eq!(chunked.dims(), &[2, 3, 37, 8]);
-        let d = max_diff(&chunked, &want);
-        assert!(d < tolerance, "chunked vs f64: {d}");
-        // A budget below one row still makes progress, one row at a time.
-        let rows = chunked_attention(&q, &k, &v, 1).unwrap();
-        let d = max_diff(&rows, &want);
-        assert!(d < tolerance, "row by row vs f64: {d}");
     }
 
     #[test]

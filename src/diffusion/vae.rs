@@ -15,10 +15,10 @@ use std::path::Path;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
+use super::attention::attention;
 use super::config::{VaeConfig, require, require_groups_divide};
 use super::conv::{Conv2d, conv2d};
 use super::norm::{GroupNorm, group_norm};
-use super::unet_blocks::{chunked_attention, score_budget};
 
 /// diffusers builds every VAE norm with eps 1e-6.
 const EPS: f64 = 1e-6;
@@ -100,12 +100,10 @@ impl SelfAttention {
         let (b, c, h, w) = xs.dims4()?;
         let tokens = self.norm.forward_tokens(xs)?;
         let scale = 1.0 / (self.channels as f64).sqrt();
-        let q = (self.to_q.forward(&tokens)? * scale)?.unsqueeze(1)?;
-        let k = self.to_k.forward(&tokens)?.unsqueeze(1)?;
-        let v = self.to_v.forward(&tokens)?.unsqueeze(1)?;
-        let budget = score_budget(xs.device());
-        let out = chunked_attention(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, budget)?
-            .squeeze(1)?;
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(&tokens)?;
+        let v = self.to_v.forward(&tokens)?;
+        let out = attention(&q, &k, &v, 1, scale, false)?;
         let out = self.to_out.forward(&out)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         xs + out
