@@ -12,7 +12,6 @@ Run: python -m pytest deploy/sagemaker -q
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import socket
@@ -30,11 +29,8 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "sdserve_sagemaker.py"
 TINY_SD = HERE.parent.parent / "tests" / "fixtures" / "tiny-sd1"
 
-spec = importlib.util.spec_from_file_location("sdserve_sagemaker", SCRIPT)
-sm_cli = importlib.util.module_from_spec(spec)
-assert spec.loader is not None
-sys.modules["sdserve_sagemaker"] = sm_cli
-spec.loader.exec_module(sm_cli)
+sys.path.insert(0, str(HERE))
+import sdserve_sagemaker as sm_cli  # noqa: E402  (the package beside SCRIPT)
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
