@@ -299,6 +299,17 @@ fn bad_inputs_name_the_flag() {
         "lists the choices"
     );
     assert_bad_flag(with(&["--guidance", "NaN"]), "--guidance");
+    // No GPU here (CI): the message says why and what to do.
+    let o = with(&["--device", "cuda"]);
+    assert_bad_flag(o, "--device");
+    let err = stderr(&with(&["--device", "cuda"]));
+    let why = if cfg!(feature = "cuda") {
+        "--device cpu"
+    } else {
+        "no CUDA support"
+    };
+    assert!(err.contains(why), "{err}");
+    assert_bad_flag(with(&["--device", "tpu"]), "--device");
     assert_bad_flag(with(&["--num-images", "0"]), "--num-images");
     assert_bad_flag(
         with(&["--scheduler-option", "timestep_spacng=trailing"]),

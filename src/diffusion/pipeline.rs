@@ -525,6 +525,11 @@ fn device_name(device: &Device) -> String {
     }
 }
 
+/// The first line of `e`: candle appends a backtrace when `RUST_BACKTRACE` is set.
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 /// Picks the compute device by name: `cpu`, `cuda[:N]`, `metal[:N]`.
 pub fn device_from_name(name: &str) -> Result<Device> {
     let (kind, ordinal) = match name.split_once(':') {
@@ -538,15 +543,25 @@ pub fn device_from_name(name: &str) -> Result<Device> {
     match kind {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Device::new_cuda(ordinal).map_err(|e| {
+            let hint = if cfg!(feature = "cuda") {
+                "no usable NVIDIA GPU or driver; `--device cpu` runs without one"
+            } else {
+                "this build has no CUDA support: build with `--features cuda` (deploy/build-cuda.sh)"
+            };
             Error::invalid(
                 "device",
-                format!("cannot open cuda:{ordinal}: {e} (built with --features cuda?)"),
+                format!("cannot open cuda:{ordinal}: {} ({hint})", first_line(&e)),
             )
         }),
         "metal" => Device::new_metal(ordinal).map_err(|e| {
+            let hint = if cfg!(feature = "metal") {
+                "no usable Metal GPU; `--device cpu` runs without one"
+            } else {
+                "this build has no Metal support: build with `--features metal`"
+            };
             Error::invalid(
                 "device",
-                format!("cannot open metal:{ordinal}: {e} (built with --features metal?)"),
+                format!("cannot open metal:{ordinal}: {} ({hint})", first_line(&e)),
             )
         }),
         other => Err(Error::invalid(
