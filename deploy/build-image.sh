@@ -2,12 +2,12 @@
 # Builds the sdserve image (deploy/Dockerfile) from a binary built beforehand.
 #
 #   deploy/build-image.sh --binary target/release/sdserve --variant cpu --tag sdserve:cpu
-#   deploy/build-image.sh --binary target/release/sdserve --variant cuda --tag sdserve:cuda
+#   deploy/build-image.sh --binary target/cuda12/release/sdserve --variant cuda --tag sdserve:cuda
 #
-#   --binary PATH   the sdserve executable (required); `cargo build --release`, with
-#                   `--features cuda` for the cuda variant (deploy/README.md)
+#   --binary PATH   the sdserve executable (required): `cargo build --release` for cpu,
+#                   deploy/build-cuda.sh for cuda (deploy/README.md)
 #   --variant V     cpu: base sdserve-base:bookworm, built by deploy/build-base-image.sh
-#                   when missing; cuda (default): base nvidia/cuda:11.8.0-runtime-ubuntu22.04
+#                   when missing; cuda (default): base nvidia/cuda:12.9.1-runtime-ubuntu22.04
 #   --tag TAG       image tag (default sdserve:VARIANT)
 #   --base IMAGE    another base image (must match the binary: glibc, CUDA version)
 #   --model DIR     bake a diffusers folder into /opt/ml/model (symlinks followed);
@@ -36,7 +36,7 @@ die() { echo "error: $*" >&2; exit 2; }
 if ! [ -f "$binary" ] || ! [ -x "$binary" ]; then die "--binary $binary: not an executable file"; fi
 case "$variant" in
   cpu) device=cpu; base=${base:-sdserve-base:bookworm} ;;
-  cuda) device=cuda; base=${base:-nvidia/cuda:11.8.0-runtime-ubuntu22.04} ;;
+  cuda) device=cuda; base=${base:-nvidia/cuda:12.9.1-runtime-ubuntu22.04} ;;
   *) die "--variant must be cpu or cuda, not $variant" ;;
 esac
 tag=${tag:-sdserve:$variant}
@@ -48,7 +48,7 @@ fi
 if command -v readelf >/dev/null; then
   if readelf -d "$binary" | grep -q 'NEEDED.*libcublas'; then linked=cuda; else linked=cpu; fi
   [ "$linked" = "$variant" ] ||
-    die "$binary is a $linked build but --variant is $variant (cuda needs cargo build --features cuda)"
+    die "$binary is a $linked build but --variant is $variant (a cuda binary comes from deploy/build-cuda.sh)"
 fi
 
 if [ "$variant" = cpu ] && [ "$base" = sdserve-base:bookworm ]; then
