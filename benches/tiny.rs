@@ -66,7 +66,7 @@ fn scheduler_step(c: &mut Criterion) {
     g.finish();
 }
 
-/// Attention alone on SD 1.5's shapes at 512 px (CFG batch of 2, 8 heads): the fused
+/// Attention alone on SD 1.5's shapes at 512 px: the fused
 /// kernel `sdserve::diffusion::attention::attention` against the candle path it
 /// replaced on the CPU (split heads, `chunked_attention` with the 8 MiB score
 /// budget, merge heads), same inputs.
@@ -81,17 +81,19 @@ fn attention(c: &mut Criterion) {
             .collect();
         Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
     };
-    let heads = 8;
-    // (name, query tokens, key tokens, channels): self-attention at 64x64 and 32x32
-    // latents, cross-attention on the 77 text tokens at 64x64.
-    for (name, n, m, c) in [
-        ("self_4096x320", 4096, 4096, 320),
-        ("self_1024x640", 1024, 1024, 640),
-        ("cross_4096x320", 4096, 77, 320),
+    // (name, batch, query tokens, key tokens, channels, heads): the UNet's
+    // self-attention at 64x64 and 32x32 latents and cross-attention on the 77 text
+    // tokens at 64x64 (CFG batch of 2, 8 heads), and the VAE's mid-block attention
+    // at 512 px (one image, one head of 512).
+    for (name, batch, n, m, c, heads) in [
+        ("self_4096x320", 2, 4096, 4096, 320, 8),
+        ("self_1024x640", 2, 1024, 1024, 640, 8),
+        ("cross_4096x320", 2, 4096, 77, 320, 8),
+        ("vae_4096x512", 1, 4096, 4096, 512, 1),
     ] {
-        let q = fixed((2, n, c), 0.1);
-        let k = fixed((2, m, c), 0.2);
-        let v = fixed((2, m, c), 0.3);
+        let q = fixed((batch, n, c), 0.1);
+        let k = fixed((batch, m, c), 0.2);
+        let v = fixed((batch, m, c), 0.3);
         let scale = 1.0 / ((c / heads) as f64).sqrt();
         g.bench_function(BenchmarkId::new("fused", name), |b| {
             b.iter(|| attention(black_box(&q), &k, &v, heads, scale, false).unwrap())
@@ -114,7 +116,7 @@ fn attention(c: &mut Criterion) {
                     CPU_SCORE_BLOCK_BYTES,
                 )
                 .unwrap();
-                out.transpose(1, 2).unwrap().reshape((2, n, c)).unwrap()
+                out.transpose(1, 2).unwrap().reshape((batch, n, c)).unwrap()
             })
         });
     }
