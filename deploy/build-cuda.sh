@@ -24,7 +24,7 @@
 # CUDA libraries to link against are NVIDIA's wheels from PyPI, pinned below and cached
 # under target/cuda-libs/), and the driver library libcuda.so.1 to link against (on a
 # machine without a GPU: Debian's libcuda1, which nvidia-cuda-toolkit installs).
-# No GPU is needed to build. About 16 minutes on 2 cores.
+# No GPU is needed to build. About 10 minutes on 2 cores, plus ~1 GB of wheels the first time.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -54,17 +54,20 @@ case "$cuda" in
     ;;
   *) die "--cuda must be 12 or 13, not $cuda" ;;
 esac
-[[ "$cap" =~ ^[0-9]+$ ]] && ((cap >= 80)) || die "--compute-cap must be a number >= 80 (candle's kernels need bf16), not $cap"
-target_dir=${target_dir:-$root/target/cuda$cuda}
+[[ "$cap" =~ ^[1-9][0-9]*$ ]] && ((cap >= 80)) || die "--compute-cap must be a number >= 80 (candle's kernels need bf16), not $cap"
+target_dir=$(realpath -m "${target_dir:-$root/target/cuda$cuda}")
 
 command -v nvcc >/dev/null || die "nvcc not found: install a CUDA toolkit (Debian 12: add the non-free component, then apt-get install nvidia-cuda-toolkit; deploy/README.md)"
-driver=$(ldconfig -p | awk '/libcuda\.so\.1 .*x86-64/ {print $NF; exit}')
+# ldconfig is in /sbin, often not on a user's PATH; awk reads all of its output
+# (exiting early would SIGPIPE ldconfig and, under pipefail, end the script).
+driver=$(PATH=$PATH:/sbin:/usr/sbin ldconfig -p | awk '/libcuda\.so\.1 .*x86-64/ && !p {p = $NF} END {print p}')
 [ -n "$driver" ] || die "libcuda.so.1 not found (the NVIDIA driver library; on a machine without a GPU install Debian's libcuda1)"
 
 # The libraries to link against, from NVIDIA's wheels (zip files: the .so files are
 # under nvidia/<component>/lib/, with versioned names only).
+# The cache is keyed by the pins: changing a version re-downloads.
 libs=$root/target/cuda-libs/cu$cuda
-if ! [ -f "$libs/.complete" ]; then
+if [ "$(cat "$libs/.complete" 2>/dev/null)" != "${wheels[*]}" ]; then
   rm -rf "$libs" && mkdir -p "$libs/wheels"
   python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$libs/wheels" \
     --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 \
@@ -81,7 +84,7 @@ with zipfile.ZipFile(wheel) as z:
 EOF
   done
   rm -rf "$libs/wheels"
-  touch "$libs/.complete"
+  echo "${wheels[*]}" > "$libs/.complete"
 fi
 # Unversioned names for the linker (-lcublas ...), and the driver.
 for so in "${sonames[@]}"; do
@@ -103,7 +106,7 @@ CUDARC_CUDA_VERSION=$cudarc_version CUDA_COMPUTE_CAP=$cap \
 bin=$target_dir/release/sdserve
 needed=$(readelf -d "$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p')
 for so in "${sonames[@]}" libcuda.so.1; do
-  grep -qx "$so" <<<"$needed" || die "$bin does not link $so; it needs: $(tr '\n' ' ' <<<"$needed")"
+  grep -qxF "$so" <<<"$needed" || die "$bin does not link $so; it needs: $(tr '\n' ' ' <<<"$needed")"
 done
 if grep -E '^lib(cublas|cublasLt|curand|cudart|nvrtc)\.so\.' <<<"$needed" | grep -vxF -f <(printf '%s\n' "${sonames[@]}") >/dev/null; then
   die "$bin links other CUDA versions too: $(tr '\n' ' ' <<<"$needed")"

@@ -182,21 +182,26 @@ impl SafetensorsReader {
                 let e: HeaderEntry = serde_json::from_value(value)
                     .map_err(|e| bad(format!("tensor {name}: {e}")))?;
                 let (begin, end) = e.data_offsets;
-                let elements: usize = e.shape.iter().product();
-                let expected = elements * e.dtype.bitsize() / 8;
-                if end < begin || end - begin != expected {
+                // Sizes and offsets come from the file: checked, never wrapped.
+                let expected = e
+                    .shape
+                    .iter()
+                    .try_fold(e.dtype.bitsize(), |acc, &d| acc.checked_mul(d))
+                    .map(|bits| bits.div_ceil(8));
+                let Some(expected) = expected.filter(|&n| end.checked_sub(begin) == Some(n)) else {
                     return Err(bad(format!(
-                        "tensor {name}: {} bytes for {:?} {:?}",
-                        end.saturating_sub(begin),
-                        e.dtype,
-                        e.shape
+                        "tensor {name}: bytes {begin}..{end} for {:?} {:?}",
+                        e.dtype, e.shape
+                    )));
+                };
+                let file_end = (end as u64).checked_add(data_start);
+                if file_end.is_none_or(|file_end| file_end > file_len) {
+                    return Err(bad(format!(
+                        "tensor {name} ends past the end of the {file_len}-byte file"
                     )));
                 }
-                if data_start + end as u64 > file_len {
-                    return Err(bad(format!(
-                        "tensor {name} ends at byte {} of a {file_len}-byte file",
-                        data_start + end as u64
-                    )));
+                if index.contains_key(&name) {
+                    return Err(bad(format!("tensor {name} is also in an earlier file")));
                 }
                 let entry = Entry {
                     file: i,
@@ -401,11 +406,30 @@ mod tests {
                 "{err}"
             );
         };
-        corrupt(&bytes[..bytes.len() - 2], "ends at byte");
+        corrupt(&bytes[..bytes.len() - 2], "ends past the end");
         corrupt(&bytes[..5], "no header");
         let mut huge = bytes.clone();
         huge[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
         corrupt(&huge, "header of");
+        // Header values chosen to overflow size and offset arithmetic.
+        let with_header = |json: &str| {
+            let mut data = (json.len() as u64).to_le_bytes().to_vec();
+            data.extend_from_slice(json.as_bytes());
+            data.extend_from_slice(&[0u8; 16]);
+            data
+        };
+        corrupt(
+            &with_header(
+                r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#,
+            ),
+            "bytes 0..0",
+        );
+        corrupt(
+            &with_header(
+                r#"{"w":{"dtype":"F32","shape":[],"data_offsets":[18446744073709551611,18446744073709551615]}}"#,
+            ),
+            "ends past the end",
+        );
         let mut garbled = bytes.clone();
         garbled[8] = b'!';
         corrupt(&garbled, "header:");
