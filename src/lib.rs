@@ -10,6 +10,7 @@
 //! - [`http`]: the axum server (SageMaker contract, job API, page, metrics, OpenAPI).
 //! - [`cli`]: the command-line interface.
 
+pub mod alloc;
 pub mod cli;
 pub mod diffusion;
 pub mod engine;

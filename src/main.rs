@@ -4,6 +4,7 @@ use clap::Parser;
 use sdserve::cli::{Cli, Command, describe_error, run_download, run_generate, run_serve};
 
 fn main() -> std::process::ExitCode {
+    sdserve::alloc::tune();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

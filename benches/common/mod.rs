@@ -37,6 +37,8 @@ pub fn full_enabled() -> bool {
 }
 
 pub fn load(dir: &Path) -> StableDiffusion {
+    // As the binary does (src/alloc.rs).
+    sdserve::alloc::tune();
     StableDiffusion::load(dir, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
