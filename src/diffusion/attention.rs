@@ -403,6 +403,7 @@ fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diffusion::test_util::max_diff;
     use candle_core::Device;
 
     /// Fixed pseudo-random values in [-2, 2): the CPU device can't be seeded, and
@@ -413,19 +414,6 @@ mod tests {
             .map(|i| ((i as f32 * 12.9898 + salt).sin() * 43758.547).fract() * 4.0 - 2.0)
             .collect();
         Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// Plain `softmax(scale · q kᵀ) v` in f64 on `[b, h, tokens, d]` tensors.

@@ -40,3 +40,23 @@ pub(crate) fn contiguous_f32<'a>(
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))?;
     Ok(&s.as_slice::<f32>()?[start..end])
 }
+
+/// Helpers shared by the CPU kernels' unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::Tensor;
+
+    /// Largest absolute difference between two tensors of the same shape.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+}

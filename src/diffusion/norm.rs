@@ -175,7 +175,8 @@ impl CustomOp3 for FusedGroupNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{D, Device};
+    use crate::diffusion::test_util::max_diff;
+    use candle_core::Device;
 
     fn fixed(dims: &[usize], salt: f32, scale: f32, offset: f32) -> Tensor {
         let n: usize = dims.iter().product();
@@ -183,11 +184,6 @@ mod tests {
             .map(|i| ((i as f32 * 12.9898 + salt).sin() * 43758.547).fract() * scale + offset)
             .collect();
         Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        d.max(D::Minus1).unwrap().to_scalar().unwrap()
     }
 
     #[test]

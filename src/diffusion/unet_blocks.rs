@@ -415,20 +415,8 @@ impl Transformer2D {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diffusion::test_util::max_diff;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn projection_paths_match_a_plain_linear() {

@@ -295,6 +295,11 @@ impl Jobs {
         let ticket = Arc::new(ticket);
         let mut view = JobView::new(record);
         view.engine_id = Some(ticket.id);
+        // Known now, not only once the follow task first runs: a watcher arriving
+        // before that (a busy runtime) must not see a queued job without a place.
+        if let JobStatus::Queued { position } = *ticket.status.borrow() {
+            view.queue_position = Some(position);
+        }
         let entry = self.insert(view.clone());
         *lock(&entry.ticket) = Some(ticket.clone());
         let this = self.clone();
