@@ -8,6 +8,8 @@
 //! `cargo bench --bench http`; see benches/README.md.
 
 mod common;
+#[path = "../tests/common/in_process.rs"]
+mod in_process;
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -21,38 +23,10 @@ use serde_json::{Value, json};
 
 /// Starts the server on a free loopback port; returns its base URL once `/ping` is 200.
 fn serve() -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            let dir = common::tiny_model_dir();
-            let engine = sdserve::engine::Engine::start(
-                move || {
-                    sdserve::diffusion::pipeline::StableDiffusion::load(&dir, &Default::default())
-                },
-                Default::default(),
-            );
-            let data = tempfile::tempdir().unwrap();
-            let storage = sdserve::storage::Storage::open(data.path().to_str().unwrap()).unwrap();
-            let jobs = sdserve::jobs::Jobs::new(
-                engine.clone(),
-                storage,
-                Default::default(),
-                Default::default(),
-            );
-            let app = sdserve::http::router(sdserve::http::AppState {
-                engine,
-                jobs,
-                limits: Default::default(),
-                cors_origins: vec![],
-            });
-            axum::serve(listener, app).await.unwrap();
-            drop(data);
-        });
+    let dir = common::tiny_model_dir();
+    let base = in_process::serve_in_process(move || {
+        sdserve::diffusion::pipeline::StableDiffusion::load(&dir, &Default::default())
     });
-    let base = format!("http://{}", rx.recv().unwrap());
     let client = Client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::in_process::serve_in_process;
 use common::server::{Server, client, tiny};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
@@ -366,38 +367,6 @@ fn missing_model_is_a_clear_startup_error() {
         err.contains("--model") && err.contains("/nonexistent/opt/ml/model"),
         "{err}"
     );
-}
-
-/// Serves the router in-process on loopback with an engine whose model load we control.
-fn serve_in_process<F>(load: F) -> String
-where
-    F: FnOnce() -> sdserve::Result<sdserve::diffusion::pipeline::StableDiffusion> + Send + 'static,
-{
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            let engine = sdserve::engine::Engine::start(load, Default::default());
-            let data = tempfile::tempdir().unwrap();
-            let storage = sdserve::storage::Storage::open(data.path().to_str().unwrap()).unwrap();
-            let jobs = sdserve::jobs::Jobs::new(
-                engine.clone(),
-                storage,
-                Default::default(),
-                Default::default(),
-            );
-            let app = sdserve::http::router(sdserve::http::AppState {
-                engine,
-                jobs,
-                limits: Default::default(),
-                cors_origins: vec![],
-            });
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    format!("http://{}", rx.recv().unwrap())
 }
 
 #[test]

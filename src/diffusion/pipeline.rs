@@ -525,11 +525,6 @@ fn device_name(device: &Device) -> String {
     }
 }
 
-/// The first line of `e`: candle appends a backtrace when `RUST_BACKTRACE` is set.
-fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
-}
-
 /// Picks the compute device by name: `cpu`, `cuda[:N]`, `metal[:N]`.
 pub fn device_from_name(name: &str) -> Result<Device> {
     let (kind, ordinal) = match name.split_once(':') {
@@ -540,28 +535,35 @@ pub fn device_from_name(name: &str) -> Result<Device> {
         ),
         None => (name, 0),
     };
+    // Only the first line of candle's error: it appends a backtrace when
+    // RUST_BACKTRACE is set.
+    let cannot_open = |e: candle_core::Error, hint: &str| {
+        let cause = e.to_string().lines().next().unwrap_or_default().to_string();
+        Error::invalid(
+            "device",
+            format!("cannot open {kind}:{ordinal}: {cause} ({hint})"),
+        )
+    };
     match kind {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Device::new_cuda(ordinal).map_err(|e| {
-            let hint = if cfg!(feature = "cuda") {
-                "no usable NVIDIA GPU or driver; `--device cpu` runs without one"
-            } else {
-                "this build has no CUDA support: build with `--features cuda` (deploy/build-cuda.sh)"
-            };
-            Error::invalid(
-                "device",
-                format!("cannot open cuda:{ordinal}: {} ({hint})", first_line(&e)),
+            cannot_open(
+                e,
+                if cfg!(feature = "cuda") {
+                    "no usable NVIDIA GPU or driver; `--device cpu` runs without one"
+                } else {
+                    "this build has no CUDA support: build with `--features cuda` (deploy/build-cuda.sh)"
+                },
             )
         }),
         "metal" => Device::new_metal(ordinal).map_err(|e| {
-            let hint = if cfg!(feature = "metal") {
-                "no usable Metal GPU; `--device cpu` runs without one"
-            } else {
-                "this build has no Metal support: build with `--features metal`"
-            };
-            Error::invalid(
-                "device",
-                format!("cannot open metal:{ordinal}: {} ({hint})", first_line(&e)),
+            cannot_open(
+                e,
+                if cfg!(feature = "metal") {
+                    "no usable Metal GPU; `--device cpu` runs without one"
+                } else {
+                    "this build has no Metal support: build with `--features metal`"
+                },
             )
         }),
         other => Err(Error::invalid(

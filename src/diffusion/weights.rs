@@ -226,8 +226,10 @@ impl SafetensorsReader {
             .bt()
         })?;
         let (path, file) = &self.files[entry.file];
-        let io =
-            |e: std::io::Error| candle_core::Error::Msg(format!("{}: {name}: {e}", path.display()));
+        let fail = |e: &dyn std::fmt::Display| {
+            candle_core::Error::Msg(format!("{}: {name}: {e}", path.display()))
+        };
+        let io = |e: std::io::Error| fail(&e);
         // Stored as wanted (the usual case): read straight into the tensor's buffer.
         let shape = entry.shape.as_slice();
         match (entry.dtype, dtype) {
@@ -256,8 +258,8 @@ impl SafetensorsReader {
         }
         let mut bytes = vec![0u8; entry.len];
         file.read_exact_at(&mut bytes, entry.start).map_err(io)?;
-        let view = TensorView::new(entry.dtype, entry.shape.clone(), &bytes)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {name}: {e}", path.display())))?;
+        let view =
+            TensorView::new(entry.dtype, entry.shape.clone(), &bytes).map_err(|e| fail(&e))?;
         view.load(device)?.to_dtype(dtype)
     }
 
