@@ -96,7 +96,10 @@ fn attention(c: &mut Criterion) {
         let v = fixed((batch, m, c), 0.3);
         let scale = 1.0 / ((c / heads) as f64).sqrt();
         g.bench_function(BenchmarkId::new("fused", name), |b| {
-            b.iter(|| attention(black_box(&q), &k, &v, heads, scale, false).unwrap())
+            b.iter(|| attention(black_box(&q), &k, &v, heads, scale, false, false).unwrap())
+        });
+        g.bench_function(BenchmarkId::new("fused_bf16", name), |b| {
+            b.iter(|| attention(black_box(&q), &k, &v, heads, scale, false, true).unwrap())
         });
         let split = |t: &Tensor| {
             let (b, n, c) = t.dims3().unwrap();
@@ -119,6 +122,109 @@ fn attention(c: &mut Criterion) {
                 out.transpose(1, 2).unwrap().reshape((batch, n, c)).unwrap()
             })
         });
+    }
+    g.finish();
+}
+
+/// bf16 matmuls (the CPU's mixed precision) against f32 at the UNet's shapes at 512 px;
+/// throughput is in FLOP (2·m·n·k per multiply).
+fn matmul(c: &mut Criterion) {
+    use criterion::Throughput;
+    use sdserve::diffusion::bf16::{Kernel, Options, PackedA, PackedB, gemm};
+    let mut g = c.benchmark_group("matmul");
+    common::slow(&mut g);
+    let fixed = |n: usize, salt: f32| -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.7137 + salt).sin()).collect()
+    };
+    // (name, m, n, k): a 3x3 conv at 64x64 latents (320 channels; m = out channels,
+    // n = pixels), one at 16x16 (1280), and token-major linears of the CFG batch:
+    // attention projection and the GEGLU input at 64x64.
+    for (name, m, n, k) in [
+        ("conv3x3_320_64x64", 320, 4096, 2880),
+        ("conv3x3_1280_16x16", 1280, 256, 11520),
+        ("linear_8192x320x320", 8192, 320, 320),
+        ("linear_8192x2560x320", 8192, 2560, 320),
+    ] {
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        let a = fixed(m * k, 0.1);
+        let b = fixed(k * n, 0.2);
+        let pa = PackedA::from_rows(&a, m, k, k);
+        let pb = PackedB::from_rows(&b, k, n, n);
+        let mut out = vec![0f32; m * n];
+        let kernel = Kernel::best();
+        g.bench_function(
+            BenchmarkId::new(format!("bf16_{}", kernel.name()), name),
+            |bch| bch.iter(|| gemm(black_box(&pa), &pb, &mut out, n, Options::default())),
+        );
+        g.bench_function(BenchmarkId::new("bf16_pack_a", name), |bch| {
+            bch.iter(|| PackedA::from_rows(black_box(&a), m, k, k))
+        });
+        g.bench_function(BenchmarkId::new("bf16_pack_b", name), |bch| {
+            bch.iter(|| PackedB::from_rows(black_box(&b), k, n, n))
+        });
+        let threads = rayon::current_num_threads();
+        g.bench_function(BenchmarkId::new("f32_gemm", name), |bch| {
+            bch.iter(|| unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    black_box(a.as_ptr()),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                )
+            })
+        });
+    }
+    // Whole layers, f32 and mixed precision (bf16 weights): 3x3 convs of the CFG batch.
+    for (name, c_in, c_out, hw) in [
+        ("conv3x3_320_64x64", 320, 320, 64),
+        ("conv3x3_1280_16x16", 1280, 1280, 16),
+    ] {
+        use candle_core::DType;
+        use candle_nn::{Conv2dConfig, Module, VarBuilder};
+        let x = Tensor::from_vec(
+            fixed(2 * c_in * hw * hw, 0.3),
+            (2, c_in, hw, hw),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut tensors = std::collections::HashMap::new();
+        let w = fixed(c_out * c_in * 9, 0.4);
+        let w = Tensor::from_vec(w, (c_out, c_in, 3, 3), &Device::Cpu).unwrap();
+        tensors.insert("weight".to_string(), (w / 30.0).unwrap());
+        tensors.insert(
+            "bias".to_string(),
+            Tensor::zeros(c_out, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        g.throughput(Throughput::Elements(
+            (2 * 2 * c_out * c_in * 9 * hw * hw) as u64,
+        ));
+        for dtype in [DType::F32, DType::BF16] {
+            let vb = VarBuilder::from_tensors(tensors.clone(), dtype, &Device::Cpu);
+            let conv = sdserve::diffusion::conv::conv2d(c_in, c_out, 3, cfg, vb).unwrap();
+            let label = format!("layer_{}", if dtype == DType::F32 { "f32" } else { "bf16" });
+            g.bench_function(BenchmarkId::new(label, name), |bch| {
+                bch.iter(|| conv.forward(black_box(&x)).unwrap())
+            });
+        }
     }
     g.finish();
 }
@@ -156,5 +262,12 @@ fn png_encode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, model_stages, scheduler_step, attention, png_encode);
+criterion_group!(
+    benches,
+    model_stages,
+    scheduler_step,
+    attention,
+    matmul,
+    png_encode
+);
 criterion_main!(benches);

@@ -14,6 +14,11 @@
 //!   `v` straight into the output's head columns, and each output row is divided by its
 //!   sum. Heads are read in place through strides (no split/merge copies), and the
 //!   score matrix never exists whole. Tiles run on all cores.
+//! - In the CPU's mixed precision (`bf16`: [`super::linear`]), the same kernel takes
+//!   `q kᵀ` and `p v` as bf16 products with f32 sums ([`super::bf16::gemm`], Intel AMX
+//!   where present), as PyTorch's bf16 `scaled_dot_product_attention` does: per head,
+//!   k and v are packed once, each tile's scaled q and unnormalised probabilities are
+//!   rounded to bf16 as they are packed; the softmax stays in f32.
 //! - Elsewhere (GPU, f16/bf16, or `SDSERVE_PLAIN_KERNELS=1`): heads are split,
 //!   [`chunked_attention`] computes the scores in blocks of query rows bounded by
 //!   [`score_budget`] with candle's matmul and softmax, and heads are merged again.
@@ -21,6 +26,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bf16::{Options, PackedA, PackedB, gemm};
 use super::contiguous_f32;
 
 const OP: &str = "attention";
@@ -42,12 +48,18 @@ pub const CPU_SCORE_BLOCK_BYTES: usize = 8 << 20;
 /// thread-seconds of it throughout).
 const TILE_SCORE_BYTES: usize = 4 << 20;
 
+/// The same for the bf16 kernel, whose packed operands need no amortising: a tile
+/// that stays in L2 between the product, the softmax and the packing of the
+/// probabilities is fastest.
+const TILE_SCORE_BYTES_BF16: usize = 1 << 20;
+
 /// `softmax(q kᵀ · scale) v` for token-major `q: [b, n, heads × d]`, `k, v: [b, m,
 /// heads × d]`; returns `[b, n, heads × d]` (heads side by side, as diffusers'
 /// `transpose(1, 2).reshape(b, -1, heads * head_dim)` leaves them).
 ///
 /// `upcast` is diffusers' `upcast_attention`: in f16/bf16 the scores are computed in
-/// f32. The softmax is always computed in f32.
+/// f32. The softmax is always computed in f32. `bf16` (f32 CPU tensors only) takes both
+/// products in bf16, for the CPU's mixed precision.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -55,6 +67,7 @@ pub fn attention(
     heads: usize,
     scale: f64,
     upcast: bool,
+    bf16: bool,
 ) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     if heads == 0 || !inner.is_multiple_of(heads) {
@@ -67,6 +80,7 @@ pub fn attention(
         let op = FusedAttention {
             heads,
             scale: scale as f32,
+            bf16,
         };
         return q
             .contiguous()?
@@ -132,6 +146,8 @@ pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, budget: usize) -> R
 struct FusedAttention {
     heads: usize,
     scale: f32,
+    /// Mixed precision: bf16 products.
+    bf16: bool,
 }
 
 /// Shapes of one fused attention call.
@@ -187,8 +203,12 @@ impl CustomOp3 for FusedAttention {
             }
             return Ok((CpuStorage::F32(out), l1.shape().clone()));
         }
-        let tile = query_tile(b, n, m);
         let scale = self.scale;
+        if self.bf16 {
+            attend_bf16(dims, scale, (q, k, v), &mut out, n);
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
+        let tile = query_tile(b, n, m, TILE_SCORE_BYTES);
         out.par_chunks_mut(n * inner)
             .enumerate()
             .for_each(|(bi, out_b)| {
@@ -207,10 +227,10 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-/// Query rows per task: a score buffer of about [`TILE_SCORE_BYTES`], but small enough
+/// Query rows per task: a score buffer of about `budget` bytes, but small enough
 /// that every thread gets several tasks.
-fn query_tile(b: usize, n: usize, m: usize) -> usize {
-    let by_size = TILE_SCORE_BYTES / (m * 4).max(1);
+fn query_tile(b: usize, n: usize, m: usize, budget: usize) -> usize {
+    let by_size = budget / (m * 4).max(1);
     let by_balance = (b * n).div_ceil(4 * rayon::current_num_threads());
     by_size.min(by_balance).clamp(1, n.max(1))
 }
@@ -289,6 +309,119 @@ fn attend_tile(
             let inv = 1.0 / sum;
             for x in &mut row[col..col + d] {
                 *x *= inv;
+            }
+        }
+    }
+}
+
+/// The mixed-precision kernel over `out` (`b × n × inner`): per image, every head's
+/// k (as `kᵀ`, `d × m`) and v (`m × d`) are packed once, then tiles of query rows run
+/// on all cores.
+fn attend_bf16(
+    dims: Dims,
+    scale: f32,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    out: &mut [f32],
+    n: usize,
+) {
+    let Dims { m, heads, d, inner } = dims;
+    let b = out.len() / (n * inner);
+    let tile = query_tile(b, n, m, TILE_SCORE_BYTES_BF16);
+    for (bi, out_b) in out.chunks_mut(n * inner).enumerate() {
+        let q_b = &q[bi * n * inner..(bi + 1) * n * inner];
+        let k_b = &k[bi * m * inner..(bi + 1) * m * inner];
+        let v_b = &v[bi * m * inner..(bi + 1) * m * inner];
+        let packed: Vec<(PackedB, PackedB)> = (0..heads)
+            .into_par_iter()
+            .map(|h| {
+                let col = h * d;
+                (
+                    PackedB::from_cols(&k_b[col..], d, m, inner),
+                    PackedB::from_rows(&v_b[col..], m, d, inner),
+                )
+            })
+            .collect();
+        out_b
+            .par_chunks_mut(tile * inner)
+            .enumerate()
+            .for_each_init(TileScratch::default, |scratch, (ti, out_t)| {
+                let q_t = &q_b[ti * tile * inner..][..out_t.len()];
+                attend_tile_bf16(dims, scale, q_t, &packed, out_t, scratch);
+            });
+    }
+}
+
+/// Per-worker buffers of [`attend_tile_bf16`], reused across its tiles and heads.
+#[derive(Default)]
+struct TileScratch {
+    scores: Vec<f32>,
+    inv_sums: Vec<f32>,
+    q_h: Vec<f32>,
+    out_h: Vec<f32>,
+    /// Packed scaled q and probabilities, kept while the tile height stays the same.
+    packed: Option<(PackedA, PackedA)>,
+}
+
+/// [`attend_tile`] with bf16 products: `packed[h]` is head `h`'s packed (kᵀ, v).
+fn attend_tile_bf16(
+    dims: Dims,
+    scale: f32,
+    q_t: &[f32],
+    packed: &[(PackedB, PackedB)],
+    out_t: &mut [f32],
+    scratch: &mut TileScratch,
+) {
+    let Dims { m, d, inner, .. } = dims;
+    let rows = out_t.len() / inner;
+    let TileScratch {
+        scores,
+        inv_sums,
+        q_h,
+        out_h,
+        packed: ops,
+    } = scratch;
+    scores.resize(rows * m, 0.0);
+    inv_sums.resize(rows, 0.0);
+    q_h.resize(rows * d, 0.0);
+    out_h.resize(rows * d, 0.0);
+    if ops.as_ref().is_none_or(|(q, _)| q.rows() != rows) {
+        *ops = Some((PackedA::zeroed(rows, d), PackedA::zeroed(rows, m)));
+    }
+    let (q_pack, p_pack) = ops.as_mut().expect("just set");
+    // Products of one tile are small: run them on this thread.
+    let serial = Options {
+        overwrite: true,
+        parallel: false,
+        ..Options::default()
+    };
+    for (h, (kt, vh)) in packed.iter().enumerate() {
+        let col = h * d;
+        // The scale is applied to q before rounding (d values a row, not m).
+        for (dst, src) in q_h.chunks_exact_mut(d).zip(q_t.chunks_exact(inner)) {
+            for (o, &x) in dst.iter_mut().zip(&src[col..col + d]) {
+                *o = x * scale;
+            }
+        }
+        q_pack.fill_rows(q_h, d, false);
+        gemm(q_pack, kt, scores, m, serial);
+        // Each row's softmax is packed while it is still in L1.
+        for ((i, row), sum) in scores
+            .chunks_exact_mut(m)
+            .enumerate()
+            .zip(inv_sums.iter_mut())
+        {
+            softmax_rows(row, m, std::slice::from_mut(sum));
+            p_pack.write_row(i, row);
+            *sum = 1.0 / *sum;
+        }
+        gemm(p_pack, vh, out_h, d, serial);
+        for ((row, src), &inv) in out_t
+            .chunks_exact_mut(inner)
+            .zip(out_h.chunks_exact(d))
+            .zip(inv_sums.iter())
+        {
+            for (o, &x) in row[col..col + d].iter_mut().zip(src) {
+                *o = x * inv;
             }
         }
     }
@@ -478,7 +611,7 @@ mod tests {
             let k = fixed(&[b, m, heads * d], 0.2);
             let v = fixed(&[b, m, heads * d], 0.3);
             let scale = 1.0 / (d as f64).sqrt();
-            let got = attention(&q, &k, &v, heads, scale, false).unwrap();
+            let got = attention(&q, &k, &v, heads, scale, false, false).unwrap();
             assert_eq!(got.dims(), &[b, n, heads * d]);
             let want = reference(
                 &split(&q, heads),
@@ -517,22 +650,22 @@ mod tests {
         let q = fixed(&[1, 4, 6], 0.1);
         let k = fixed(&[1, 5, 6], 0.2);
         assert!(
-            attention(&q, &k, &k, 4, 1.0, false).is_err(),
+            attention(&q, &k, &k, 4, 1.0, false, false).is_err(),
             "6 channels, 4 heads"
         );
         let v = fixed(&[1, 4, 6], 0.3);
         assert!(
-            attention(&q, &k, &v, 2, 1.0, false).is_err(),
+            attention(&q, &k, &v, 2, 1.0, false, false).is_err(),
             "k and v differ"
         );
         let k2 = fixed(&[2, 5, 6], 0.2);
         assert!(
-            attention(&q, &k2, &k2, 2, 1.0, false).is_err(),
+            attention(&q, &k2, &k2, 2, 1.0, false, false).is_err(),
             "batch differs"
         );
         let none = Tensor::zeros((1, 0, 6), DType::F32, &Device::Cpu).unwrap();
         assert!(
-            attention(&q, &none, &none, 2, 1.0, false).is_err(),
+            attention(&q, &none, &none, 2, 1.0, false, false).is_err(),
             "no keys"
         );
     }

@@ -8,29 +8,42 @@
 //! one tile of output rows at a time (a few MB, cache-resident), each tile
 //! multiplied by the weights with the `gemm` crate straight into the output,
 //! bias pre-loaded; 1x1 convolutions multiply the input in place. Tiles run on
-//! all cores. Other devices and dtypes use candle's conv2d unchanged.
+//! all cores. In mixed precision (CPU and the `bf16` dtype, see [`super::linear`])
+//! the weight is packed once in bf16 and each tile of output pixels is unfolded
+//! straight into a packed bf16 operand of [`super::bf16::gemm`]. Other devices and
+//! dtypes use candle's conv2d unchanged.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use super::bf16::{Options, PackedA, PackedB, gemm};
 use super::contiguous_f32;
+use super::linear::{packs_bf16, parameters};
 
 /// Target size of one unfolded tile (bytes).
 const TILE_BYTES: usize = 2 << 20;
 
+/// Target size of one packed bf16 tile of unfolded input (bytes): the weights are
+/// read once per tile, so tiles are larger than the f32 path's.
+const BF16_TILE_BYTES: usize = 8 << 20;
+
 /// A convolution layer; built by [`conv2d`] like `candle_nn::conv2d`.
 #[derive(Debug, Clone)]
-pub struct Conv2d {
-    candle: candle_nn::Conv2d,
-    /// The CPU f32 kernel, when this layer can use it.
-    cpu: Option<CpuConv>,
+pub enum Conv2d {
+    /// candle's layer, and the CPU f32 kernel when this layer can use it.
+    Candle {
+        candle: candle_nn::Conv2d,
+        cpu: Option<CpuConv>,
+    },
+    /// Mixed precision: bf16 packed weight, f32 activations.
+    Bf16(Bf16Conv),
 }
 
 /// The CPU kernel's settings; the weight `[c_out, c_in, kh, kw]` is its second
 /// operand (read in place, never copied).
 #[derive(Debug, Clone)]
-struct CpuConv {
+pub struct CpuConv {
     bias: Option<std::sync::Arc<Vec<f32>>>,
     c_out: usize,
     c_in: usize,
@@ -49,21 +62,47 @@ pub fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let candle = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
-    Conv2d::new(candle, cfg)
+    let candle = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, parameters(&vb))?;
+    if packs_bf16(&vb) {
+        Conv2d::bf16(candle, cfg)
+    } else {
+        Conv2d::new(candle, cfg)
+    }
 }
 
 impl Conv2d {
     fn new(candle: candle_nn::Conv2d, cfg: Conv2dConfig) -> Result<Self> {
+        let cpu = CpuConv::new(&candle, cfg)?;
+        Ok(Self::Candle { candle, cpu })
+    }
+
+    /// Packs `candle`'s f32 weight in bf16 (when the geometry allows; else keeps
+    /// candle's layer).
+    fn bf16(candle: candle_nn::Conv2d, cfg: Conv2dConfig) -> Result<Self> {
+        let Some(geom) = CpuConv::new(&candle, cfg)? else {
+            return Self::new(candle, cfg);
+        };
+        let k = geom.c_in * geom.kh * geom.kw;
+        let w = candle.weight().flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self::Bf16(Bf16Conv {
+            weight: std::sync::Arc::new(PackedA::from_rows(&w, geom.c_out, k, k)),
+            geom,
+        }))
+    }
+}
+
+impl CpuConv {
+    /// The CPU kernel for `candle`'s layer, `None` when it cannot run it.
+    fn new(candle: &candle_nn::Conv2d, cfg: Conv2dConfig) -> Result<Option<Self>> {
         let w = candle.weight();
         let usable = w.device().is_cpu()
             && w.dtype() == DType::F32
             && cfg.groups == 1
             && cfg.dilation == 1
             && cfg.stride > 0;
-        let cpu = if usable {
+        Ok(if usable {
             let (c_out, c_in, kh, kw) = w.dims4()?;
-            Some(CpuConv {
+            Some(Self {
                 bias: match candle.bias() {
                     Some(b) => Some(std::sync::Arc::new(b.to_vec1::<f32>()?)),
                     None => None,
@@ -77,22 +116,23 @@ impl Conv2d {
             })
         } else {
             None
-        };
-        Ok(Self { candle, cpu })
+        })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match &self.cpu {
-            Some(op)
-                if xs.device().is_cpu() && xs.dtype() == DType::F32 && !super::plain_kernels() =>
-            {
+        match self {
+            Self::Candle {
+                candle,
+                cpu: Some(op),
+            } if xs.device().is_cpu() && xs.dtype() == DType::F32 && !super::plain_kernels() => {
                 // Loaded weights are contiguous already; this is then free.
-                let w = self.candle.weight().contiguous()?;
+                let w = candle.weight().contiguous()?;
                 xs.contiguous()?.apply_op2_no_bwd(&w, op)
             }
-            _ => self.candle.forward(xs),
+            Self::Candle { candle, .. } => candle.forward(xs),
+            Self::Bf16(op) => xs.contiguous()?.apply_op1_no_bwd(op),
         }
     }
 }
@@ -301,6 +341,93 @@ impl CustomOp2 for CpuConv {
     }
 }
 
+/// A convolution with its weight packed in bf16 (`[c_out, c_in·kh·kw]` as the left
+/// operand), run on f32 activations: per image, the input is zero-padded once, then
+/// each tile of output pixels is unfolded into a packed bf16 right operand and
+/// multiplied into the output (pre-loaded with the bias).
+#[derive(Debug, Clone)]
+pub struct Bf16Conv {
+    geom: CpuConv,
+    weight: std::sync::Arc<PackedA>,
+}
+
+impl CustomOp1 for Bf16Conv {
+    fn name(&self) -> &'static str {
+        "sdserve-bf16-conv2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        let x = contiguous_f32(storage, layout, "conv2d", "input")?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        if c != g.c_in {
+            candle_core::bail!(
+                "conv2d: input has {c} channels, the weight expects {}",
+                g.c_in
+            );
+        }
+        let (ho, wo) = g.out_size(h, w)?;
+        let hw_out = ho * wo;
+        let mut out = vec![0f32; b * g.c_out * hw_out];
+        if let Some(bias) = &g.bias {
+            for (plane, &v) in out.chunks_mut(hw_out).zip(bias.iter().cycle()) {
+                plane.fill(v);
+            }
+        }
+        let p = g.padding;
+        let (hp, wp) = (h + 2 * p, w + 2 * p);
+        // Offset of each unfolded row (channel, kernel row, kernel column) and of each
+        // output pixel's window in the padded input.
+        let mut koff = Vec::with_capacity(g.c_in * g.kh * g.kw);
+        for ci in 0..g.c_in {
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    koff.push(ci * hp * wp + ky * wp + kx);
+                }
+            }
+        }
+        let poff: Vec<usize> = (0..hw_out)
+            .map(|i| (i / wo) * g.stride * wp + (i % wo) * g.stride)
+            .collect();
+        let tile = (BF16_TILE_BYTES / (2 * koff.len()))
+            .next_multiple_of(32)
+            .max(256)
+            .min(hw_out);
+        let mut padded = if p > 0 {
+            vec![0f32; c * hp * wp]
+        } else {
+            Vec::new()
+        };
+        for (xb, ob) in x.chunks(c * h * w).zip(out.chunks_mut(g.c_out * hw_out)) {
+            let src: &[f32] = if p > 0 {
+                for (dst, plane) in padded.chunks_mut(hp * wp).zip(xb.chunks(h * w)) {
+                    for (y, row) in plane.chunks(w).enumerate() {
+                        dst[(y + p) * wp + p..][..w].copy_from_slice(row);
+                    }
+                }
+                &padded
+            } else {
+                xb
+            };
+            for p0 in (0..hw_out).step_by(tile) {
+                let cols = &poff[p0..(p0 + tile).min(hw_out)];
+                let rhs = PackedB::from_gather(src, &koff, cols);
+                gemm(
+                    &self.weight,
+                    &rhs,
+                    &mut ob[p0..],
+                    hw_out,
+                    Options::default(),
+                );
+            }
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from_dims(&[b, g.c_out, ho, wo]),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,12 +474,22 @@ mod tests {
             };
             let candle = candle_nn::Conv2d::new(weight, bias, cfg);
             let want = candle.forward(&x).unwrap();
-            let ours = Conv2d::new(candle, cfg).unwrap();
-            assert!(ours.cpu.is_some());
+            let ours = Conv2d::new(candle.clone(), cfg).unwrap();
+            assert!(matches!(ours, Conv2d::Candle { cpu: Some(_), .. }));
             let got = ours.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims(), "{b} {ci} {co} {h} {w} {k} {s} {p}");
             let d = max_rel_diff(&got, &want);
             assert!(d < 1e-5, "case {b} {ci} {co} {h}x{w} k{k} s{s} p{p}: {d}");
+            // Mixed precision: bf16 operands, f32 sums; ~2^-9 relative per product.
+            let mixed = Conv2d::bf16(candle, cfg).unwrap();
+            assert!(matches!(mixed, Conv2d::Bf16(_)));
+            let got = mixed.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = max_rel_diff(&got, &want);
+            assert!(
+                d < 1e-2 && d > 0.0,
+                "bf16 case {b} {ci} {co} {h}x{w} k{k} s{s} p{p}: {d}"
+            );
         }
     }
 

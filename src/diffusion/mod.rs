@@ -1,12 +1,14 @@
 //! Stable Diffusion on candle: model loading, text encoding, denoising, decoding.
 
 pub mod attention;
+pub mod bf16;
 pub mod clip;
 pub mod config;
 pub mod conv;
 pub mod hub;
 pub mod image;
 pub mod latents;
+pub mod linear;
 pub mod norm;
 pub mod pipeline;
 pub mod schedulers;

@@ -28,6 +28,7 @@ pub struct GroupNorm {
 
 /// Loads `weight` and `bias` `[channels]` from `vb`.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let vb = super::linear::parameters(&vb);
     let weight = vb.get(channels, "weight")?;
     let bias = vb.get(channels, "bias")?;
     let candle = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;

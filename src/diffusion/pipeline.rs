@@ -14,6 +14,7 @@ use candle_nn::VarBuilder;
 use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::diffusion::latents::{NoiseSource, ReplayNoise, SeededNoise};
+use crate::diffusion::linear::activation_dtype;
 use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::unet::UNet2DConditionModel;
@@ -92,10 +93,12 @@ pub struct StableDiffusion {
     text_encoder: ClipTextModel,
     unet: UNet2DConditionModel,
     vae: VaeDecoder,
+    /// The dtype the VAE decoder takes.
     vae_dtype: DType,
     vae_scaling_factor: f64,
     scheduler_config: SchedulerConfig,
     device: Device,
+    /// The dtype of the UNet's activations (f32 in the CPU's mixed precision).
     dtype: DType,
 }
 
@@ -120,12 +123,10 @@ impl StableDiffusion {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let device = opts.device.clone();
         let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&device));
-        if device.is_cpu() && dtype != DType::F32 {
+        if device.is_cpu() && dtype == DType::F16 {
             return Err(Error::invalid(
                 "dtype",
-                format!(
-                    "{dtype:?} is not supported on the CPU (candle has no half-precision CPU matmul); use f32"
-                ),
+                "f16 is not supported on the CPU; use f32, or bf16 (mixed precision: bf16 matmuls, f32 in between)",
             ));
         }
         if !dir.is_dir() {
@@ -143,7 +144,11 @@ impl StableDiffusion {
                 ),
             ));
         }
-        let prefer_fp16 = dtype == DType::F16 || dtype == DType::BF16;
+        // On the CPU, bf16 weights are packed from the full-precision files (what
+        // diffusers' `torch_dtype=torch.bfloat16` loads without `variant="fp16"`).
+        let prefer_fp16 = !device.is_cpu() && (dtype == DType::F16 || dtype == DType::BF16);
+        // The CPU's text encoder stays f32: it runs once per prompt.
+        let te_dtype = if device.is_cpu() { DType::F32 } else { dtype };
 
         let unet_cfg_path = dir.join("unet/config.json");
         let unet_cfg: UNetConfig = config::read_json(&unet_cfg_path)?;
@@ -159,7 +164,7 @@ impl StableDiffusion {
             ClipTokenizer::from_dir(&dir.join("tokenizer"), te_cfg.max_position_embeddings)?;
 
         let te_files = WeightFiles::find(&dir.join("text_encoder"), "model", prefer_fp16)?;
-        let text_encoder = ClipTextModel::new(te_files.var_builder(dtype, &device)?, &te_cfg)
+        let text_encoder = ClipTextModel::new(te_files.var_builder(te_dtype, &device)?, &te_cfg)
             .map_err(|e| Error::model_file(te_files.describe(), e))?;
 
         let unet_files =
@@ -170,6 +175,7 @@ impl StableDiffusion {
             &unet_cfg_path,
             &unet_files.describe(),
         )?;
+        let compute_dtype = unet.dtype();
         if unet_cfg.in_channels != vae_cfg.latent_channels
             || unet_cfg.out_channels != vae_cfg.latent_channels
         {
@@ -194,12 +200,10 @@ impl StableDiffusion {
             "diffusion_pytorch_model",
             prefer_fp16 && vae_dtype != DType::F32,
         )?;
-        let vae = build_vae(
-            vae_files.var_builder(vae_dtype, &device)?,
-            &vae_cfg,
-            &vae_cfg_path,
-            &vae_files.describe(),
-        )?;
+        let vae_vb = vae_files.var_builder(vae_dtype, &device)?;
+        // The dtype decode inputs take (f32 in the CPU's mixed precision).
+        let vae_dtype = activation_dtype(&vae_vb);
+        let vae = build_vae(vae_vb, &vae_cfg, &vae_cfg_path, &vae_files.describe())?;
 
         let vae_scale_factor = vae_cfg.scale_factor();
         let default_size = unet_cfg.sample_size().unwrap_or(64) * vae_scale_factor;
@@ -230,7 +234,7 @@ impl StableDiffusion {
             vae_scaling_factor: vae_cfg.scaling_factor,
             scheduler_config,
             device,
-            dtype,
+            dtype: compute_dtype,
         })
     }
 

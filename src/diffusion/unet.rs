@@ -13,9 +13,10 @@
 use std::path::Path;
 
 use crate::diffusion::conv::{Conv2d, conv2d};
+use crate::diffusion::linear::{Linear, activation_dtype, linear};
 use crate::diffusion::norm::{GroupNorm, group_norm};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::diffusion::config::{PerBlock, UNetConfig, require, require_groups_divide};
 use crate::diffusion::unet_blocks::{
@@ -424,9 +425,8 @@ impl UNet2DConditionModel {
             pad(cfg.conv_in_kernel),
             vb.pp("conv_in"),
         )?;
-        let time_linear_1 = candle_nn::linear(c0, temb_dim, vb.pp("time_embedding.linear_1"))?;
-        let time_linear_2 =
-            candle_nn::linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?;
+        let time_linear_1 = linear(c0, temb_dim, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?;
 
         let mut down_blocks = Vec::with_capacity(n);
         for i in 0..n {
@@ -535,7 +535,7 @@ impl UNet2DConditionModel {
             flip_sin_to_cos: cfg.flip_sin_to_cos,
             freq_shift: cfg.freq_shift,
             center_input_sample: cfg.center_input_sample,
-            dtype: vb.dtype(),
+            dtype: activation_dtype(&vb),
         })
     }
 

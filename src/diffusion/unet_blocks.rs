@@ -19,9 +19,10 @@
 
 use crate::diffusion::attention::attention;
 use crate::diffusion::conv::{Conv2d, conv2d};
+use crate::diffusion::linear::{Linear, linear, linear_no_bias, packs_bf16, parameters};
 use crate::diffusion::norm::{GroupNorm, group_norm};
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
 /// Normalisation and time-embedding settings shared by a UNet block's resnets.
 #[derive(Debug, Clone, Copy)]
@@ -62,8 +63,7 @@ impl ResnetBlock2D {
         };
         let norm1 = group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
         let conv1 = conv2d(in_channels, out_channels, 3, conv3, vb.pp("conv1"))?;
-        let time_emb_proj =
-            candle_nn::linear(cfg.temb_channels, out_channels, vb.pp("time_emb_proj"))?;
+        let time_emb_proj = linear(cfg.temb_channels, out_channels, vb.pp("time_emb_proj"))?;
         let norm2 = group_norm(cfg.groups, out_channels, cfg.eps, vb.pp("norm2"))?;
         let conv2 = conv2d(out_channels, out_channels, 3, conv3, vb.pp("conv2"))?;
         // `use_in_shortcut = in_channels != conv_2d_out_channels`, 1x1 with bias.
@@ -202,10 +202,10 @@ impl Attention {
         let inner = heads * head_dim;
         let context_dim = cross_attention_dim.unwrap_or(query_dim);
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
             head_dim,
             upcast,
@@ -224,6 +224,7 @@ impl Attention {
             self.heads,
             scale,
             self.upcast,
+            self.to_q.is_bf16(),
         )?;
         self.to_out.forward(&out)
     }
@@ -243,19 +244,20 @@ pub struct FeedForward {
 impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
-        let proj = vb.pp("net.0.proj");
+        let proj = parameters(&vb.pp("net.0.proj"));
         let w = proj.get((2 * inner, dim), "weight")?;
         let b = proj.get(2 * inner, "bias")?;
         let half = |i: usize| -> Result<Linear> {
-            Ok(Linear::new(
+            Linear::new(
                 w.narrow(0, i * inner, inner)?,
                 Some(b.narrow(0, i * inner, inner)?),
-            ))
+                packs_bf16(&vb),
+            )
         };
         Ok(Self {
             value: half(0)?,
             gate: half(1)?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
@@ -289,7 +291,7 @@ impl BasicTransformerBlock {
         cross_attention_dim: usize,
         upcast: bool,
     ) -> Result<Self> {
-        let ln = |name: &str| candle_nn::layer_norm(dim, LAYER_NORM_EPS, vb.pp(name));
+        let ln = |name: &str| candle_nn::layer_norm(dim, LAYER_NORM_EPS, parameters(&vb.pp(name)));
         Ok(Self {
             norm1: ln("norm1")?,
             attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim, upcast)?,
@@ -336,14 +338,20 @@ pub struct TransformerConfig {
 ///
 /// A 1×1 conv and a linear are the same per-pixel map, so both projections are held as a
 /// `[out, in]` matrix (the conv weight viewed without its 1×1 dims); `proj_out` is computed
-/// channel-first (`W · hᵀ`) so its output needs no transpose copy.
+/// channel-first (`W · hᵀ`) so its output needs no transpose copy (in mixed precision
+/// it is a bf16 linear followed by a transpose).
 #[derive(Debug)]
 pub struct Transformer2D {
     norm: GroupNorm,
     proj_in: Linear,
     blocks: Vec<BasicTransformerBlock>,
-    proj_out_weight: Tensor,
-    proj_out_bias: Tensor,
+    proj_out: ProjOut,
+}
+
+#[derive(Debug)]
+enum ProjOut {
+    ChannelFirst { weight: Tensor, bias: Tensor },
+    Linear(Linear),
 }
 
 /// A `[out, in]` projection stored as a linear (`[out, in]`) or a 1×1 conv (`[out, in, 1, 1]`).
@@ -353,6 +361,7 @@ fn pointwise(
     out_dim: usize,
     linear: bool,
 ) -> Result<(Tensor, Tensor)> {
+    let vb = parameters(&vb);
     let weight = if linear {
         vb.get((out_dim, in_dim), "weight")?
     } else {
@@ -370,7 +379,7 @@ impl Transformer2D {
         let inner = cfg.heads * head_dim;
         let norm = group_norm(cfg.groups, channels, 1e-6, vb.pp("norm"))?;
         let (w, b) = pointwise(vb.pp("proj_in"), channels, inner, cfg.linear_projection)?;
-        let proj_in = Linear::new(w, Some(b));
+        let proj_in = Linear::new(w, Some(b), packs_bf16(&vb))?;
         let blocks = (0..cfg.layers)
             .map(|i| {
                 BasicTransformerBlock::new(
@@ -383,14 +392,17 @@ impl Transformer2D {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let (proj_out_weight, proj_out_bias) =
-            pointwise(vb.pp("proj_out"), inner, channels, cfg.linear_projection)?;
+        let (weight, bias) = pointwise(vb.pp("proj_out"), inner, channels, cfg.linear_projection)?;
+        let proj_out = if packs_bf16(&vb) {
+            ProjOut::Linear(Linear::new(weight, Some(bias), true)?)
+        } else {
+            ProjOut::ChannelFirst { weight, bias }
+        };
         Ok(Self {
             norm,
             proj_in,
             blocks,
-            proj_out_weight,
-            proj_out_bias,
+            proj_out,
         })
     }
 
@@ -402,12 +414,14 @@ impl Transformer2D {
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        // [b, c, h*w] = W[c, inner] · tokensᵀ[b, inner, h*w] + bias
-        let out = self
-            .proj_out_weight
-            .broadcast_left(b)?
-            .matmul(&tokens.t()?)?
-            .broadcast_add(&self.proj_out_bias.reshape((c, 1))?)?;
+        let out = match &self.proj_out {
+            // [b, c, h*w] = W[c, inner] · tokensᵀ[b, inner, h*w] + bias
+            ProjOut::ChannelFirst { weight, bias } => weight
+                .broadcast_left(b)?
+                .matmul(&tokens.t()?)?
+                .broadcast_add(&bias.reshape((c, 1))?)?,
+            ProjOut::Linear(l) => l.forward(&tokens)?.t()?.contiguous()?,
+        };
         out.reshape((b, c, h, w))? + xs
     }
 }
@@ -425,7 +439,8 @@ mod tests {
         let tokens = Tensor::randn(0f32, 1f32, (2, 6, 4), &dev).unwrap();
         let w = Tensor::randn(0f32, 1f32, (3, 4), &dev).unwrap();
         let bias = Tensor::randn(0f32, 1f32, 3, &dev).unwrap();
-        let lin = Linear::new(w.clone(), Some(bias.clone()))
+        let lin = Linear::new(w.clone(), Some(bias.clone()), false)
+            .unwrap()
             .forward(&tokens)
             .unwrap()
             .transpose(1, 2)

@@ -12,8 +12,9 @@
 
 use std::path::Path;
 
+use crate::diffusion::linear::{Linear, linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::attention::attention;
 use super::config::{VaeConfig, require, require_groups_divide};
@@ -85,7 +86,7 @@ struct SelfAttention {
 
 impl SelfAttention {
     fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
-        let lin = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
+        let lin = |name: &str| linear(channels, channels, vb.pp(name));
         Ok(Self {
             norm: group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
             to_q: lin("to_q")?,
@@ -103,7 +104,7 @@ impl SelfAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let out = attention(&q, &k, &v, 1, scale, false)?;
+        let out = attention(&q, &k, &v, 1, scale, false, self.to_q.is_bf16())?;
         let out = self.to_out.forward(&out)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         xs + out

@@ -1,0 +1,170 @@
+//! The 32×32 inner kernel of [`super::gemm`]: `C[32×32] += A[32×k] · B[k×32]` on
+//! operands packed by [`super::pack`], `k` a multiple of 32.
+//!
+//! - [`amx`]: Intel AMX (`TDPBF16PS`, Sapphire Rapids and later): the C block is four
+//!   16×16 f32 tiles held in tile registers `tmm0-3`; each step of 32 k loads two A
+//!   tiles and two B tiles and issues four tile dot-products. Intel's "Intel® 64 and
+//!   IA-32 Architectures Optimization Reference Manual", chapter "Intel AMX", describes
+//!   this 2×2 blocking.
+//! - [`portable`]: the same arithmetic in plain Rust (bf16 products summed in f32), for
+//!   CPUs without AMX and as the reference the AMX kernel is tested against.
+
+use super::pack::{BLOCK, STEP, STEP_ELEMS};
+
+/// `c` (row stride `ldc` f32) += the products of `steps` packed k-steps of A and B;
+/// with `overwrite`, `c` = the products (its old values are not read).
+///
+/// # Safety
+/// `a` and `b` must hold `steps * STEP_ELEMS` values, `c` must be valid for 32 rows
+/// of 32 values `ldc` apart, touched by no other thread.
+pub unsafe fn portable(
+    a: *const u16,
+    b: *const u16,
+    steps: usize,
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+) {
+    let mut acc = [[0f32; BLOCK]; BLOCK];
+    for s in 0..steps {
+        // SAFETY: the caller guarantees `steps` packed steps.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(a.add(s * STEP_ELEMS), STEP_ELEMS),
+                std::slice::from_raw_parts(b.add(s * STEP_ELEMS), STEP_ELEMS),
+            )
+        };
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ar = &a[i * STEP..(i + 1) * STEP];
+            for (j, out) in row.iter_mut().enumerate() {
+                // B tile j / 16, column j % 16: pair r at (r * 16 + j % 16) * 2.
+                let bt = &b[(j / 16) * (STEP_ELEMS / 2)..];
+                let mut sum = 0f32;
+                for r in 0..STEP / 2 {
+                    let o = (r * 16 + j % 16) * 2;
+                    sum += bf16(ar[2 * r]) * bf16(bt[o]) + bf16(ar[2 * r + 1]) * bf16(bt[o + 1]);
+                }
+                *out += sum;
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            // SAFETY: within the 32×32 block the caller guarantees.
+            unsafe {
+                let c = c.add(i * ldc + j);
+                *c = if overwrite { *v } else { *c + v };
+            }
+        }
+    }
+}
+
+fn bf16(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// The tile configuration (`LDTILECFG` operand): palette 1, tiles 0-7 all 16 rows of
+/// 64 bytes (16 f32 of C, 32 bf16 of A, 16 bf16 pairs of B).
+#[cfg(target_arch = "x86_64")]
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+#[cfg(target_arch = "x86_64")]
+static TILE_CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64; // colsb, u16 little-endian
+        c[48 + t] = 16; // rows
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+/// Loads [`TILE_CONFIG`] once per thread (`LDTILECFG` costs about as much as a
+/// short kernel call). The configuration is thread state that the OS saves and
+/// restores with the rest; nothing else in this process uses AMX or changes it.
+#[cfg(target_arch = "x86_64")]
+fn configure_tiles() {
+    thread_local! {
+        static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    CONFIGURED.with(|c| {
+        if !c.get() {
+            // SAFETY: only called once AMX is usable; the operand is a valid config.
+            unsafe {
+                std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) TILE_CONFIG.0.as_ptr(), options(nostack));
+            }
+            c.set(true);
+        }
+    });
+}
+
+/// AMX version of [`portable`].
+///
+/// # Safety
+/// As [`portable`], and AMX must be usable ([`super::amx_usable`] returned true).
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn amx(
+    a: *const u16,
+    b: *const u16,
+    steps: usize,
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+) {
+    debug_assert!(steps > 0);
+    let ldc_bytes = ldc * 4;
+    configure_tiles();
+    // SAFETY: operands as documented; this thread's tiles are configured.
+    unsafe {
+        if overwrite {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        } else {
+            std::arch::asm!(
+                "tileloadd tmm0, [{c} + {ldc}*1]",
+                "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
+                "tileloadd tmm2, [{c16} + {ldc}*1]",
+                "tileloadd tmm3, [{c16} + {ldc}*1 + 64]",
+                c = in(reg) c,
+                c16 = in(reg) c.add(16 * ldc),
+                ldc = in(reg) ldc_bytes,
+                options(nostack, readonly),
+            );
+        }
+        std::arch::asm!(
+            "2:",
+            "tileloadd tmm4, [{a} + {s64}*1]",
+            "tileloadd tmm6, [{b} + {s64}*1]",
+            "tileloadd tmm5, [{a} + {s64}*1 + 1024]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a}, 2048",
+            "add {b}, 2048",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{c} + {ldc}*1], tmm0",
+            "tilestored [{c} + {ldc}*1 + 64], tmm1",
+            "tilestored [{c16} + {ldc}*1], tmm2",
+            "tilestored [{c16} + {ldc}*1 + 64], tmm3",
+            c = in(reg) c,
+            c16 = in(reg) c.add(16 * ldc),
+            ldc = in(reg) ldc_bytes,
+            s64 = in(reg) 64usize,
+            a = inout(reg) a => _,
+            b = inout(reg) b => _,
+            n = inout(reg) steps => _,
+            options(nostack),
+        );
+    }
+}

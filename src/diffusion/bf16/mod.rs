@@ -1,0 +1,242 @@
+//! bf16 matrix multiplication on the CPU: `C (f32) += A · B` with both operands
+//! rounded to bf16 and products summed in f32, what PyTorch's CPU bf16 matmul (oneDNN)
+//! computes. It backs the `bf16` dtype on the CPU ([`super::linear`], [`super::conv`]):
+//! weights are stored packed in bf16 (half the memory of f32), activations stay f32
+//! between layers and are rounded to bf16 as they enter a matmul.
+//!
+//! [`gemm`] is blocked in the classic GotoBLAS way (Goto & van de Geijn 2008, "Anatomy of
+//! High-Performance Matrix Multiplication"): macro tiles of C sized for the L2 cache run
+//! on all cores, inner 32×32 blocks run a [`kernel`]: Intel AMX tile instructions where
+//! the CPU and OS allow them ([`amx_usable`]), else a portable kernel (correct, but
+//! slower than the f32 path: without AMX, use f32).
+
+pub mod kernel;
+pub mod pack;
+
+pub use pack::{PackedA, PackedB};
+
+use pack::BLOCK;
+use rayon::prelude::*;
+
+/// Which inner kernel [`gemm`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Intel AMX (`TDPBF16PS`).
+    Amx,
+    /// Plain Rust.
+    Portable,
+}
+
+impl Kernel {
+    /// AMX when [`amx_usable`], else portable. `SDSERVE_AMX=0` forces portable.
+    pub fn best() -> Self {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let off = std::env::var("SDSERVE_AMX").is_ok_and(|v| v == "0" || v == "false");
+            if !off && amx_usable() {
+                Kernel::Amx
+            } else {
+                Kernel::Portable
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Portable => "portable",
+        }
+    }
+}
+
+/// True when the CPU has AMX-BF16 and the kernel lets this process use the tile
+/// registers (Linux asks each process to request them: `arch_prctl(ARCH_REQ_XCOMP_PERM,
+/// XFEATURE_XTILEDATA)`; the request is made here, once).
+pub fn amx_usable() -> bool {
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(detect_amx)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect_amx() -> bool {
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+    if std::arch::x86_64::__cpuid(0).eax < 7 {
+        return false;
+    }
+    let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+    if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain syscall with integer arguments.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect_amx() -> bool {
+    false
+}
+
+/// Blocks of C (per side) in one macro tile: 4 × 8 blocks = 128 rows × 256 columns,
+/// whose A (128 × 1024 bf16) and B (1024 × 256) slices and C (128 KB) fit in L2.
+const MACRO_M: usize = 4;
+const MACRO_N: usize = 8;
+/// k-steps (of 32) per pass over a macro tile.
+const K_STEPS: usize = 32;
+
+/// A raw pointer that may cross threads: macro tiles write disjoint blocks of C.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// How [`gemm`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub kernel: Kernel,
+    /// `C = A · B` instead of `C += A · B` (C's old values are not read).
+    pub overwrite: bool,
+    /// Spread macro tiles over rayon's threads (off for calls already inside a
+    /// parallel loop with small products).
+    pub parallel: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            kernel: Kernel::best(),
+            overwrite: false,
+            parallel: true,
+        }
+    }
+}
+
+/// `C += A · B` (or `=`, see [`Options`]): `c` holds `a.rows()` rows of `b.cols()`
+/// f32, `ldc` apart.
+///
+/// Panics when the shapes disagree or `c` is too short.
+pub fn gemm(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, opts: Options) {
+    let kernel = opts.kernel;
+    let (m, n) = (a.m, b.n);
+    assert_eq!(a.k, b.k, "bf16 gemm: A has depth {}, B {}", a.k, b.k);
+    assert!(ldc >= n, "bf16 gemm: ldc {ldc} < n {n}");
+    assert!(
+        m == 0 || c.len() >= (m - 1) * ldc + n,
+        "bf16 gemm: C too short"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if a.steps == 0 {
+        if opts.overwrite {
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    if kernel == Kernel::Amx {
+        assert!(amx_usable(), "bf16 gemm: AMX asked for but not usable");
+    }
+    let (mb, nb) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
+    let (mt, nt) = (mb.div_ceil(MACRO_M), nb.div_ceil(MACRO_N));
+    let c = SendPtr(c.as_mut_ptr());
+    let run = |t: usize| {
+        let (ti, tj) = (t / nt, t % nt);
+        let blocks_m = ti * MACRO_M..((ti + 1) * MACRO_M).min(mb);
+        let blocks_n = tj * MACRO_N..((tj + 1) * MACRO_N).min(nb);
+        let mut scratch = [0f32; BLOCK * BLOCK];
+        for s0 in (0..a.steps).step_by(K_STEPS) {
+            let steps = K_STEPS.min(a.steps - s0);
+            for j in blocks_n.clone() {
+                for i in blocks_m.clone() {
+                    // SAFETY: block (i, j) of C lies within the `m × n` area checked
+                    // above and belongs to this macro tile alone.
+                    let fresh = opts.overwrite && s0 == 0;
+                    unsafe {
+                        block(
+                            a,
+                            b,
+                            c.get(),
+                            ldc,
+                            (i, j),
+                            (s0, steps),
+                            (kernel, fresh),
+                            &mut scratch,
+                        )
+                    };
+                }
+            }
+        }
+    };
+    let tiles = mt * nt;
+    if opts.parallel && tiles > 1 && rayon::current_num_threads() > 1 {
+        (0..tiles).into_par_iter().for_each(run);
+    } else {
+        (0..tiles).for_each(run);
+    }
+}
+
+/// One 32×32 block `(i, j)` of C over k-steps `s0..s0 + steps` (`fresh`: C's old
+/// values are ignored); edge blocks go through `scratch`.
+///
+/// # Safety
+/// As [`gemm`]'s checks, and no other thread touches block `(i, j)`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    a: &PackedA,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    (i, j): (usize, usize),
+    (s0, steps): (usize, usize),
+    (kernel, fresh): (Kernel, bool),
+    scratch: &mut [f32; BLOCK * BLOCK],
+) {
+    let ap = a.block(i, s0);
+    let bp = b.block(j, s0);
+    let rows = BLOCK.min(a.m - i * BLOCK);
+    let cols = BLOCK.min(b.n - j * BLOCK);
+    // SAFETY (whole body): the block's rows × cols values of C are in bounds.
+    let cb = unsafe { c.add(i * BLOCK * ldc + j * BLOCK) };
+    let run = |dst: *mut f32, ld: usize| unsafe {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx => kernel::amx(ap, bp, steps, dst, ld, fresh),
+            _ => kernel::portable(ap, bp, steps, dst, ld, fresh),
+        }
+    };
+    if rows == BLOCK && cols == BLOCK {
+        run(cb, ldc);
+        return;
+    }
+    scratch.fill(0.0);
+    for r in (0..rows).filter(|_| !fresh) {
+        unsafe {
+            std::ptr::copy_nonoverlapping(cb.add(r * ldc), scratch[r * BLOCK..].as_mut_ptr(), cols)
+        };
+    }
+    run(scratch.as_mut_ptr(), BLOCK);
+    for r in 0..rows {
+        unsafe {
+            std::ptr::copy_nonoverlapping(scratch[r * BLOCK..].as_ptr(), cb.add(r * ldc), cols)
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests;
