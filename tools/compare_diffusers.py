@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side by side: sdserve against diffusers (PyTorch f32, CPU) on the same model.
+"""Side by side: sdserve against diffusers (PyTorch on the CPU, f32 or bf16) on the same model.
 
 Same model folder, size, steps, scheduler, guidance, prompts and starting latents, with both
 computing on the same number of threads (torch.set_num_threads(N) for diffusers,
@@ -9,10 +9,16 @@ seconds per guided denoising step, VAE decode, text encoder, end to end (text en
 denoise + decode, the scope of sdserve's `generate`), model load, process wall time, peak
 RSS, and the ratio sdserve/diffusers; then how far the two images are apart.
 
+With --dtype bf16, sdserve runs its mixed precision (bf16 matmuls, f32 in between) and
+diffusers runs the pipeline in torch.bfloat16; a third process runs diffusers in f32, and
+the last lines give each side's distance (PSNR, mean and max |diff|) from that f32 image:
+the quality cost of bf16.
+
     cargo build --release                                     # target/release/sdserve
     /work/venv/sd/bin/python tools/make_fullsize_model.py     # models/sd15-random (once)
     /work/venv/sd/bin/python tools/compare_diffusers.py --size 256 --steps 4
     /work/venv/sd/bin/python tools/compare_diffusers.py --size 256 --size 512 --steps 4 --json results.json
+    /work/venv/sd/bin/python tools/compare_diffusers.py --size 512 --steps 4 --dtype bf16
 
 Timings on the sdserve side come from the `generate` log line (text_encoder_s, denoise_s,
 vae_decode_s; RUST_LOG=info, JSON log format). On the diffusers side: the pipeline runs with
@@ -56,6 +62,9 @@ KINDS = {
 # diffusers side (child process: `compare_diffusers.py --worker diffusers ...`)
 # ---------------------------------------------------------------------------------------
 
+TORCH_DTYPES = {}
+
+
 def diffusers_worker(args):
     import numpy as np
     import torch
@@ -63,16 +72,18 @@ def diffusers_worker(args):
 
     import diffusers
 
+    TORCH_DTYPES.update(f32=torch.float32, bf16=torch.bfloat16)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        args.model, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+        args.model, dtype=TORCH_DTYPES[args.dtype], safety_checker=None,
+        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     cls, implied = KINDS[args.scheduler]
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **implied)
     load_s = time.perf_counter() - t0
 
-    latents = load_file(args.latents)["latents"]
+    latents = load_file(args.latents)["latents"].to(TORCH_DTYPES[args.dtype])
     unet_calls = []
     step_ends = []
 
@@ -180,6 +191,9 @@ def compare_one(args, size, work: pathlib.Path) -> dict:
 
     results = {}
     order = ["sdserve", "diffusers"] if not args.diffusers_first else ["diffusers", "sdserve"]
+    if args.dtype != "f32":
+        # The quality cost of lower precision: both sides against diffusers in f32.
+        order.append("reference")
     for side in order:
         print(f"  running {side} at {size}px ...", file=sys.stderr, flush=True)
         if side == "sdserve":
@@ -188,7 +202,7 @@ def compare_one(args, size, work: pathlib.Path) -> dict:
                    "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
                    "--steps", str(args.steps), "--guidance", str(args.guidance),
                    "--scheduler", args.scheduler, "--width", str(size), "--height", str(size),
-                   "--latents", str(latents_path), "--output", str(png)]
+                   "--latents", str(latents_path), "--output", str(png), "--dtype", args.dtype]
             wall, rss, log = run_child(cmd, dict(env, RUST_LOG="info", SDSERVE_LOG_FORMAT="json"),
                                        work / f"sdserve-{size}.log")
             t = sdserve_timings(log)
@@ -200,14 +214,15 @@ def compare_one(args, size, work: pathlib.Path) -> dict:
             }
             image = np.asarray(Image.open(png).convert("RGB"))
         else:
-            npy = work / f"diffusers-{size}.npy"
-            res = work / f"diffusers-{size}.json"
+            npy = work / f"{side}-{size}.npy"
+            res = work / f"{side}-{size}.json"
+            dtype = "f32" if side == "reference" else args.dtype
             cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", "diffusers",
                    "--model", str(args.model), "--size", str(size), "--steps", str(args.steps),
                    "--guidance", str(args.guidance), "--scheduler", args.scheduler,
                    "--threads", str(args.threads), "--latents", str(latents_path),
-                   "--image", str(npy), "--result", str(res)]
-            wall, rss, _ = run_child(cmd, env, work / f"diffusers-{size}.log")
+                   "--image", str(npy), "--result", str(res), "--dtype", dtype]
+            wall, rss, _ = run_child(cmd, env, work / f"{side}-{size}.log")
             r = json.loads(res.read_text())
             image = np.load(npy)
             r["unet_s_per_call_median"] = float(np.median(r["unet_s_per_call"]))
@@ -221,16 +236,30 @@ def compare_one(args, size, work: pathlib.Path) -> dict:
     b = results["diffusers"].pop("_image").astype(np.int16)
     if a.shape != b.shape:
         raise SystemExit(f"image shapes differ: sdserve {a.shape}, diffusers {b.shape}")
+    results["image"] = dict(image_distance(a, b),
+                            saturated_fraction_diffusers=float(((b == 0) | (b == 255)).mean()),
+                            mean_value_diffusers=float(b.mean()),
+                            std_value_diffusers=float(b.std()))
+    if "reference" in results:
+        ref = results.pop("reference")
+        f32 = ref.pop("_image").astype(np.int16)
+        results["quality"] = {
+            "sdserve_vs_f32": image_distance(a, f32),
+            "diffusers_vs_f32": image_distance(b, f32),
+        }
+    return results
+
+
+def image_distance(a, b) -> dict:
+    import numpy as np
     d = np.abs(a - b)
-    results["image"] = {
+    mse = float((d.astype(np.float64) ** 2).mean())
+    return {
         "max_abs_diff": int(d.max()),
         "mean_abs_diff": float(d.mean()),
         "pixels_differing_over_2": float((d > 2).mean()),
-        "saturated_fraction_diffusers": float(((b == 0) | (b == 255)).mean()),
-        "mean_value_diffusers": float(b.mean()),
-        "std_value_diffusers": float(b.std()),
+        "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse)),
     }
-    return results
 
 
 ROWS = [
@@ -246,7 +275,8 @@ ROWS = [
 
 def print_table(size, steps, r):
     s, d = r["sdserve"], r["diffusers"]
-    print(f"\n{size}x{size}, {steps} steps, CFG, threads={ARGS.threads}, scheduler={ARGS.scheduler}")
+    print(f"\n{size}x{size}, {steps} steps, CFG, threads={ARGS.threads}, scheduler={ARGS.scheduler}, "
+          f"dtype={ARGS.dtype}")
     print(f"| {'':36} | {'sdserve':>9} | {'diffusers':>9} | {'sdserve/diffusers':>17} |")
     print(f"|{'-' * 38}|{'-' * 11}|{'-' * 11}|{'-' * 19}|")
     for label, key, fmt in ROWS:
@@ -258,6 +288,10 @@ def print_table(size, steps, r):
           f"{100 * im['pixels_differing_over_2']:.3f}% of values differ by >2; "
           f"diffusers image mean {im['mean_value_diffusers']:.1f} std {im['std_value_diffusers']:.1f}, "
           f"{100 * im['saturated_fraction_diffusers']:.1f}% saturated")
+    for side, q in r.get("quality", {}).items():
+        print(f"quality, {side.replace('_vs_f32', '')} {ARGS.dtype} vs diffusers f32: "
+              f"PSNR {q['psnr_db']:.1f} dB, mean |diff| {q['mean_abs_diff']:.3f}/255, "
+              f"max {q['max_abs_diff']}/255")
 
 
 def main():
@@ -274,6 +308,8 @@ def main():
     ap.add_argument("--diffusers-first", action="store_true", help="run diffusers before sdserve")
     ap.add_argument("--keep", type=pathlib.Path, help="keep images and logs in this folder")
     ap.add_argument("--json", type=pathlib.Path, help="also write all numbers here")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                    help="both sides; with bf16, diffusers also runs in f32 as the quality reference")
     # worker mode (internal)
     ap.add_argument("--worker", choices=["diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--latents", help=argparse.SUPPRESS)
@@ -294,6 +330,7 @@ def main():
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; threads {args.threads}",
           file=sys.stderr)
     all_results = {"threads": args.threads, "steps": args.steps, "scheduler": args.scheduler,
+                   "dtype": args.dtype,
                    "guidance": args.guidance, "model": str(args.model), "load_before": load,
                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:

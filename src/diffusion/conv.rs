@@ -368,10 +368,12 @@ impl CustomOp1 for Bf16Conv {
         }
         let (ho, wo) = g.out_size(h, w)?;
         let hw_out = ho * wo;
-        let mut out = vec![0f32; b * g.c_out * hw_out];
-        if let Some(bias) = &g.bias {
-            for (plane, &v) in out.chunks_mut(hw_out).zip(bias.iter().cycle()) {
-                plane.fill(v);
+        // Start from the bias (the products are accumulated onto it), written once.
+        let mut out = Vec::with_capacity(b * g.c_out * hw_out);
+        for _ in 0..b {
+            for co in 0..g.c_out {
+                let v = g.bias.as_ref().map_or(0.0, |bias| bias[co]);
+                out.resize(out.len() + hw_out, v);
             }
         }
         let p = g.padding;
@@ -398,6 +400,7 @@ impl CustomOp1 for Bf16Conv {
         } else {
             Vec::new()
         };
+        let mut rhs = PackedB::with_capacity(koff.len(), tile);
         for (xb, ob) in x.chunks(c * h * w).zip(out.chunks_mut(g.c_out * hw_out)) {
             let src: &[f32] = if p > 0 {
                 for (dst, plane) in padded.chunks_mut(hp * wp).zip(xb.chunks(h * w)) {
@@ -411,7 +414,7 @@ impl CustomOp1 for Bf16Conv {
             };
             for p0 in (0..hw_out).step_by(tile) {
                 let cols = &poff[p0..(p0 + tile).min(hw_out)];
-                let rhs = PackedB::from_gather(src, &koff, cols);
+                rhs.refill_gather(src, &koff, cols);
                 gemm(
                     &self.weight,
                     &rhs,

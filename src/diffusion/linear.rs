@@ -116,15 +116,19 @@ impl CustomOp1 for Bf16Linear {
         }
         let m = x.len() / k;
         let a = PackedA::from_rows(x, m, k, k);
-        let mut out = vec![0f32; m * n];
         let mut opts = Options::default();
-        match &self.bias {
-            // The products are accumulated onto the bias.
-            Some(b) => out
-                .chunks_exact_mut(n)
-                .for_each(|row| row.copy_from_slice(b)),
-            None => opts.overwrite = true,
-        }
+        let mut out = match &self.bias {
+            // The products are accumulated onto the bias, written once.
+            Some(b) => {
+                let mut out = Vec::with_capacity(m * n);
+                (0..m).for_each(|_| out.extend_from_slice(b));
+                out
+            }
+            None => {
+                opts.overwrite = true;
+                vec![0f32; m * n]
+            }
+        };
         gemm(&a, &self.weight, &mut out, n, opts);
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap() = n;

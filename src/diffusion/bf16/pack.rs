@@ -192,10 +192,31 @@ impl PackedB {
     ///
     /// Panics when an offset reaches past `src`.
     pub fn from_gather(src: &[f32], koff: &[usize], poff: &[usize]) -> Self {
+        let mut b = Self::zeroed(koff.len(), poff.len());
+        b.refill_gather(src, koff, poff);
+        b
+    }
+
+    /// An all-zero operand of depth `k` with room for `n` columns, for
+    /// [`Self::refill_gather`].
+    pub fn with_capacity(k: usize, n: usize) -> Self {
+        Self::zeroed(k, n)
+    }
+
+    /// [`Self::from_gather`] into this operand's storage (`koff.len()` must be its
+    /// depth, `poff.len()` at most the columns it was made for): the columns become
+    /// `poff.len()`. Values left in padding columns of the last block only reach
+    /// columns of C past the new width, which are never written.
+    pub fn refill_gather(&mut self, src: &[f32], koff: &[usize], poff: &[usize]) {
         let (k, n) = (koff.len(), poff.len());
-        let mut b = Self::zeroed(k, n);
+        assert_eq!(k, self.k, "B: refilled with depth {k}, made for {}", self.k);
+        let per_block = self.steps * STEP_ELEMS * 2;
+        let capacity = if per_block == 0 { usize::MAX } else { self.data.bytes() / per_block * BLOCK };
+        assert!(n <= capacity, "B: {n} columns, room for {capacity}");
+        self.n = n;
+        let b = self;
         if k == 0 || n == 0 {
-            return b;
+            return;
         }
         let reach = koff.iter().max().unwrap() + poff.iter().max().unwrap();
         assert!(
@@ -252,7 +273,7 @@ impl PackedB {
                 }
             }
         };
-        let words = b.data.words();
+        let words = &mut b.data.words()[..n.div_ceil(BLOCK) * words_per_block];
         let group_words = GROUP * words_per_block;
         if k * n >= 1 << 15 {
             words
@@ -265,7 +286,6 @@ impl PackedB {
                 .enumerate()
                 .for_each(pack_group);
         }
-        b
     }
 
     pub fn depth(&self) -> usize {

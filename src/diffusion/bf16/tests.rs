@@ -143,3 +143,22 @@ fn rounding_is_to_nearest_even_like_pytorch() {
     assert!(f32::from_bits((to_bf16(f32::NAN) as u32) << 16).is_nan());
     assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
 }
+
+#[test]
+fn refilled_operand_with_fewer_columns_multiplies_like_a_fresh_one() {
+    let (m, k) = (40, 70);
+    let a = values(m * k, 7);
+    let pa = PackedA::from_rows(&a, m, k, k);
+    let mut reused = PackedB::with_capacity(k, 300);
+    for n in [300, 257, 33, 1] {
+        let b = values(k * n, n as u64);
+        let koff: Vec<usize> = (0..k).map(|kk| kk * n).collect();
+        let poff: Vec<usize> = (0..n).collect();
+        reused.refill_gather(&b, &koff, &poff);
+        assert_eq!(reused.cols(), n);
+        let (mut got, mut want) = (vec![0f32; m * n], vec![0f32; m * n]);
+        gemm(&pa, &reused, &mut got, n, Options::default());
+        gemm(&pa, &PackedB::from_rows(&b, k, n, n), &mut want, n, Options::default());
+        assert_eq!(got, want, "{n} columns");
+    }
+}
