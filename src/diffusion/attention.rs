@@ -510,7 +510,7 @@ fn exp_shifted_in_place(row: &mut [f32], max: f32) -> f32 {
 /// `x = n ln 2 + r`, `|r| ≤ ln 2 / 2`, and Cephes' `expf` polynomial for `eʳ`, about
 /// 1 ulp. Inputs are clamped to [-87.3, 88.3], where the result is a normal f32.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 = LN2_HI + LN2_LO, LN2_HI with few enough bits that n · LN2_HI is exact.
     const LN2_HI: f32 = 0.693_359_4;

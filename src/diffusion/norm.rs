@@ -139,37 +139,94 @@ impl CustomOp3 for FusedGroupNorm {
             .enumerate()
             .for_each(|(i, (dst, src))| {
                 let g = i % self.groups;
-                let n = src.len() as f64;
-                // Two passes like torch/candle (mean, then squared deviations), in f64.
-                let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
-                let var = src
-                    .iter()
-                    .map(|&v| {
-                        let d = v as f64 - mean;
-                        d * d
-                    })
-                    .sum::<f64>()
-                    / n;
-                let rstd = 1.0 / (var + self.eps).sqrt();
-                for ci in 0..per_group {
-                    let ch = g * per_group + ci;
-                    let scale = (rstd * weight[ch] as f64) as f32;
-                    let shift = (bias[ch] as f64 - mean * rstd * weight[ch] as f64) as f32;
-                    let range = ci * spatial..(ci + 1) * spatial;
-                    let (d, s) = (&mut dst[range.clone()], &src[range]);
-                    if self.silu {
-                        for (o, &v) in d.iter_mut().zip(s) {
-                            let y = v * scale + shift;
-                            *o = y / (1.0 + (-y).exp());
-                        }
-                    } else {
-                        for (o, &v) in d.iter_mut().zip(s) {
-                            *o = v * scale + shift;
-                        }
-                    }
-                }
+                let chans = g * per_group..(g + 1) * per_group;
+                let group = Group {
+                    spatial,
+                    weight: &weight[chans.clone()],
+                    bias: &bias[chans],
+                    eps: self.eps,
+                    silu: self.silu,
+                };
+                normalize(&group, dst, src);
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// One group's channels: their scales, shifts and plane size.
+struct Group<'a> {
+    spatial: usize,
+    weight: &'a [f32],
+    bias: &'a [f32],
+    eps: f64,
+    silu: bool,
+}
+
+/// Normalises one group (`src` → `dst`), with AVX-512 or AVX2 where the CPU has them.
+fn normalize(g: &Group, dst: &mut [f32], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { normalize_avx512(g, dst, src) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { normalize_avx2(g, dst, src) };
+        }
+    }
+    normalize_body(g, dst, src)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn normalize_avx512(g: &Group, dst: &mut [f32], src: &[f32]) {
+    normalize_body(g, dst, src)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn normalize_avx2(g: &Group, dst: &mut [f32], src: &[f32]) {
+    normalize_body(g, dst, src)
+}
+
+/// Independent f64 accumulators (one AVX-512 register), so the sums vectorise.
+const LANES: usize = 8;
+
+/// Sum of `f(x)` over `xs` in f64, in [`LANES`] independent lanes.
+#[inline(always)]
+fn sum_f64(xs: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            lanes[i] += f(c[i] as f64);
+        }
+    }
+    lanes.iter().sum::<f64>() + chunks.remainder().iter().map(|&v| f(v as f64)).sum::<f64>()
+}
+
+#[inline(always)]
+fn normalize_body(g: &Group, dst: &mut [f32], src: &[f32]) {
+    let n = src.len() as f64;
+    // Two passes like torch/candle (mean, then squared deviations), in f64.
+    let mean = sum_f64(src, |v| v) / n;
+    let var = sum_f64(src, |v| (v - mean) * (v - mean)) / n;
+    let rstd = 1.0 / (var + g.eps).sqrt();
+    let planes = dst.chunks_exact_mut(g.spatial).zip(src.chunks_exact(g.spatial));
+    for ((d, s), (&w, &b)) in planes.zip(g.weight.iter().zip(g.bias)) {
+        let scale = (rstd * w as f64) as f32;
+        let shift = (b as f64 - mean * rstd * w as f64) as f32;
+        if g.silu {
+            for (o, &v) in d.iter_mut().zip(s) {
+                let y = v * scale + shift;
+                *o = y / (1.0 + super::attention::exp(-y));
+            }
+        } else {
+            for (o, &v) in d.iter_mut().zip(s) {
+                *o = v * scale + shift;
+            }
+        }
     }
 }
 
