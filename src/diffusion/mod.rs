@@ -1,5 +1,6 @@
 //! Stable Diffusion on candle: model loading, text encoding, denoising, decoding.
 
+pub mod activations;
 pub mod attention;
 pub mod bf16;
 pub mod clip;

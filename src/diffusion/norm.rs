@@ -213,7 +213,9 @@ fn normalize_body(g: &Group, dst: &mut [f32], src: &[f32]) {
     let mean = sum_f64(src, |v| v) / n;
     let var = sum_f64(src, |v| (v - mean) * (v - mean)) / n;
     let rstd = 1.0 / (var + g.eps).sqrt();
-    let planes = dst.chunks_exact_mut(g.spatial).zip(src.chunks_exact(g.spatial));
+    let planes = dst
+        .chunks_exact_mut(g.spatial)
+        .zip(src.chunks_exact(g.spatial));
     for ((d, s), (&w, &b)) in planes.zip(g.weight.iter().zip(g.bias)) {
         let scale = (rstd * w as f64) as f32;
         let shift = (b as f64 - mean * rstd * w as f64) as f32;

@@ -17,6 +17,7 @@
 //! Every tensor is requested under diffusers' `state_dict` name and shape, and nothing
 //! else is requested. Construction does no tensor arithmetic (weights are only viewed).
 
+use crate::diffusion::activations::geglu;
 use crate::diffusion::attention::attention;
 use crate::diffusion::conv::{Conv2d, conv2d};
 use crate::diffusion::linear::{Linear, linear, linear_no_bias, packs_bf16, parameters};
@@ -236,9 +237,16 @@ impl Attention {
 /// value and gate come out of two matmuls contiguous.
 #[derive(Debug)]
 pub struct FeedForward {
-    value: Linear,
-    gate: Linear,
+    proj: Geglu,
     out: Linear,
+}
+
+/// `net.0`: two halves (f32, candle's GELU), or in mixed precision one bf16 linear whose
+/// output holds both, gated by [`super::activations::geglu`].
+#[derive(Debug)]
+enum Geglu {
+    Halves { value: Linear, gate: Linear },
+    Fused(Linear),
 }
 
 impl FeedForward {
@@ -247,22 +255,34 @@ impl FeedForward {
         let proj = parameters(&vb.pp("net.0.proj"));
         let w = proj.get((2 * inner, dim), "weight")?;
         let b = proj.get(2 * inner, "bias")?;
-        let half = |i: usize| -> Result<Linear> {
-            Linear::new(
-                w.narrow(0, i * inner, inner)?,
-                Some(b.narrow(0, i * inner, inner)?),
-                packs_bf16(&vb),
-            )
+        let proj = if packs_bf16(&vb) {
+            Geglu::Fused(Linear::new(w, Some(b), true)?)
+        } else {
+            let half = |i: usize| -> Result<Linear> {
+                Linear::new(
+                    w.narrow(0, i * inner, inner)?,
+                    Some(b.narrow(0, i * inner, inner)?),
+                    false,
+                )
+            };
+            Geglu::Halves {
+                value: half(0)?,
+                gate: half(1)?,
+            }
         };
         Ok(Self {
-            value: half(0)?,
-            gate: half(1)?,
+            proj,
             out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = (self.value.forward(xs)? * self.gate.forward(xs)?.gelu_erf()?)?;
+        let h = match &self.proj {
+            Geglu::Halves { value, gate } => {
+                (value.forward(xs)? * gate.forward(xs)?.gelu_erf()?)?
+            }
+            Geglu::Fused(proj) => geglu(&proj.forward(xs)?)?,
+        };
         self.out.forward(&h)
     }
 }

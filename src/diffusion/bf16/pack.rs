@@ -210,8 +210,11 @@ impl PackedB {
     pub fn refill_gather(&mut self, src: &[f32], koff: &[usize], poff: &[usize]) {
         let (k, n) = (koff.len(), poff.len());
         assert_eq!(k, self.k, "B: refilled with depth {k}, made for {}", self.k);
-        let per_block = self.steps * STEP_ELEMS * 2;
-        let capacity = if per_block == 0 { usize::MAX } else { self.data.bytes() / per_block * BLOCK };
+        let capacity = self
+            .data
+            .bytes()
+            .checked_div(self.steps * STEP_ELEMS * 2)
+            .map_or(usize::MAX, |blocks| blocks * BLOCK);
         assert!(n <= capacity, "B: {n} columns, room for {capacity}");
         self.n = n;
         let b = self;

@@ -158,7 +158,13 @@ fn refilled_operand_with_fewer_columns_multiplies_like_a_fresh_one() {
         assert_eq!(reused.cols(), n);
         let (mut got, mut want) = (vec![0f32; m * n], vec![0f32; m * n]);
         gemm(&pa, &reused, &mut got, n, Options::default());
-        gemm(&pa, &PackedB::from_rows(&b, k, n, n), &mut want, n, Options::default());
+        gemm(
+            &pa,
+            &PackedB::from_rows(&b, k, n, n),
+            &mut want,
+            n,
+            Options::default(),
+        );
         assert_eq!(got, want, "{n} columns");
     }
 }
