@@ -51,18 +51,23 @@ fn steps_for(k: usize) -> usize {
 
 /// Writes `row` as row `i` of one packed block of A (`out`: all its steps).
 fn pack_row(row: &[f32], out: &mut [u16], i: usize) {
-    let simd = simd::usable();
-    for (s, chunk) in row.chunks(STEP).enumerate() {
-        let dst = &mut out[s * STEP_ELEMS + i * STEP..][..chunk.len()];
-        #[cfg(target_arch = "x86_64")]
-        if simd && chunk.len() == STEP {
-            // SAFETY: 32 values each side; the CPU has the features.
-            unsafe { simd::halves32(chunk.as_ptr(), dst.as_mut_ptr()) };
-            continue;
-        }
+    #[cfg(target_arch = "x86_64")]
+    if simd::usable() {
+        // SAFETY: the CPU has the features.
+        return unsafe { simd::pack_row(row, out, i) };
+    }
+    pack_row_body(row, out, i, |chunk, dst| {
         for (d, &x) in dst.iter_mut().zip(chunk) {
             *d = to_bf16(x);
         }
+    })
+}
+
+/// [`pack_row`]'s loop; `convert` rounds one chunk of up to 32 values.
+#[inline(always)]
+fn pack_row_body(row: &[f32], out: &mut [u16], i: usize, convert: impl Fn(&[f32], &mut [u16])) {
+    for (s, chunk) in row.chunks(STEP).enumerate() {
+        convert(chunk, &mut out[s * STEP_ELEMS + i * STEP..][..chunk.len()]);
     }
 }
 
@@ -370,6 +375,7 @@ mod simd {
     ///
     /// # Safety
     /// 16 values readable at `lo`, `hi`, writable at `dst`; [`usable`] is true.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub unsafe fn pairs16(lo: *const f32, hi: *const f32, dst: *mut u32) {
         // Lanes 0-15 hold lo's bf16, 16-31 hi's; interleave them into (lo_i, hi_i).
@@ -384,10 +390,29 @@ mod simd {
         }
     }
 
+    /// [`super::pack_row`] with whole chunks of 32 converted by [`halves32`].
+    ///
+    /// # Safety
+    /// [`usable`] is true.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn pack_row(row: &[f32], out: &mut [u16], i: usize) {
+        super::pack_row_body(row, out, i, |chunk, dst| {
+            if chunk.len() == 32 {
+                // SAFETY: 32 values each side; the CPU has the features.
+                unsafe { halves32(chunk.as_ptr(), dst.as_mut_ptr()) };
+            } else {
+                for (d, &x) in dst.iter_mut().zip(chunk) {
+                    *d = super::to_bf16(x);
+                }
+            }
+        })
+    }
+
     /// 32 f32 → 32 bf16, in order.
     ///
     /// # Safety
     /// 32 values readable at `src`, writable at `dst`; [`usable`] is true.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub unsafe fn halves32(src: *const f32, dst: *mut u16) {
         unsafe {
