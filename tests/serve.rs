@@ -162,6 +162,46 @@ fn sagemaker_contract_end_to_end() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// `serve --dtype bf16` (CPU mixed precision) answers with the images `generate --dtype
+/// bf16` makes, which are not the f32 ones.
+#[test]
+fn bf16_serve_matches_bf16_generate() {
+    let s = Server::start(&["--model", &tiny(), "--dtype", "bf16"], &[]);
+    let body = json!({"prompt": "a cat", "num_inference_steps": 3, "seed": 5,
+                      "width": 64, "height": 64});
+    let r = invoke(&s, body);
+    assert_eq!(r.status(), 200);
+    let served = decode_images(&r.json().unwrap()).remove(0);
+    let tmp = tempfile::tempdir().unwrap();
+    let cli = |dtype: &str| {
+        let out = tmp.path().join(format!("{dtype}.png"));
+        let o = Command::new(env!("CARGO_BIN_EXE_sdserve"))
+            .args([
+                "generate",
+                "--model",
+                &tiny(),
+                "--prompt",
+                "a cat",
+                "--steps",
+                "3",
+            ])
+            .args([
+                "--seed", "5", "--width", "64", "--height", "64", "--dtype", dtype,
+            ])
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        image::open(&out).unwrap().to_rgb8()
+    };
+    assert!(served == cli("bf16"), "serve and generate differ in bf16");
+    assert!(
+        level_diff(&served, &cli("f32")) > 0,
+        "bf16 gave the f32 image"
+    );
+}
+
 fn assert_bad(r: reqwest::blocking::Response, status: u16, field: Option<&str>) {
     assert_eq!(r.status().as_u16(), status);
     let v: Value = r.json().unwrap();

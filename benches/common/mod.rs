@@ -36,11 +36,21 @@ pub fn full_enabled() -> bool {
     std::env::var("SDSERVE_BENCH_FULL").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// Loads `dir` on the CPU, in f32, or in bf16 mixed precision with
+/// `SDSERVE_BENCH_DTYPE=bf16`.
 pub fn load(dir: &Path) -> StableDiffusion {
     // As the binary does (src/alloc.rs).
     sdserve::alloc::tune();
-    StableDiffusion::load(dir, &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+    let dtype = match std::env::var("SDSERVE_BENCH_DTYPE").as_deref() {
+        Ok("bf16") => Some(candle_core::DType::BF16),
+        Ok("f32") | Err(_) => None,
+        Ok(other) => panic!("SDSERVE_BENCH_DTYPE={other}: use f32 or bf16"),
+    };
+    let opts = LoadOptions {
+        dtype,
+        ..LoadOptions::default()
+    };
+    StableDiffusion::load(dir, &opts).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
 /// A validated request as every front door builds it.

@@ -132,6 +132,16 @@ impl StableDiffusion {
         if !dir.is_dir() {
             return Err(Error::model_file(dir, "no such model folder"));
         }
+        if device.is_cpu() && dtype == DType::BF16 {
+            let kernel = crate::diffusion::bf16::Kernel::best();
+            if kernel == crate::diffusion::bf16::Kernel::Amx {
+                tracing::info!("bf16 mixed precision on the CPU, matmuls on Intel AMX");
+            } else {
+                tracing::warn!(
+                    "bf16 mixed precision on a CPU without usable AMX: a portable kernel computes it, slower than f32; --dtype f32 is faster here"
+                );
+            }
+        }
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = config::read_json(&index_path)?;
         if !SUPPORTED_PIPELINES.contains(&index.class_name.as_str()) {
