@@ -150,11 +150,19 @@ fn sagemaker_contract_end_to_end() {
         .send()
         .unwrap();
     assert_eq!(with_attr.status(), 200);
-    // Batch of one vs image 0 of a batch of two: one level of rounding allowed.
     let single = &decode_images(&with_attr.json().unwrap())[0];
+    // The same fields in the body give the same image (both batches of one: a batch
+    // of two rounds differently, and the random tiny model amplifies that to a few
+    // 8-bit levels, so image 0 of the first request is not the reference).
+    let body = json!({"prompt": "a cat", "negative_prompt": "dog", "guidance_scale": 5.0,
+                      "width": 96, "height": 64, "scheduler": "euler_a", "seed": 11,
+                      "num_inference_steps": 3});
+    let in_body = &decode_images(&invoke(&s, body).json().unwrap())[0];
+    assert!(single == in_body, "custom attributes applied");
+    let d = level_diff(single, &images[0]);
     assert!(
-        level_diff(single, &images[0]) <= 1,
-        "custom attributes applied"
+        d <= 8,
+        "seed 11 alone vs in a batch of two: {d} levels apart"
     );
 
     // SIGTERM: clean exit.

@@ -18,8 +18,8 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use super::bf16::{Options, PackedA, PackedB, gemm};
-use super::contiguous_f32;
 use super::linear::{packs_bf16, parameters};
+use super::{SendPtr, contiguous_f32};
 
 /// Target size of one unfolded tile (bytes).
 const TILE_BYTES: usize = 2 << 20;
@@ -134,19 +134,6 @@ impl Module for Conv2d {
             Self::Candle { candle, .. } => candle.forward(xs),
             Self::Bf16(op) => xs.contiguous()?.apply_op1_no_bwd(op),
         }
-    }
-}
-
-/// A raw pointer that may cross threads: tiles write disjoint output columns.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// Taking `self` makes closures capture the wrapper, not the bare pointer.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -44,6 +44,20 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
+/// A raw pointer that may cross threads, for CPU kernels whose parallel tasks write
+/// disjoint parts of one output.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Taking `self` makes closures capture the wrapper, not the bare pointer.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Helpers shared by the CPU kernels' unit tests.
 #[cfg(test)]
 pub(crate) mod test_util {

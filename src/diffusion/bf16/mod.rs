@@ -15,6 +15,7 @@ pub mod pack;
 
 pub use pack::{PackedA, PackedB};
 
+use super::SendPtr;
 use pack::BLOCK;
 use rayon::prelude::*;
 
@@ -92,18 +93,6 @@ const MACRO_N: usize = 8;
 /// k-steps (of 32) per pass over a macro tile.
 const K_STEPS: usize = 32;
 
-/// A raw pointer that may cross threads: macro tiles write disjoint blocks of C.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// How [`gemm`] runs.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -154,6 +143,7 @@ pub fn gemm(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, opts: Options) 
     }
     let (mb, nb) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
     let (mt, nt) = (mb.div_ceil(MACRO_M), nb.div_ceil(MACRO_N));
+    // Macro tiles write disjoint blocks of C.
     let c = SendPtr(c.as_mut_ptr());
     let run = |t: usize| {
         let (ti, tj) = (t / nt, t % nt);
