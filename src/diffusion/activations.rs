@@ -48,7 +48,8 @@ fn gate(o: &mut [f32], row: &[f32]) {
             // SAFETY: the CPU has AVX-512F (checked just above).
             return unsafe { gate_avx512(o, row) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has AVX2 and FMA (checked just above).
             return unsafe { gate_avx2(o, row) };
         }

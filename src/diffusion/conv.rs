@@ -353,6 +353,9 @@ impl CustomOp1 for Bf16Conv {
                 g.c_in
             );
         }
+        if h * w == 0 || g.c_in == 0 {
+            candle_core::bail!("conv2d: empty input {:?}", layout.shape());
+        }
         let (ho, wo) = g.out_size(h, w)?;
         let hw_out = ho * wo;
         // Start from the bias (the products are accumulated onto it), written once.

@@ -111,7 +111,7 @@ impl CustomOp1 for Bf16Linear {
         let x = contiguous_f32(storage, layout, "linear", "input")?;
         let (k, n) = (self.weight.depth(), self.weight.cols());
         let dims = layout.shape().dims();
-        if dims.last() != Some(&k) {
+        if k == 0 || dims.last() != Some(&k) {
             candle_core::bail!("linear: input {:?} does not end in {k} features", dims);
         }
         let m = x.len() / k;

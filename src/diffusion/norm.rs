@@ -170,8 +170,9 @@ fn normalize(g: &Group, dst: &mut [f32], src: &[f32]) {
             // SAFETY: the CPU has AVX-512F (checked just above).
             return unsafe { normalize_avx512(g, dst, src) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
             return unsafe { normalize_avx2(g, dst, src) };
         }
     }

@@ -84,7 +84,10 @@ static TILE_CONFIG: TileConfig = {
 
 /// Loads [`TILE_CONFIG`] once per thread (`LDTILECFG` costs about as much as a
 /// short kernel call). The configuration is thread state that the OS saves and
-/// restores with the rest; nothing else in this process uses AMX or changes it.
+/// restores with the rest; nothing else in this process uses AMX or changes it (a
+/// library that did, e.g. oneDNN, would need this to reconfigure after it). The tile
+/// state then stays live in the thread (never `TILERELEASE`d): a larger context to
+/// save on switches, in exchange for no per-call configuration.
 #[cfg(target_arch = "x86_64")]
 fn configure_tiles() {
     thread_local! {
@@ -114,7 +117,8 @@ pub unsafe fn amx(
     ldc: usize,
     overwrite: bool,
 ) {
-    debug_assert!(steps > 0);
+    // The loop below runs `steps` times, counting down: 0 would wrap around.
+    assert!(steps > 0, "AMX kernel: no k-steps");
     let ldc_bytes = ldc * 4;
     configure_tiles();
     // SAFETY: operands as documented; this thread's tiles are configured.

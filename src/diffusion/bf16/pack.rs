@@ -233,6 +233,7 @@ impl PackedB {
             src.len()
         );
         let words_per_block = b.steps * STEP_ELEMS / 2;
+        #[cfg(target_arch = "x86_64")]
         let simd = simd::usable();
         // Each task packs GROUP blocks, k pair by k pair: one pass reads GROUP·32
         // neighbouring columns of two rows of B (whole cache lines and pages).
