@@ -40,33 +40,9 @@ impl CustomOp1 for Geglu {
     }
 }
 
-/// One row: `o = row[..n] * gelu(row[n..])`, vectorised where the CPU allows.
-fn gate(o: &mut [f32], row: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { gate_avx512(o, row) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { gate_avx2(o, row) };
-        }
-    }
-    gate_body(o, row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn gate_avx512(o: &mut [f32], row: &[f32]) {
-    gate_body(o, row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gate_avx2(o: &mut [f32], row: &[f32]) {
-    gate_body(o, row)
+simd_dispatch! {
+    /// One row: `o = row[..n] * gelu(row[n..])`, vectorised where the CPU allows.
+    fn gate(o: &mut [f32], row: &[f32]) => gate_body
 }
 
 #[inline(always)]

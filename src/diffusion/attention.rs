@@ -427,34 +427,11 @@ fn attend_tile_bf16(
     }
 }
 
-/// Replaces every row of `scores` (`m` wide) by `exp(x - max(row))` and writes each
-/// row's sum to `sums`: the softmax, unnormalised. Uses AVX-512 or AVX2 where the CPU
-/// has them (detected at run time), else the baseline instruction set.
-fn softmax_rows(scores: &mut [f32], m: usize, sums: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { softmax_rows_avx512(scores, m, sums) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { softmax_rows_avx2(scores, m, sums) };
-        }
-    }
-    softmax_rows_body(scores, m, sums)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn softmax_rows_avx512(scores: &mut [f32], m: usize, sums: &mut [f32]) {
-    softmax_rows_body(scores, m, sums)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn softmax_rows_avx2(scores: &mut [f32], m: usize, sums: &mut [f32]) {
-    softmax_rows_body(scores, m, sums)
+simd_dispatch! {
+    /// Replaces every row of `scores` (`m` wide) by `exp(x - max(row))` and writes each
+    /// row's sum to `sums`: the softmax, unnormalised. Uses AVX-512 or AVX2 where the CPU
+    /// has them (detected at run time), else the baseline instruction set.
+    fn softmax_rows(scores: &mut [f32], m: usize, sums: &mut [f32]) => softmax_rows_body
 }
 
 /// Independent accumulators per row pass: one AVX-512 register of f32.

@@ -138,6 +138,19 @@ impl Module for Conv2d {
 }
 
 impl CpuConv {
+    /// `b` images of `c_out` planes of `hw` values, each plane its channel's bias
+    /// (0 without one), written once.
+    fn bias_planes(&self, b: usize, hw: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(b * self.c_out * hw);
+        for _ in 0..b {
+            for co in 0..self.c_out {
+                let v = self.bias.as_ref().map_or(0.0, |bias| bias[co]);
+                out.resize(out.len() + hw, v);
+            }
+        }
+        out
+    }
+
     fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let ho = (h + 2 * self.padding).checked_sub(self.kh);
         let wo = (w + 2 * self.padding).checked_sub(self.kw);
@@ -278,12 +291,7 @@ impl CustomOp2 for CpuConv {
         let (ho, wo) = self.out_size(h, w)?;
         let hw_out = ho * wo;
         // Start from the bias: the products are accumulated onto it.
-        let mut out = vec![0f32; b * self.c_out * hw_out];
-        if let Some(bias) = &self.bias {
-            for (plane, &v) in out.chunks_mut(hw_out).zip(bias.iter().cycle()) {
-                plane.fill(v);
-            }
-        }
+        let mut out = self.bias_planes(b, hw_out);
         let threads = candle_core::utils::get_num_threads();
         let k = self.c_in * self.kh * self.kw;
         let pointwise = self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0;
@@ -358,14 +366,8 @@ impl CustomOp1 for Bf16Conv {
         }
         let (ho, wo) = g.out_size(h, w)?;
         let hw_out = ho * wo;
-        // Start from the bias (the products are accumulated onto it), written once.
-        let mut out = Vec::with_capacity(b * g.c_out * hw_out);
-        for _ in 0..b {
-            for co in 0..g.c_out {
-                let v = g.bias.as_ref().map_or(0.0, |bias| bias[co]);
-                out.resize(out.len() + hw_out, v);
-            }
-        }
+        // Start from the bias: the products are accumulated onto it.
+        let mut out = g.bias_planes(b, hw_out);
         let p = g.padding;
         let (hp, wp) = (h + 2 * p, w + 2 * p);
         // Offset of each unfolded row (channel, kernel row, kernel column) and of each

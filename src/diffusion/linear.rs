@@ -76,9 +76,7 @@ impl Linear {
             bias,
         }))
     }
-}
 
-impl Linear {
     /// Whether this layer is mixed precision (the layers around it then are too).
     pub fn is_bf16(&self) -> bool {
         matches!(self, Self::Bf16(_))

@@ -162,33 +162,9 @@ struct Group<'a> {
     silu: bool,
 }
 
-/// Normalises one group (`src` → `dst`), with AVX-512 or AVX2 where the CPU has them.
-fn normalize(g: &Group, dst: &mut [f32], src: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { normalize_avx512(g, dst, src) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { normalize_avx2(g, dst, src) };
-        }
-    }
-    normalize_body(g, dst, src)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn normalize_avx512(g: &Group, dst: &mut [f32], src: &[f32]) {
-    normalize_body(g, dst, src)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn normalize_avx2(g: &Group, dst: &mut [f32], src: &[f32]) {
-    normalize_body(g, dst, src)
+simd_dispatch! {
+    /// Normalises one group (`src` → `dst`), with AVX-512 or AVX2 where the CPU has them.
+    fn normalize(g: &Group, dst: &mut [f32], src: &[f32]) => normalize_body
 }
 
 /// Independent f64 accumulators (one AVX-512 register), so the sums vectorise.

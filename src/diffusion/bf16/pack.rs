@@ -32,14 +32,7 @@ pub fn to_bf16(x: f32) -> u16 {
 /// B-tile element pair is).
 #[inline(always)]
 fn pair(lo: f32, hi: f32) -> u32 {
-    let (l, h) = (lo.to_bits(), hi.to_bits());
-    // NaN-free inputs are the norm; the rounding add cannot carry out of 32 bits for
-    // finite values below bf16's max, and inf/NaN keep their exponent.
-    let rl = l.wrapping_add(0x7fff + ((l >> 16) & 1));
-    let rh = h.wrapping_add(0x7fff + ((h >> 16) & 1));
-    let rl = if lo.is_nan() { l | 0x0040_0000 } else { rl };
-    let rh = if hi.is_nan() { h | 0x0040_0000 } else { rh };
-    (rh & 0xffff_0000) | (rl >> 16)
+    ((to_bf16(hi) as u32) << 16) | to_bf16(lo) as u32
 }
 
 /// Blocks of B packed by one task.
@@ -142,15 +135,6 @@ impl PackedA {
         self.m
     }
 
-    pub fn depth(&self) -> usize {
-        self.k
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.bytes()
-    }
-
     /// The packed values of block `blk` from step `step` on.
     pub(super) fn block(&self, blk: usize, step: usize) -> *const u16 {
         self.data.ptr((blk * self.steps + step) * STEP_ELEMS)
@@ -167,7 +151,9 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    fn zeroed(k: usize, n: usize) -> Self {
+    /// An all-zero operand of depth `k` with room for `n` columns, for
+    /// [`Self::refill_gather`].
+    pub fn with_capacity(k: usize, n: usize) -> Self {
         let steps = steps_for(k);
         let data = Buf::zeroed(n.div_ceil(BLOCK) * steps * STEP_ELEMS);
         Self { k, n, steps, data }
@@ -197,15 +183,9 @@ impl PackedB {
     ///
     /// Panics when an offset reaches past `src`.
     pub fn from_gather(src: &[f32], koff: &[usize], poff: &[usize]) -> Self {
-        let mut b = Self::zeroed(koff.len(), poff.len());
+        let mut b = Self::with_capacity(koff.len(), poff.len());
         b.refill_gather(src, koff, poff);
         b
-    }
-
-    /// An all-zero operand of depth `k` with room for `n` columns, for
-    /// [`Self::refill_gather`].
-    pub fn with_capacity(k: usize, n: usize) -> Self {
-        Self::zeroed(k, n)
     }
 
     /// [`Self::from_gather`] into this operand's storage (`koff.len()` must be its
@@ -303,11 +283,6 @@ impl PackedB {
 
     pub fn cols(&self) -> usize {
         self.n
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.bytes()
     }
 
     pub(super) fn block(&self, blk: usize, step: usize) -> *const u16 {
