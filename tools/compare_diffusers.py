@@ -19,6 +19,7 @@ the quality cost of bf16.
     /work/venv/sd/bin/python tools/compare_diffusers.py --size 256 --steps 4
     /work/venv/sd/bin/python tools/compare_diffusers.py --size 256 --size 512 --steps 4 --json results.json
     /work/venv/sd/bin/python tools/compare_diffusers.py --size 512 --steps 4 --dtype bf16
+    /work/venv/sd/bin/python tools/compare_diffusers.py --size 512 --steps 4 --repeat 3   # medians
 
 Timings on the sdserve side come from the `generate` log line (text_encoder_s, denoise_s,
 vae_decode_s; RUST_LOG=info, JSON log format). On the diffusers side: the pipeline runs with
@@ -37,6 +38,7 @@ import json
 import os
 import pathlib
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -173,7 +175,7 @@ def sdserve_timings(log: str) -> dict:
     raise SystemExit(f"no timing line in sdserve's log:\n{log[-4000:]}")
 
 
-def compare_one(args, size, work: pathlib.Path) -> dict:
+def compare_one(args, size, work: pathlib.Path, diffusers_first: bool) -> dict:
     import numpy as np
     import torch
     from PIL import Image
@@ -190,7 +192,7 @@ def compare_one(args, size, work: pathlib.Path) -> dict:
                RAYON_NUM_THREADS=str(args.threads))
 
     results = {}
-    order = ["sdserve", "diffusers"] if not args.diffusers_first else ["diffusers", "sdserve"]
+    order = ["diffusers", "sdserve"] if diffusers_first else ["sdserve", "diffusers"]
     if args.dtype != "f32":
         # The quality cost of lower precision: both sides against diffusers in f32.
         order.append("reference")
@@ -294,6 +296,19 @@ def print_table(size, steps, r):
               f"max {q['max_abs_diff']}/255")
 
 
+def print_summary(size, runs):
+    """Per-run ratios and their median, for --repeat."""
+    print(f"\n{size}x{size}, {len(runs)} runs (first side of each run: "
+          f"{', '.join(r['first'] for r in runs)})")
+    print(f"| {'sdserve/diffusers':36} | {'per run':>23} | {'median':>7} |")
+    print(f"|{'-' * 38}|{'-' * 25}|{'-' * 9}|")
+    for label, key, _ in ROWS:
+        ratios = [r["sdserve"][key] / r["diffusers"][key] if r["diffusers"][key] else float("nan")
+                  for r in runs]
+        per_run = " ".join(f"{x:.2f}" for x in ratios)
+        print(f"| {label:36} | {per_run:>23} | {statistics.median(ratios):>7.2f} |")
+
+
 def main():
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -306,6 +321,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="torch seed of the starting latents")
     ap.add_argument("--sdserve", type=pathlib.Path, default=ROOT / "target/release/sdserve")
     ap.add_argument("--diffusers-first", action="store_true", help="run diffusers before sdserve")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per size, alternating which side goes first (the first process of a "
+                         "run was measured up to 15%% slower on a shared host); prints each run, then "
+                         "the per-run ratios and their median")
     ap.add_argument("--keep", type=pathlib.Path, help="keep images and logs in this folder")
     ap.add_argument("--json", type=pathlib.Path, help="also write all numbers here")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
@@ -321,6 +340,8 @@ def main():
         args.size = args.size[0]
         return diffusers_worker(args)
 
+    if args.repeat < 1:
+        raise SystemExit("--repeat: at least 1")
     if not args.sdserve.is_file():
         raise SystemExit(f"{args.sdserve} not found: build it with `cargo build --release`")
     if not (args.model / "model_index.json").is_file():
@@ -337,11 +358,18 @@ def main():
         work = args.keep or pathlib.Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for size in sizes:
-            r = compare_one(args, size, work)
-            r["load_after"] = os.getloadavg()
-            all_results["sizes"][size] = r
-            print_table(size, args.steps, r)
-            print(f"load average after: {' '.join(f'{x:.2f}' for x in r['load_after'])}")
+            runs = []
+            for i in range(args.repeat):
+                diffusers_first = args.diffusers_first != (i % 2 == 1)
+                r = compare_one(args, size, work, diffusers_first)
+                r["load_after"] = os.getloadavg()
+                r["first"] = "diffusers" if diffusers_first else "sdserve"
+                runs.append(r)
+                print_table(size, args.steps, r)
+                print(f"load average after: {' '.join(f'{x:.2f}' for x in r['load_after'])}")
+            if args.repeat > 1:
+                print_summary(size, runs)
+            all_results["sizes"][size] = runs[0] if args.repeat == 1 else runs
     if args.json:
         args.json.write_text(json.dumps(all_results, indent=2, default=float) + "\n")
 
