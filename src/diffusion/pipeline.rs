@@ -133,13 +133,17 @@ impl StableDiffusion {
             return Err(Error::model_file(dir, "no such model folder"));
         }
         if device.is_cpu() && dtype == DType::BF16 {
-            let kernel = crate::diffusion::bf16::Kernel::best();
-            if kernel == crate::diffusion::bf16::Kernel::Amx {
-                tracing::info!("bf16 mixed precision on the CPU, matmuls on Intel AMX");
-            } else {
-                tracing::warn!(
-                    "bf16 mixed precision on a CPU without usable AMX: a portable kernel computes it, slower than f32; --dtype f32 is faster here"
-                );
+            use crate::diffusion::bf16::Kernel;
+            match Kernel::best() {
+                Kernel::Amx => {
+                    tracing::info!("bf16 mixed precision on the CPU, matmuls on Intel AMX")
+                }
+                Kernel::Avx2 => tracing::info!(
+                    "bf16 mixed precision on the CPU, matmuls with AVX2 on bf16 widened to f32 (no AMX): half the weight memory of f32, somewhat slower than --dtype f32"
+                ),
+                Kernel::Portable => tracing::warn!(
+                    "bf16 mixed precision on a CPU without AMX or AVX2: a portable kernel computes it, far slower than f32; --dtype f32 is faster here"
+                ),
             }
         }
         let index_path = dir.join("model_index.json");

@@ -172,3 +172,96 @@ pub unsafe fn amx(
         );
     }
 }
+
+/// AVX2 and FMA (x86-64 CPUs without AMX, e.g. AMD Zen 2/3): per k-step the 32×32 bf16
+/// blocks of A and B are widened to f32 (a bf16 is the top half of an f32: a shift or
+/// a mask) into L1-resident scratch, then multiplied in f32 with FMA, four rows × 16
+/// columns of C in registers at a time; the C block is accumulated in f32 scratch and
+/// written once. Same products and f32 sums as [`portable`], in another order.
+///
+/// # Safety
+/// As [`portable`], and the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2(
+    a: *const u16,
+    b: *const u16,
+    steps: usize,
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [0f32; BLOCK * BLOCK];
+    // A as f32 [32 rows][32 k]; B as f32 [32 k][32 columns].
+    let mut af = [0f32; BLOCK * STEP];
+    let mut bf = [0f32; STEP * BLOCK];
+    // SAFETY (whole body): the caller guarantees `steps` packed steps of A and B and
+    // the 32×32 block of C; scratch indices stay within their arrays.
+    unsafe {
+        let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        for s in 0..steps {
+            let (ap, bp) = (a.add(s * STEP_ELEMS), b.add(s * STEP_ELEMS));
+            // A's step is 32 rows of 32 consecutive k values.
+            for i in (0..STEP_ELEMS).step_by(8) {
+                let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(ap.add(i) as *const __m128i));
+                _mm256_storeu_ps(
+                    af.as_mut_ptr().add(i),
+                    _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+                );
+            }
+            // B's step is two 16-column tiles; in each, k pair r of column j is the two
+            // values at (r·16 + j)·2: one 32-bit lane holds (k = 2r, k = 2r + 1).
+            for t in 0..BLOCK / 16 {
+                for r in 0..STEP / 2 {
+                    for half in 0..2 {
+                        let at = t * (STEP_ELEMS / 2) + (r * 16 + half * 8) * 2;
+                        let v = _mm256_loadu_si256(bp.add(at) as *const __m256i);
+                        let even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                        let odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+                        let col = t * 16 + half * 8;
+                        _mm256_storeu_ps(bf.as_mut_ptr().add(2 * r * BLOCK + col), even);
+                        _mm256_storeu_ps(bf.as_mut_ptr().add((2 * r + 1) * BLOCK + col), odd);
+                    }
+                }
+            }
+            for i0 in (0..BLOCK).step_by(4) {
+                for j0 in (0..BLOCK).step_by(16) {
+                    let mut lo = [_mm256_setzero_ps(); 4];
+                    let mut hi = [_mm256_setzero_ps(); 4];
+                    for (r, (lo, hi)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
+                        let cp = acc.as_ptr().add((i0 + r) * BLOCK + j0);
+                        *lo = _mm256_loadu_ps(cp);
+                        *hi = _mm256_loadu_ps(cp.add(8));
+                    }
+                    for kk in 0..STEP {
+                        let b0 = _mm256_loadu_ps(bf.as_ptr().add(kk * BLOCK + j0));
+                        let b1 = _mm256_loadu_ps(bf.as_ptr().add(kk * BLOCK + j0 + 8));
+                        for r in 0..4 {
+                            let av = _mm256_broadcast_ss(&af[(i0 + r) * STEP + kk]);
+                            lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
+                            hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+                        }
+                    }
+                    for (r, (lo, hi)) in lo.iter().zip(hi.iter()).enumerate() {
+                        let cp = acc.as_mut_ptr().add((i0 + r) * BLOCK + j0);
+                        _mm256_storeu_ps(cp, *lo);
+                        _mm256_storeu_ps(cp.add(8), *hi);
+                    }
+                }
+            }
+        }
+        for i in 0..BLOCK {
+            for j in (0..BLOCK).step_by(8) {
+                let cp = c.add(i * ldc + j);
+                let v = _mm256_loadu_ps(acc.as_ptr().add(i * BLOCK + j));
+                let v = if overwrite {
+                    v
+                } else {
+                    _mm256_add_ps(_mm256_loadu_ps(cp), v)
+                };
+                _mm256_storeu_ps(cp, v);
+            }
+        }
+    }
+}

@@ -7,8 +7,9 @@
 //! [`gemm`] is blocked in the classic GotoBLAS way (Goto & van de Geijn 2008, "Anatomy of
 //! High-Performance Matrix Multiplication"): macro tiles of C sized for the L2 cache run
 //! on all cores, inner 32×32 blocks run a [`kernel`]: Intel AMX tile instructions where
-//! the CPU and OS allow them ([`amx_usable`]), else a portable kernel (correct, but
-//! slower than the f32 path: without AMX, use f32).
+//! the CPU and OS allow them ([`amx_usable`]), else AVX2 and FMA on bf16 widened to f32
+//! ([`avx2_usable`]: about the f32 path's speed, with half its weight memory), else a
+//! portable kernel (correct, but far slower than the f32 path).
 
 pub mod kernel;
 pub mod pack;
@@ -24,18 +25,24 @@ use rayon::prelude::*;
 pub enum Kernel {
     /// Intel AMX (`TDPBF16PS`).
     Amx,
+    /// AVX2 and FMA: bf16 widened to f32, f32 FMA (about f32's speed, half its
+    /// weight memory).
+    Avx2,
     /// Plain Rust.
     Portable,
 }
 
 impl Kernel {
-    /// AMX when [`amx_usable`], else portable. `SDSERVE_AMX=0` forces portable.
+    /// AMX when [`amx_usable`], else AVX2 when [`avx2_usable`], else portable.
+    /// `SDSERVE_AMX=0` skips AMX.
     pub fn best() -> Self {
         static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
             let off = std::env::var("SDSERVE_AMX").is_ok_and(|v| v == "0" || v == "false");
             if !off && amx_usable() {
                 Kernel::Amx
+            } else if avx2_usable() {
+                Kernel::Avx2
             } else {
                 Kernel::Portable
             }
@@ -45,8 +52,21 @@ impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Amx => "amx",
+            Kernel::Avx2 => "avx2",
             Kernel::Portable => "portable",
         }
+    }
+}
+
+/// True when the CPU has AVX2 and FMA (the [`Kernel::Avx2`] kernel's instructions).
+pub fn avx2_usable() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -141,6 +161,9 @@ pub fn gemm(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, opts: Options) 
     if kernel == Kernel::Amx {
         assert!(amx_usable(), "bf16 gemm: AMX asked for but not usable");
     }
+    if kernel == Kernel::Avx2 {
+        assert!(avx2_usable(), "bf16 gemm: AVX2 asked for but not usable");
+    }
     let (mb, nb) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
     let (mt, nt) = (mb.div_ceil(MACRO_M), nb.div_ceil(MACRO_N));
     // Macro tiles write disjoint blocks of C.
@@ -207,6 +230,8 @@ unsafe fn block(
         match kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx => kernel::amx(ap, bp, steps, dst, ld, fresh),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => kernel::avx2(ap, bp, steps, dst, ld, fresh),
             _ => kernel::portable(ap, bp, steps, dst, ld, fresh),
         }
     };

@@ -95,6 +95,17 @@ fn portable_kernel_matches_f64_reference() {
 }
 
 #[test]
+fn avx2_kernel_matches_f64_reference() {
+    if !super::avx2_usable() {
+        eprintln!("no AVX2+FMA on this CPU: the avx2 kernel is not checked here");
+        return;
+    }
+    for s in SHAPES {
+        check(Kernel::Avx2, s);
+    }
+}
+
+#[test]
 fn the_kernel_this_machine_uses_matches_f64_reference() {
     let kernel = Kernel::best();
     eprintln!("bf16 gemm kernel on this machine: {}", kernel.name());
