@@ -151,11 +151,20 @@ fn matmul(c: &mut Criterion) {
         let pa = PackedA::from_rows(&a, m, k, k);
         let pb = PackedB::from_rows(&b, k, n, n);
         let mut out = vec![0f32; m * n];
-        let kernel = Kernel::best();
-        g.bench_function(
-            BenchmarkId::new(format!("bf16_{}", kernel.name()), name),
-            |bch| bch.iter(|| gemm(black_box(&pa), &pb, &mut out, n, Options::default())),
-        );
+        // Every kernel this CPU runs except the portable reference (far slower).
+        for kernel in Kernel::ALL
+            .into_iter()
+            .filter(|&k| k.usable() && k != Kernel::Portable)
+        {
+            let opts = Options {
+                kernel,
+                ..Options::default()
+            };
+            g.bench_function(
+                BenchmarkId::new(format!("bf16_{}", kernel.name()), name),
+                |bch| bch.iter(|| gemm(black_box(&pa), &pb, &mut out, n, opts)),
+            );
+        }
         g.bench_function(BenchmarkId::new("bf16_pack_a", name), |bch| {
             bch.iter(|| PackedA::from_rows(black_box(&a), m, k, k))
         });

@@ -155,12 +155,14 @@ pub struct DownloadArgs {
 pub fn describe_error(e: &Error) -> String {
     match e {
         Error::InvalidRequest { field, message } => {
-            // Request fields are named like the flags, except this plural.
+            // Request fields are named like the flags, except this plural; an
+            // environment variable (upper case) is named as it is.
             let flag = match field.as_str() {
-                "scheduler_options" => "scheduler-option".to_string(),
-                f => f.replace('_', "-"),
+                "scheduler_options" => "--scheduler-option".to_string(),
+                f if f.starts_with("SDSERVE_") => format!("environment variable {f}"),
+                f => format!("--{}", f.replace('_', "-")),
             };
-            format!("invalid value for --{flag}: {message}")
+            format!("invalid value for {flag}: {message}")
         }
         other => other.to_string(),
     }

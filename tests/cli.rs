@@ -11,10 +11,16 @@ use candle_core::{Device, Tensor};
 use common::{Reference, model_dir};
 
 fn sdserve(args: &[&str]) -> Output {
+    sdserve_env(args, &[])
+}
+
+fn sdserve_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sdserve"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
         .env_remove("SDSERVE_MODEL")
+        .env_remove("SDSERVE_BF16_KERNEL")
+        .envs(env.iter().copied())
         .output()
         .expect("runs sdserve")
 }
@@ -147,6 +153,10 @@ fn cli_reproduces_diffusers_sd2() {
 }
 
 fn generate(dir: &Path, name: &str, extra: &[&str]) -> Output {
+    generate_env(dir, name, extra, &[])
+}
+
+fn generate_env(dir: &Path, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let model = model_dir("tiny-sd1");
     let out = dir.join(name);
     let mut args = vec![
@@ -157,7 +167,7 @@ fn generate(dir: &Path, name: &str, extra: &[&str]) -> Output {
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    sdserve(&args)
+    sdserve_env(&args, env)
 }
 
 #[test]
@@ -276,32 +286,50 @@ fn assert_bad_flag(o: Output, flag: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// Every bf16 kernel this CPU can run (`SDSERVE_BF16_KERNEL`), end to end: close to
+/// the f32 image and not equal to it. (Kernels differ only in the order of their f32
+/// sums, but on this random tiny model that moves the image about as far as bf16
+/// rounding does: mean 0.5, max 6 levels between avx2 and avx512bf16.)
 #[test]
 fn bf16_on_the_cpu_is_close_to_f32() {
+    use sdserve::diffusion::bf16::Kernel;
     let tmp = tempfile::tempdir().unwrap();
     let args = ["--prompt", "a red fox", "--steps", "6", "--seed", "7"];
-    let with = |dtype: &str| {
+    let with = |dtype: &str, kernel: &str| {
         let mut v = args.to_vec();
         v.extend_from_slice(&["--dtype", dtype]);
-        ok(generate(tmp.path(), &format!("{dtype}.png"), &v));
-        rgb(&tmp.path().join(format!("{dtype}.png")))
+        let name = format!("{dtype}-{kernel}.png");
+        let env: &[(&str, &str)] = if kernel.is_empty() {
+            &[]
+        } else {
+            &[("SDSERVE_BF16_KERNEL", kernel)]
+        };
+        ok(generate_env(tmp.path(), &name, &v, env));
+        rgb(&tmp.path().join(name))
     };
-    let (full, mixed) = (with("f32"), with("bf16"));
-    let diffs: Vec<f64> = full
-        .as_raw()
-        .iter()
-        .zip(mixed.as_raw())
-        .map(|(&a, &b)| (a as f64 - b as f64).abs())
-        .collect();
-    let max = diffs.iter().cloned().fold(0.0, f64::max);
-    let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
-    // Measured: mean 0.37, max 4 (8-bit levels) at 96 px, 10 steps.
-    eprintln!("bf16 vs f32: mean {mean:.3}, max {max}");
-    assert!(max > 0.0, "bf16 gave the f32 image: not taken");
-    assert!(
-        mean < 1.5 && max < 24.0,
-        "bf16 too far from f32: mean {mean}, max {max}"
-    );
+    let diff = |a: &image::RgbImage, b: &image::RgbImage| {
+        let d: Vec<f64> = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(&a, &b)| (a as f64 - b as f64).abs())
+            .collect();
+        let max = d.iter().cloned().fold(0.0, f64::max);
+        (d.iter().sum::<f64>() / d.len() as f64, max)
+    };
+    let full = with("f32", "");
+    for kernel in Kernel::ALL.into_iter().filter(|k| k.usable()) {
+        let mixed = with("bf16", kernel.name());
+        let (mean, max) = diff(&full, &mixed);
+        // Measured: mean 0.37, max 4 (8-bit levels) at 96 px, 10 steps.
+        eprintln!("bf16 ({}) vs f32: mean {mean:.3}, max {max}", kernel.name());
+        assert!(max > 0.0, "bf16 gave the f32 image: not taken");
+        assert!(
+            mean < 1.5 && max < 24.0,
+            "bf16 ({}) too far from f32: mean {mean}, max {max}",
+            kernel.name()
+        );
+    }
 }
 
 #[test]
@@ -344,6 +372,13 @@ fn bad_inputs_name_the_flag() {
         "suggests bf16"
     );
     assert_bad_flag(with(&["--dtype", "f64"]), "--dtype");
+    let bad_kernel = generate_env(
+        tmp.path(),
+        "bad.png",
+        &["--prompt", "x", "--steps", "1", "--dtype", "bf16"],
+        &[("SDSERVE_BF16_KERNEL", "mmx")],
+    );
+    assert_bad_flag(bad_kernel, "SDSERVE_BF16_KERNEL");
     assert_bad_flag(with(&["--num-images", "0"]), "--num-images");
     assert_bad_flag(
         with(&["--scheduler-option", "timestep_spacng=trailing"]),

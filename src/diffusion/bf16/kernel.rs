@@ -6,6 +6,9 @@
 //!   tiles and two B tiles and issues four tile dot-products. Intel's "Intel® 64 and
 //!   IA-32 Architectures Optimization Reference Manual", chapter "Intel AMX", describes
 //!   this 2×2 blocking.
+//! - [`avx512bf16`]: AVX-512 BF16 (`VDPBF16PS`) dot products on the packed operands as
+//!   they are, 8 rows × 32 columns of C in registers.
+//! - [`avx2`]: bf16 widened to f32 in L1 scratch, f32 FMA.
 //! - [`portable`]: the same arithmetic in plain Rust (bf16 products summed in f32), for
 //!   CPUs without AMX and as the reference the AMX kernel is tested against.
 
@@ -265,3 +268,69 @@ pub unsafe fn avx2(
         }
     }
 }
+
+/// AVX-512 BF16 (`VDPBF16PS`: AMD Zen 4/5, Intel Cooper Lake, and every AMX CPU): the
+/// instruction takes B's packed layout as it is, one 32-bit lane = the (k = 2r,
+/// k = 2r + 1) pair of one column, so one B tile row of 16 columns is one register.
+/// C is done in chunks of [`AVX512_ROWS`] rows × 32 columns held in registers
+/// (2 × 8 accumulators) across all k-steps; per k pair, each row's A pair is broadcast
+/// from memory and multiplied into both column halves. Each `VDPBF16PS` lane adds the
+/// two exact products in f32 (Intel SDM, "VDPBF16PS": odd pair first, round to nearest
+/// even, f32 denormals flushed to zero), so the sums match [`portable`]'s up to order.
+///
+/// # Safety
+/// As [`portable`], and [`super::avx512bf16_usable`] is true.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn avx512bf16(
+    a: *const u16,
+    b: *const u16,
+    steps: usize,
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): the caller guarantees `steps` packed steps of A and B and
+    // the 32×32 block of C; every offset below stays within them.
+    unsafe {
+        for i0 in (0..BLOCK).step_by(AVX512_ROWS) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; AVX512_ROWS];
+            if !overwrite {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let cp = c.add((i0 + r) * ldc);
+                    *acc = [_mm512_loadu_ps(cp), _mm512_loadu_ps(cp.add(16))];
+                }
+            }
+            for s in 0..steps {
+                // A's step: 32 rows of 16 k pairs; B's: two tiles of 16 pair rows.
+                let ap = a.add(s * STEP_ELEMS + i0 * STEP).cast::<i32>();
+                let bp = b.add(s * STEP_ELEMS);
+                for p in 0..STEP / 2 {
+                    let b0: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(bp.add(p * 32).cast()));
+                    let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                        bp.add(STEP_ELEMS / 2 + p * 32).cast(),
+                    ));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                            ap.add(r * STEP / 2 + p).read_unaligned(),
+                        ));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let cp = c.add((i0 + r) * ldc);
+                _mm512_storeu_ps(cp, acc[0]);
+                _mm512_storeu_ps(cp.add(16), acc[1]);
+            }
+        }
+    }
+}
+
+/// Rows of C per register chunk in [`avx512bf16`]: 8 rows × 2 registers = 16
+/// accumulators, leaving registers for B's two and the broadcasts.
+#[cfg(target_arch = "x86_64")]
+const AVX512_ROWS: usize = 8;

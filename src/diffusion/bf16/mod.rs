@@ -7,7 +7,8 @@
 //! [`gemm`] is blocked in the classic GotoBLAS way (Goto & van de Geijn 2008, "Anatomy of
 //! High-Performance Matrix Multiplication"): macro tiles of C sized for the L2 cache run
 //! on all cores, inner 32×32 blocks run a [`kernel`]: Intel AMX tile instructions where
-//! the CPU and OS allow them ([`amx_usable`]), else AVX2 and FMA on bf16 widened to f32
+//! the CPU and OS allow them ([`amx_usable`]), else AVX-512 BF16 dot products
+//! ([`avx512bf16_usable`]: AMD Zen 4/5), else AVX2 and FMA on bf16 widened to f32
 //! ([`avx2_usable`]: about the f32 path's speed, with half its weight memory), else a
 //! portable kernel (correct, but far slower than the f32 path).
 
@@ -25,6 +26,8 @@ use rayon::prelude::*;
 pub enum Kernel {
     /// Intel AMX (`TDPBF16PS`).
     Amx,
+    /// AVX-512 BF16 (`VDPBF16PS`: AMD Zen 4/5, Intel Cooper Lake and later).
+    Avx512Bf16,
     /// AVX2 and FMA: bf16 widened to f32, f32 FMA (about f32's speed, half its
     /// weight memory).
     Avx2,
@@ -33,29 +36,78 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// AMX when [`amx_usable`], else AVX2 when [`avx2_usable`], else portable.
-    /// `SDSERVE_AMX=0` skips AMX.
+    /// Every kernel, fastest first.
+    pub const ALL: [Kernel; 4] = [
+        Kernel::Amx,
+        Kernel::Avx512Bf16,
+        Kernel::Avx2,
+        Kernel::Portable,
+    ];
+
+    /// The kernel [`gemm`] runs by default: the one `SDSERVE_BF16_KERNEL` names (see
+    /// [`Kernel::configured`]; an invalid value is ignored here, and refused where a
+    /// model loads), else the fastest usable one. `SDSERVE_AMX=0` skips AMX.
     pub fn best() -> Self {
         static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            let off = std::env::var("SDSERVE_AMX").is_ok_and(|v| v == "0" || v == "false");
-            if !off && amx_usable() {
-                Kernel::Amx
-            } else if avx2_usable() {
-                Kernel::Avx2
-            } else {
-                Kernel::Portable
-            }
-        })
+        *BEST.get_or_init(|| Self::configured().unwrap_or_else(|_| Self::fastest()))
+    }
+
+    /// The kernel `SDSERVE_BF16_KERNEL` names when it is set, else the fastest usable
+    /// one; an error says why a named kernel can't run here.
+    pub fn configured() -> Result<Self, String> {
+        let Ok(name) = std::env::var("SDSERVE_BF16_KERNEL") else {
+            return Ok(Self::fastest());
+        };
+        let names = || Self::ALL.map(Kernel::name).join(", ");
+        match Self::ALL.into_iter().find(|k| k.name() == name.trim()) {
+            None => Err(format!(
+                "unknown bf16 kernel {name:?} (one of: {})",
+                names()
+            )),
+            Some(k) if !k.usable() => Err(format!(
+                "this CPU can't run the {name} kernel (usable here: {})",
+                Self::ALL
+                    .into_iter()
+                    .filter(|k| k.usable())
+                    .map(Kernel::name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Some(k) => Ok(k),
+        }
+    }
+
+    fn fastest() -> Self {
+        let no_amx = std::env::var("SDSERVE_AMX").is_ok_and(|v| v == "0" || v == "false");
+        Self::ALL
+            .into_iter()
+            .find(|&k| k.usable() && !(no_amx && k == Kernel::Amx))
+            .unwrap_or(Kernel::Portable)
+    }
+
+    /// Whether this CPU (and OS) can run the kernel.
+    pub fn usable(self) -> bool {
+        match self {
+            Kernel::Amx => amx_usable(),
+            Kernel::Avx512Bf16 => avx512bf16_usable(),
+            Kernel::Avx2 => avx2_usable(),
+            Kernel::Portable => true,
+        }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Amx => "amx",
+            Kernel::Avx512Bf16 => "avx512bf16",
             Kernel::Avx2 => "avx2",
             Kernel::Portable => "portable",
         }
     }
+}
+
+/// True when the CPU has AVX-512 BF16 (the [`Kernel::Avx512Bf16`] kernel's instruction).
+pub fn avx512bf16_usable() -> bool {
+    pack::avx512bf16_usable()
 }
 
 /// True when the CPU has AVX2 and FMA (the [`Kernel::Avx2`] kernel's instructions).
@@ -158,12 +210,11 @@ pub fn gemm(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, opts: Options) 
         }
         return;
     }
-    if kernel == Kernel::Amx {
-        assert!(amx_usable(), "bf16 gemm: AMX asked for but not usable");
-    }
-    if kernel == Kernel::Avx2 {
-        assert!(avx2_usable(), "bf16 gemm: AVX2 asked for but not usable");
-    }
+    assert!(
+        kernel.usable(),
+        "bf16 gemm: the {} kernel can't run on this CPU",
+        kernel.name()
+    );
     let (mb, nb) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
     let (mt, nt) = (mb.div_ceil(MACRO_M), nb.div_ceil(MACRO_N));
     // Macro tiles write disjoint blocks of C.
@@ -230,6 +281,9 @@ unsafe fn block(
         match kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx => kernel::amx(ap, bp, steps, dst, ld, fresh),
+            #[cfg(target_arch = "x86_64")]
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Bf16 => kernel::avx512bf16(ap, bp, steps, dst, ld, fresh),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => kernel::avx2(ap, bp, steps, dst, ld, fresh),
             _ => kernel::portable(ap, bp, steps, dst, ld, fresh),

@@ -28,6 +28,12 @@ pub fn to_bf16(x: f32) -> u16 {
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
+/// Whether this CPU has AVX-512 BF16 (with AVX-512 BW), which packing uses to round
+/// and [`super::kernel::avx512bf16`] to multiply.
+pub(super) fn avx512bf16_usable() -> bool {
+    simd::usable()
+}
+
 /// Two f32 → one u32 holding their bf16 values, `lo` in the low half (what one
 /// B-tile element pair is).
 #[inline(always)]

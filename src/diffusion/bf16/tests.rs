@@ -106,6 +106,17 @@ fn avx2_kernel_matches_f64_reference() {
 }
 
 #[test]
+fn avx512bf16_kernel_matches_f64_reference() {
+    if !super::avx512bf16_usable() {
+        eprintln!("no AVX-512 BF16 on this CPU: the avx512bf16 kernel is not checked here");
+        return;
+    }
+    for s in SHAPES {
+        check(Kernel::Avx512Bf16, s);
+    }
+}
+
+#[test]
 fn the_kernel_this_machine_uses_matches_f64_reference() {
     let kernel = Kernel::best();
     eprintln!("bf16 gemm kernel on this machine: {}", kernel.name());
