@@ -137,11 +137,15 @@ fn matmul(c: &mut Criterion) {
         (0..n).map(|i| (i as f32 * 0.7137 + salt).sin()).collect()
     };
     // (name, m, n, k): a 3x3 conv at 64x64 latents (320 channels; m = out channels,
-    // n = pixels), one at 16x16 (1280), and token-major linears of the CFG batch:
-    // attention projection and the GEGLU input at 64x64.
+    // n = pixels), one at 16x16 (1280), one tile of pixels (what the bf16 conv
+    // multiplies at once) of the VAE decoder's 3x3 convs at 512 and 256 px, and
+    // token-major linears of the CFG batch: attention projection and the GEGLU input
+    // at 64x64.
     for (name, m, n, k) in [
         ("conv3x3_320_64x64", 320, 4096, 2880),
         ("conv3x3_1280_16x16", 1280, 256, 11520),
+        ("vae_conv3x3_128_512x512_tile", 128, 3648, 1152),
+        ("vae_conv3x3_256_256x256_tile", 256, 1824, 2304),
         ("linear_8192x320x320", 8192, 320, 320),
         ("linear_8192x2560x320", 8192, 2560, 320),
     ] {
