@@ -175,6 +175,12 @@ def sdserve_timings(log: str) -> dict:
     raise SystemExit(f"no timing line in sdserve's log:\n{log[-4000:]}")
 
 
+def sdserve_bf16_kernel(log: str):
+    """The `bf16_kernel` field of sdserve's load line (--dtype bf16 on the CPU), or None."""
+    m = re.search(r'"bf16_kernel":"(\w+)"|bf16_kernel="?(\w+)', ANSI.sub("", log))
+    return (m.group(1) or m.group(2)) if m else None
+
+
 def compare_one(args, size, work: pathlib.Path, diffusers_first: bool) -> dict:
     import numpy as np
     import torch
@@ -213,6 +219,7 @@ def compare_one(args, size, work: pathlib.Path, diffusers_first: bool) -> dict:
                 "denoise_s": t["denoise_s"],
                 "vae_decode_s": t["vae_decode_s"],
                 "generate_s": t["text_encoder_s"] + t["denoise_s"] + t["vae_decode_s"],
+                "bf16_kernel": sdserve_bf16_kernel(log),
             }
             image = np.asarray(Image.open(png).convert("RGB"))
         else:
@@ -278,7 +285,7 @@ ROWS = [
 def print_table(size, steps, r):
     s, d = r["sdserve"], r["diffusers"]
     print(f"\n{size}x{size}, {steps} steps, CFG, threads={ARGS.threads}, scheduler={ARGS.scheduler}, "
-          f"dtype={ARGS.dtype}")
+          f"dtype={ARGS.dtype}" + (f" (sdserve kernel {s['bf16_kernel']})" if s.get("bf16_kernel") else ""))
     print(f"| {'':36} | {'sdserve':>9} | {'diffusers':>9} | {'sdserve/diffusers':>17} |")
     print(f"|{'-' * 38}|{'-' * 11}|{'-' * 11}|{'-' * 19}|")
     for label, key, fmt in ROWS:

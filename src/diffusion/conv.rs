@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Resul
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use super::bf16::{Options, PackedA, PackedB, gemm};
+use super::bf16::{Kernel, Options, PackedA, PackedB, PairRows, gemm, gemm_in_place, to_pairs};
 use super::linear::{packs_bf16, parameters};
 use super::{SendPtr, contiguous_f32};
 
@@ -83,7 +83,9 @@ impl Conv2d {
             return Self::new(candle, cfg);
         };
         let k = geom.c_in * geom.kh * geom.kw;
-        let w = candle.weight().flatten_all()?.to_vec1::<f32>()?;
+        // k runs over (kernel row, kernel column, channel): see [`Bf16Conv`].
+        let w = candle.weight().permute((0, 2, 3, 1))?;
+        let w = w.flatten_all()?.to_vec1::<f32>()?;
         Ok(Self::Bf16(Bf16Conv {
             weight: std::sync::Arc::new(PackedA::from_rows(&w, geom.c_out, k, k)),
             geom,
@@ -336,10 +338,21 @@ impl CustomOp2 for CpuConv {
     }
 }
 
-/// A convolution with its weight packed in bf16 (`[c_out, c_in·kh·kw]` as the left
-/// operand), run on f32 activations: per image, the input is zero-padded once, then
-/// each tile of output pixels is unfolded into a packed bf16 right operand and
-/// multiplied into the output (pre-loaded with the bias).
+/// A convolution with its weight packed in bf16 (`[c_out, kh·kw·c_in]` as the left
+/// operand: k runs over kernel row, kernel column, then channel), run on f32
+/// activations, per image:
+///
+/// - **in place** ([`Bf16Conv::reads_in_place`]: the AVX-512 BF16 kernel, stride 1, an
+///   even channel count, output rows a multiple of 32 wide): the input is stored once
+///   zero-padded as bf16 channel pairs, `[c_in/2][h + 2p][w + 2p]`. Then k pair (ky,
+///   kx, channels 2c and 2c + 1) of output pixel (y, x) is the pair at (c, y + ky,
+///   x + kx), and 32 output pixels of a row are 32 neighbouring pairs: the kernel reads
+///   them where they are ([`super::bf16::PairRows`]), with no unfolded copy;
+/// - **otherwise** the input is zero-padded once, then each tile of output pixels is
+///   unfolded into a packed bf16 right operand.
+///
+/// Both multiply into the output pre-loaded with the bias, with the same products
+/// summed in the same order.
 #[derive(Debug, Clone)]
 pub struct Bf16Conv {
     geom: CpuConv,
@@ -352,6 +365,27 @@ impl CustomOp1 for Bf16Conv {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(storage, layout, true)
+    }
+}
+
+impl Bf16Conv {
+    /// Whether [`Self::run`] reads the input in place for an output `wo` wide.
+    fn reads_in_place(&self, wo: usize) -> bool {
+        let g = &self.geom;
+        Kernel::best() == Kernel::Avx512Bf16
+            && g.stride == 1
+            && g.c_in.is_multiple_of(2)
+            && wo.is_multiple_of(32)
+    }
+
+    /// The convolution; `in_place: false` always unfolds (for tests).
+    fn run(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        in_place: bool,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = &self.geom;
         let x = contiguous_f32(storage, layout, "conv2d", "input")?;
         let (b, c, h, w) = layout.shape().dims4()?;
@@ -370,50 +404,78 @@ impl CustomOp1 for Bf16Conv {
         let mut out = g.bias_planes(b, hw_out);
         let p = g.padding;
         let (hp, wp) = (h + 2 * p, w + 2 * p);
-        // Offset of each unfolded row (channel, kernel row, kernel column) and of each
-        // output pixel's window in the padded input.
-        let mut koff = Vec::with_capacity(g.c_in * g.kh * g.kw);
-        for ci in 0..g.c_in {
-            for ky in 0..g.kh {
-                for kx in 0..g.kw {
-                    koff.push(ci * hp * wp + ky * wp + kx);
-                }
-            }
-        }
+        // Where each output pixel's window starts in the padded input.
         let poff: Vec<usize> = (0..hw_out)
             .map(|i| (i / wo) * g.stride * wp + (i % wo) * g.stride)
             .collect();
-        let tile = (BF16_TILE_BYTES / (2 * koff.len()))
-            .next_multiple_of(32)
-            .max(256)
-            .min(hw_out);
-        let mut padded = if p > 0 {
-            vec![0f32; c * hp * wp]
-        } else {
-            Vec::new()
-        };
-        let mut rhs = PackedB::with_capacity(koff.len(), tile);
-        for (xb, ob) in x.chunks(c * h * w).zip(out.chunks_mut(g.c_out * hw_out)) {
-            let src: &[f32] = if p > 0 {
-                for (dst, plane) in padded.chunks_mut(hp * wp).zip(xb.chunks(h * w)) {
-                    for (y, row) in plane.chunks(w).enumerate() {
-                        dst[(y + p) * wp + p..][..w].copy_from_slice(row);
-                    }
+        let images = x.chunks(c * h * w).zip(out.chunks_mut(g.c_out * hw_out));
+        if in_place && self.reads_in_place(wo) {
+            let plane = hp * wp;
+            // Offset of each k pair (kernel row, kernel column, channel pair).
+            let mut koff = Vec::with_capacity(g.kh * g.kw * c / 2);
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    koff.extend((0..c / 2).map(|c2| c2 * plane + ky * wp + kx));
                 }
-                &padded
+            }
+            // The borders are never written: they stay zero for every image.
+            let mut pairs = vec![0u32; c / 2 * plane];
+            for (xb, ob) in images {
+                pairs
+                    .par_chunks_mut(plane)
+                    .zip(xb.par_chunks(2 * h * w))
+                    .for_each(|(dst, src)| {
+                        let (lo, hi) = src.split_at(h * w);
+                        for y in 0..h {
+                            let row = y * w..(y + 1) * w;
+                            let at = &mut dst[(y + p) * wp + p..][..w];
+                            to_pairs(&lo[row.clone()], &hi[row], at);
+                        }
+                    });
+                let rhs = PairRows::new(&pairs, &koff, &poff)
+                    .expect("stride 1 and rows a multiple of 32 wide: whole column blocks");
+                gemm_in_place(&self.weight, &rhs, ob, hw_out, false);
+            }
+        } else {
+            // Offset of each unfolded row (kernel row, kernel column, channel).
+            let mut koff = Vec::with_capacity(g.kh * g.kw * c);
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    koff.extend((0..c).map(|ci| ci * hp * wp + ky * wp + kx));
+                }
+            }
+            let tile = (BF16_TILE_BYTES / (2 * koff.len()))
+                .next_multiple_of(32)
+                .max(256)
+                .min(hw_out);
+            let mut padded = if p > 0 {
+                vec![0f32; c * hp * wp]
             } else {
-                xb
+                Vec::new()
             };
-            for p0 in (0..hw_out).step_by(tile) {
-                let cols = &poff[p0..(p0 + tile).min(hw_out)];
-                rhs.refill_gather(src, &koff, cols);
-                gemm(
-                    &self.weight,
-                    &rhs,
-                    &mut ob[p0..],
-                    hw_out,
-                    Options::default(),
-                );
+            let mut rhs = PackedB::with_capacity(koff.len(), tile);
+            for (xb, ob) in images {
+                let src: &[f32] = if p > 0 {
+                    for (dst, plane) in padded.chunks_mut(hp * wp).zip(xb.chunks(h * w)) {
+                        for (y, row) in plane.chunks(w).enumerate() {
+                            dst[(y + p) * wp + p..][..w].copy_from_slice(row);
+                        }
+                    }
+                    &padded
+                } else {
+                    xb
+                };
+                for p0 in (0..hw_out).step_by(tile) {
+                    let cols = &poff[p0..(p0 + tile).min(hw_out)];
+                    rhs.refill_gather(src, &koff, cols);
+                    gemm(
+                        &self.weight,
+                        &rhs,
+                        &mut ob[p0..],
+                        hw_out,
+                        Options::default(),
+                    );
+                }
             }
         }
         Ok((
@@ -485,6 +547,57 @@ mod tests {
                 d < 1e-2 && d > 0.0,
                 "bf16 case {b} {ci} {co} {h}x{w} k{k} s{s} p{p}: {d}"
             );
+        }
+    }
+
+    /// Reading the input in place (channel pairs) gives exactly what unfolding it
+    /// gives: the same bf16 products summed in the same order.
+    #[test]
+    fn bf16_in_place_equals_unfolded() {
+        if Kernel::best() != Kernel::Avx512Bf16 {
+            eprintln!("the bf16 kernel here is not avx512bf16: the in-place path is not run");
+            return;
+        }
+        // (batch, c_in, c_out, h, w, kernel, padding): rows 32, 64 and 96 wide; a
+        // partial k-step (4 channels), several k passes (130 channels), an edge
+        // block of C (33 outputs), a 1x1 and an unpadded convolution.
+        let cases = [
+            (2, 32, 48, 6, 32, 3, 1),
+            (1, 4, 40, 5, 64, 3, 1),
+            (2, 130, 33, 3, 32, 3, 1),
+            (1, 64, 32, 3, 96, 1, 0),
+            (1, 6, 8, 4, 34, 3, 0),
+        ];
+        for (b, ci, co, h, w, k, p) in cases {
+            let x = fixed(&[b, ci, h, w], 0.6);
+            let cfg = Conv2dConfig {
+                padding: p,
+                ..Default::default()
+            };
+            let candle =
+                candle_nn::Conv2d::new(fixed(&[co, ci, k, k], 0.7), Some(fixed(&[co], 0.8)), cfg);
+            let want = candle.forward(&x).unwrap();
+            let Conv2d::Bf16(op) = Conv2d::bf16(candle, cfg).unwrap() else {
+                panic!("not packed in bf16");
+            };
+            let wo = want.dim(3).unwrap();
+            assert!(
+                op.reads_in_place(wo),
+                "case {ci}x{h}x{w} k{k}: not in place"
+            );
+            let (storage, layout) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(storage) = &*storage else {
+                panic!("not on the CPU");
+            };
+            let run = |in_place| match op.run(storage, layout, in_place).unwrap().0 {
+                CpuStorage::F32(v) => v,
+                _ => panic!("not f32"),
+            };
+            let (fast, unfolded) = (run(true), run(false));
+            assert_eq!(fast, unfolded, "case {ci}x{h}x{w} k{k} p{p}");
+            let got = Tensor::from_vec(fast, want.shape(), &Device::Cpu).unwrap();
+            let d = max_rel_diff(&got, &want);
+            assert!(d < 1e-2 && d > 0.0, "case {ci}x{h}x{w} k{k}: {d}");
         }
     }
 

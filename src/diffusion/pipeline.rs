@@ -138,15 +138,21 @@ impl StableDiffusion {
                 Kernel::configured().map_err(|e| Error::invalid("SDSERVE_BF16_KERNEL", e))?;
             match kernel {
                 Kernel::Amx => {
-                    tracing::info!("bf16 mixed precision on the CPU, matmuls on Intel AMX")
+                    tracing::info!(
+                        bf16_kernel = kernel.name(),
+                        "bf16 mixed precision on the CPU, matmuls on Intel AMX"
+                    )
                 }
                 Kernel::Avx512Bf16 => tracing::info!(
+                    bf16_kernel = kernel.name(),
                     "bf16 mixed precision on the CPU, matmuls with AVX-512 BF16 dot products (VDPBF16PS)"
                 ),
                 Kernel::Avx2 => tracing::info!(
-                    "bf16 mixed precision on the CPU, matmuls with AVX2 on bf16 widened to f32 (no AMX or AVX-512 BF16): half the weight memory of f32, somewhat slower than --dtype f32"
+                    bf16_kernel = kernel.name(),
+                    "bf16 mixed precision on the CPU, matmuls with AVX2 on bf16 widened to f32 (no AMX or AVX-512 BF16): half the weight memory of f32, but slower than --dtype f32"
                 ),
                 Kernel::Portable => tracing::warn!(
+                    bf16_kernel = kernel.name(),
                     "bf16 mixed precision on the CPU with the portable kernel: far slower than f32; --dtype f32 is faster here"
                 ),
             }

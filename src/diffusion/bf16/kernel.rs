@@ -290,9 +290,51 @@ pub unsafe fn avx512bf16(
     ldc: usize,
     overwrite: bool,
 ) {
+    // Pair p of step s: tile 0's row at s·STEP_ELEMS + 32p, tile 1's half a step on.
+    let row = |q: usize| unsafe { b.add((q / (STEP / 2)) * STEP_ELEMS + (q % (STEP / 2)) * 32) };
+    // SAFETY: as this function's.
+    unsafe { avx512bf16_rows(a, steps * STEP / 2, row, STEP_ELEMS / 2, c, ldc, overwrite) }
+}
+
+/// [`avx512bf16`] with B read in place instead of packed: k pair `q` of the block's 32
+/// columns is the 32 consecutive pairs at `b + koff[q]` (in pairs; see
+/// [`super::PairRows`]), and only the first `pairs` k pairs are multiplied.
+///
+/// # Safety
+/// As [`avx512bf16`] for `a` and `c`; `koff` holds `pairs` offsets and 32 pairs are
+/// readable at `b + koff[q]` for each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn avx512bf16_in_place(
+    a: *const u16,
+    b: *const u32,
+    koff: &[usize],
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+) {
+    let row = |q: usize| unsafe { b.add(*koff.get_unchecked(q)).cast::<u16>() };
+    // SAFETY: as this function's; tile 1 (columns 16-31) is 16 pairs = 32 halves on.
+    unsafe { avx512bf16_rows(a, koff.len(), row, 32, c, ldc, overwrite) }
+}
+
+/// The body of both AVX-512 BF16 kernels: `pairs` k pairs, B's row of pair `q` (16
+/// columns) at `row(q)` and the next 16 columns `tile1` halves on.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn avx512bf16_rows(
+    a: *const u16,
+    pairs: usize,
+    row: impl Fn(usize) -> *const u16,
+    tile1: usize,
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+) {
     use std::arch::x86_64::*;
-    // SAFETY (whole body): the caller guarantees `steps` packed steps of A and B and
-    // the 32×32 block of C; every offset below stays within them.
+    // SAFETY (whole body): the callers guarantee `pairs` k pairs of A (packed, so a
+    // step's 32 rows of 16 pairs each) and of B, and the 32×32 block of C.
     unsafe {
         for i0 in (0..BLOCK).step_by(AVX512_ROWS) {
             let mut acc = [[_mm512_setzero_ps(); 2]; AVX512_ROWS];
@@ -302,16 +344,13 @@ pub unsafe fn avx512bf16(
                     *acc = [_mm512_loadu_ps(cp), _mm512_loadu_ps(cp.add(16))];
                 }
             }
-            for s in 0..steps {
-                // A's step: 32 rows of 16 k pairs; B's: two tiles of 16 pair rows.
+            for s in 0..pairs.div_ceil(STEP / 2) {
                 let ap = a.add(s * STEP_ELEMS + i0 * STEP).cast::<i32>();
-                let bp = b.add(s * STEP_ELEMS);
-                for p in 0..STEP / 2 {
-                    let b0: __m512bh =
-                        std::mem::transmute(_mm512_loadu_si512(bp.add(p * 32).cast()));
-                    let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
-                        bp.add(STEP_ELEMS / 2 + p * 32).cast(),
-                    ));
+                for p in 0..(STEP / 2).min(pairs - s * STEP / 2) {
+                    let bp = row(s * STEP / 2 + p);
+                    let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.cast()));
+                    let b1: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(bp.add(tile1).cast()));
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(
                             ap.add(r * STEP / 2 + p).read_unaligned(),

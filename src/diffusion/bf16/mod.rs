@@ -15,10 +15,10 @@
 pub mod kernel;
 pub mod pack;
 
-pub use pack::{PackedA, PackedB};
+pub use pack::{PackedA, PackedB, to_pairs};
 
 use super::SendPtr;
-use pack::BLOCK;
+use pack::{BLOCK, STEP};
 use rayon::prelude::*;
 
 /// Which inner kernel [`gemm`] runs.
@@ -191,9 +191,125 @@ impl Default for Options {
 ///
 /// Panics when the shapes disagree or `c` is too short.
 pub fn gemm(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, opts: Options) {
-    let kernel = opts.kernel;
-    let (m, n) = (a.m, b.n);
     assert_eq!(a.k, b.k, "bf16 gemm: A has depth {}, B {}", a.k, b.k);
+    let kernel = opts.kernel;
+    drive(
+        a,
+        b.n,
+        c,
+        ldc,
+        opts,
+        |(i, j), (s0, steps), dst, ld, fresh| {
+            let (ap, bp) = (a.block(i, s0), b.block(j, s0));
+            // SAFETY: `drive` passes a 32×32 block of C it owns; A and B hold the steps.
+            unsafe {
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Amx => kernel::amx(ap, bp, steps, dst, ld, fresh),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Bf16 => kernel::avx512bf16(ap, bp, steps, dst, ld, fresh),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => kernel::avx2(ap, bp, steps, dst, ld, fresh),
+                    _ => kernel::portable(ap, bp, steps, dst, ld, fresh),
+                }
+            }
+        },
+    );
+}
+
+/// A right operand read in place instead of packed: bf16 pairs (one `u32`, the even k
+/// in the low half, as [`PackedB`] holds them), k pair `q` of column `j` at
+/// `data[koff[q] + col[j]]`, where each block of 32 columns is 32 consecutive values.
+/// A convolution's input stored zero-padded as channel pairs is one: the weight's k
+/// runs over (kernel row, kernel column, channel), and 32 output pixels of one row
+/// read 32 neighbouring input pixels (see [`super::conv`]).
+pub struct PairRows<'a> {
+    data: &'a [u32],
+    koff: &'a [usize],
+    /// `col[32 j]`: where column block `j` starts.
+    block_col: Vec<usize>,
+    n: usize,
+}
+
+impl<'a> PairRows<'a> {
+    /// `None` unless the columns come in whole blocks of 32 consecutive offsets.
+    /// Panics when an offset reaches past `data`.
+    pub fn new(data: &'a [u32], koff: &'a [usize], col: &[usize]) -> Option<Self> {
+        let n = col.len();
+        let whole = n.is_multiple_of(BLOCK)
+            && col
+                .chunks(BLOCK)
+                .all(|b| b.windows(2).all(|w| w[1] == w[0] + 1));
+        if !whole {
+            return None;
+        }
+        let block_col: Vec<usize> = col.iter().step_by(BLOCK).copied().collect();
+        if let (Some(k), Some(c)) = (koff.iter().max(), block_col.iter().max()) {
+            assert!(
+                k + c + BLOCK <= data.len(),
+                "bf16 in-place operand: offset {} past its {} values",
+                k + c + BLOCK,
+                data.len()
+            );
+        }
+        Some(Self {
+            data,
+            koff,
+            block_col,
+            n,
+        })
+    }
+}
+
+/// [`gemm`] with the right operand read in place: `C += A · B` (or `=`) with
+/// `a.k` rounded up to even = twice `b`'s k pairs. Runs the [`Kernel::Avx512Bf16`]
+/// kernel, the only one with an in-place variant.
+///
+/// Panics when the shapes disagree, `c` is too short, or the CPU has no AVX-512 BF16.
+pub fn gemm_in_place(a: &PackedA, b: &PairRows, c: &mut [f32], ldc: usize, overwrite: bool) {
+    assert_eq!(
+        a.k.div_ceil(2),
+        b.koff.len(),
+        "bf16 gemm: A has depth {}, B {} pairs",
+        a.k,
+        b.koff.len()
+    );
+    let opts = Options {
+        kernel: Kernel::Avx512Bf16,
+        overwrite,
+        parallel: true,
+    };
+    drive(
+        a,
+        b.n,
+        c,
+        ldc,
+        opts,
+        |(i, j), (s0, steps), dst, ld, fresh| {
+            let q0 = s0 * STEP / 2;
+            let koff = &b.koff[q0..(q0 + steps * STEP / 2).min(b.koff.len())];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `drive` passes a 32×32 block of C it owns; `new` checked that every
+            // pair of every block lies within `data`.
+            unsafe {
+                let bp = b.data.as_ptr().add(b.block_col[j]);
+                kernel::avx512bf16_in_place(a.block(i, s0), bp, koff, dst, ld, fresh)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (i, j, koff, dst, ld, fresh);
+        },
+    );
+}
+
+/// The blocked driver shared by [`gemm`] and [`gemm_in_place`]: checks C, then runs
+/// `block((i, j), (s0, steps), dst, ld, fresh)` for every 32×32 block of C (edge
+/// blocks through a scratch block) and every pass of [`K_STEPS`] k-steps, macro tile
+/// by macro tile over rayon's threads.
+fn drive<F>(a: &PackedA, n: usize, c: &mut [f32], ldc: usize, opts: Options, block: F)
+where
+    F: Fn((usize, usize), (usize, usize), *mut f32, usize, bool) + Sync,
+{
+    let m = a.m;
     assert!(ldc >= n, "bf16 gemm: ldc {ldc} < n {n}");
     assert!(
         m == 0 || c.len() >= (m - 1) * ldc + n,
@@ -211,9 +327,9 @@ pub fn gemm(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, opts: Options) 
         return;
     }
     assert!(
-        kernel.usable(),
+        opts.kernel.usable(),
         "bf16 gemm: the {} kernel can't run on this CPU",
-        kernel.name()
+        opts.kernel.name()
     );
     let (mb, nb) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
     let (mt, nt) = (mb.div_ceil(MACRO_M), nb.div_ceil(MACRO_N));
@@ -226,23 +342,21 @@ pub fn gemm(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, opts: Options) 
         let mut scratch = [0f32; BLOCK * BLOCK];
         for s0 in (0..a.steps).step_by(K_STEPS) {
             let steps = K_STEPS.min(a.steps - s0);
+            let fresh = opts.overwrite && s0 == 0;
             for j in blocks_n.clone() {
                 for i in blocks_m.clone() {
+                    let rows = BLOCK.min(m - i * BLOCK);
+                    let cols = BLOCK.min(n - j * BLOCK);
                     // SAFETY: block (i, j) of C lies within the `m × n` area checked
                     // above and belongs to this macro tile alone.
-                    let fresh = opts.overwrite && s0 == 0;
-                    unsafe {
-                        block(
-                            a,
-                            b,
-                            c.get(),
-                            ldc,
-                            (i, j),
-                            (s0, steps),
-                            (kernel, fresh),
-                            &mut scratch,
-                        )
-                    };
+                    let cb = unsafe { c.get().add(i * BLOCK * ldc + j * BLOCK) };
+                    let ij = (i, j);
+                    if rows == BLOCK && cols == BLOCK {
+                        block(ij, (s0, steps), cb, ldc, fresh);
+                    } else {
+                        let call = |dst, ld| block(ij, (s0, steps), dst, ld, fresh);
+                        unsafe { via_scratch(cb, ldc, (rows, cols), fresh, &mut scratch, call) };
+                    }
                 }
             }
         }
@@ -255,51 +369,27 @@ pub fn gemm(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, opts: Options) 
     }
 }
 
-/// One 32×32 block `(i, j)` of C over k-steps `s0..s0 + steps` (`fresh`: C's old
-/// values are ignored); edge blocks go through `scratch`.
+/// Runs a kernel call on an edge block of C (`rows × cols` at `cb`) through the full
+/// 32×32 `scratch`: copies C in (unless `fresh`), lets `call` work on the scratch,
+/// copies the block's part back.
 ///
 /// # Safety
-/// As [`gemm`]'s checks, and no other thread touches block `(i, j)`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    a: &PackedA,
-    b: &PackedB,
-    c: *mut f32,
+/// `rows × cols` values `ldc` apart at `cb` are valid and touched by no other thread.
+unsafe fn via_scratch(
+    cb: *mut f32,
     ldc: usize,
-    (i, j): (usize, usize),
-    (s0, steps): (usize, usize),
-    (kernel, fresh): (Kernel, bool),
+    (rows, cols): (usize, usize),
+    fresh: bool,
     scratch: &mut [f32; BLOCK * BLOCK],
+    call: impl FnOnce(*mut f32, usize),
 ) {
-    let ap = a.block(i, s0);
-    let bp = b.block(j, s0);
-    let rows = BLOCK.min(a.m - i * BLOCK);
-    let cols = BLOCK.min(b.n - j * BLOCK);
-    // SAFETY (whole body): the block's rows × cols values of C are in bounds.
-    let cb = unsafe { c.add(i * BLOCK * ldc + j * BLOCK) };
-    let run = |dst: *mut f32, ld: usize| unsafe {
-        match kernel {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Amx => kernel::amx(ap, bp, steps, dst, ld, fresh),
-            #[cfg(target_arch = "x86_64")]
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Bf16 => kernel::avx512bf16(ap, bp, steps, dst, ld, fresh),
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => kernel::avx2(ap, bp, steps, dst, ld, fresh),
-            _ => kernel::portable(ap, bp, steps, dst, ld, fresh),
-        }
-    };
-    if rows == BLOCK && cols == BLOCK {
-        run(cb, ldc);
-        return;
-    }
     scratch.fill(0.0);
     for r in (0..rows).filter(|_| !fresh) {
         unsafe {
             std::ptr::copy_nonoverlapping(cb.add(r * ldc), scratch[r * BLOCK..].as_mut_ptr(), cols)
         };
     }
-    run(scratch.as_mut_ptr(), BLOCK);
+    call(scratch.as_mut_ptr(), BLOCK);
     for r in 0..rows {
         unsafe {
             std::ptr::copy_nonoverlapping(scratch[r * BLOCK..].as_ptr(), cb.add(r * ldc), cols)

@@ -34,6 +34,25 @@ pub(super) fn avx512bf16_usable() -> bool {
     simd::usable()
 }
 
+/// `dst[i]` = the bf16 pair of `lo[i]` (low half) and `hi[i]`, rounded to nearest even
+/// as [`to_bf16`]: what [`super::PairRows`] holds.
+pub fn to_pairs(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+    let n = dst.len();
+    assert!(lo.len() >= n && hi.len() >= n, "to_pairs: {n} pairs asked");
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd::usable() {
+        while i + 16 <= n {
+            // SAFETY: 16 values each side from `i`; the CPU has the features.
+            unsafe { simd::pairs16(lo[i..].as_ptr(), hi[i..].as_ptr(), dst[i..].as_mut_ptr()) };
+            i += 16;
+        }
+    }
+    for j in i..n {
+        dst[j] = pair(lo[j], hi[j]);
+    }
+}
+
 /// Two f32 → one u32 holding their bf16 values, `lo` in the low half (what one
 /// B-tile element pair is).
 #[inline(always)]
