@@ -87,32 +87,20 @@ const SHAPES: [(usize, usize, usize); 9] = [
     (4, 300, 288),  // conv_out: four output channels
 ];
 
+/// Every kernel this CPU can run (the portable one everywhere); the others say so.
 #[test]
-fn portable_kernel_matches_f64_reference() {
-    for s in SHAPES {
-        check(Kernel::Portable, s);
-    }
-}
-
-#[test]
-fn avx2_kernel_matches_f64_reference() {
-    if !super::avx2_usable() {
-        eprintln!("no AVX2+FMA on this CPU: the avx2 kernel is not checked here");
-        return;
-    }
-    for s in SHAPES {
-        check(Kernel::Avx2, s);
-    }
-}
-
-#[test]
-fn avx512bf16_kernel_matches_f64_reference() {
-    if !super::avx512bf16_usable() {
-        eprintln!("no AVX-512 BF16 on this CPU: the avx512bf16 kernel is not checked here");
-        return;
-    }
-    for s in SHAPES {
-        check(Kernel::Avx512Bf16, s);
+fn every_usable_kernel_matches_f64_reference() {
+    for kernel in Kernel::ALL {
+        if !kernel.usable() {
+            eprintln!(
+                "this CPU can't run the {} kernel: not checked here",
+                kernel.name()
+            );
+            continue;
+        }
+        for s in SHAPES {
+            check(kernel, s);
+        }
     }
 }
 
