@@ -369,6 +369,21 @@ impl CustomOp1 for Bf16Conv {
     }
 }
 
+impl CpuConv {
+    /// Where each (kernel row, kernel column, plane) of a window lies in a padded input
+    /// of `planes` planes `plane` values apart, rows `wp` wide: the k order of
+    /// [`Bf16Conv`]'s weight.
+    fn window_offsets(&self, planes: usize, plane: usize, wp: usize) -> Vec<usize> {
+        let mut koff = Vec::with_capacity(self.kh * self.kw * planes);
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                koff.extend((0..planes).map(|ci| ci * plane + ky * wp + kx));
+            }
+        }
+        koff
+    }
+}
+
 impl Bf16Conv {
     /// Whether [`Self::run`] reads the input in place for an output `wo` wide.
     fn reads_in_place(&self, wo: usize) -> bool {
@@ -412,12 +427,7 @@ impl Bf16Conv {
         if in_place && self.reads_in_place(wo) {
             let plane = hp * wp;
             // Offset of each k pair (kernel row, kernel column, channel pair).
-            let mut koff = Vec::with_capacity(g.kh * g.kw * c / 2);
-            for ky in 0..g.kh {
-                for kx in 0..g.kw {
-                    koff.extend((0..c / 2).map(|c2| c2 * plane + ky * wp + kx));
-                }
-            }
+            let koff = g.window_offsets(c / 2, plane, wp);
             // The borders are never written: they stay zero for every image.
             let mut pairs = vec![0u32; c / 2 * plane];
             for (xb, ob) in images {
@@ -438,12 +448,7 @@ impl Bf16Conv {
             }
         } else {
             // Offset of each unfolded row (kernel row, kernel column, channel).
-            let mut koff = Vec::with_capacity(g.kh * g.kw * c);
-            for ky in 0..g.kh {
-                for kx in 0..g.kw {
-                    koff.extend((0..c).map(|ci| ci * hp * wp + ky * wp + kx));
-                }
-            }
+            let koff = g.window_offsets(c, hp * wp, wp);
             let tile = (BF16_TILE_BYTES / (2 * koff.len()))
                 .next_multiple_of(32)
                 .max(256)

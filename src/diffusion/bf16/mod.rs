@@ -15,7 +15,7 @@
 pub mod kernel;
 pub mod pack;
 
-pub use pack::{PackedA, PackedB, to_pairs};
+pub use pack::{PackedA, PackedB, avx512bf16_usable, to_pairs};
 
 use super::SendPtr;
 use pack::{BLOCK, STEP};
@@ -103,11 +103,6 @@ impl Kernel {
             Kernel::Portable => "portable",
         }
     }
-}
-
-/// True when the CPU has AVX-512 BF16 (the [`Kernel::Avx512Bf16`] kernel's instruction).
-pub fn avx512bf16_usable() -> bool {
-    pack::avx512bf16_usable()
 }
 
 /// True when the CPU has AVX2 and FMA (the [`Kernel::Avx2`] kernel's instructions).
@@ -228,7 +223,6 @@ pub struct PairRows<'a> {
     koff: &'a [usize],
     /// `col[32 j]`: where column block `j` starts.
     block_col: Vec<usize>,
-    n: usize,
 }
 
 impl<'a> PairRows<'a> {
@@ -256,7 +250,6 @@ impl<'a> PairRows<'a> {
             data,
             koff,
             block_col,
-            n,
         })
     }
 }
@@ -281,7 +274,7 @@ pub fn gemm_in_place(a: &PackedA, b: &PairRows, c: &mut [f32], ldc: usize, overw
     };
     drive(
         a,
-        b.n,
+        b.block_col.len() * BLOCK,
         c,
         ldc,
         opts,

@@ -29,8 +29,8 @@ pub fn to_bf16(x: f32) -> u16 {
 }
 
 /// Whether this CPU has AVX-512 BF16 (with AVX-512 BW), which packing uses to round
-/// and [`super::kernel::avx512bf16`] to multiply.
-pub(super) fn avx512bf16_usable() -> bool {
+/// and the [`super::Kernel::Avx512Bf16`] kernel to multiply.
+pub fn avx512bf16_usable() -> bool {
     simd::usable()
 }
 
