@@ -263,8 +263,11 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
         return Err(Error::invalid("prompt", "required (or give --from-image)"));
     }
     let latents = args.latents.as_deref().map(load_latents).transpose()?;
+    // No per-side cap on the command line beyond the area: the caller is the
+    // operator, and sizes are checked (and memory bounded) all the same.
     let limits = Limits {
         max_pixels: args.max_pixels,
+        max_side: args.max_pixels,
         ..Limits::default()
     };
     if let Some(dir) = args
@@ -376,6 +379,20 @@ pub struct ServeArgs {
     /// Largest width x height accepted.
     #[arg(long, env = "SDSERVE_MAX_PIXELS", default_value_t = Limits::default().max_pixels)]
     pub max_pixels: usize,
+    /// Largest width or height accepted.
+    #[arg(long, env = "SDSERVE_MAX_SIDE", default_value_t = Limits::default().max_side)]
+    pub max_side: usize,
+    /// Most denoising steps one request may ask for.
+    #[arg(long, env = "SDSERVE_MAX_STEPS", default_value_t = Limits::default().max_steps)]
+    pub max_steps: usize,
+    /// Most images one request may ask for.
+    #[arg(long, env = "SDSERVE_MAX_IMAGES", default_value_t = Limits::default().max_images)]
+    pub max_images: usize,
+    /// Most working memory (MiB) one request may need beyond the weights; a
+    /// request estimated to need more is refused (default: half the memory of
+    /// the machine or container).
+    #[arg(long, env = "SDSERVE_MAX_REQUEST_MIB")]
+    pub max_request_mib: Option<u64>,
     /// Where SageMaker extracts model.tar.gz; used when it holds a model.
     #[arg(
         long,
@@ -402,6 +419,33 @@ impl ServeArgs {
         })
     }
 
+    /// The request limits the flags set.
+    pub fn limits(&self) -> Result<Limits> {
+        for (flag, v) in [
+            ("max-pixels", self.max_pixels),
+            ("max-side", self.max_side),
+            ("max-steps", self.max_steps),
+            ("max-images", self.max_images),
+        ] {
+            if v == 0 {
+                return Err(Error::invalid(flag, "must be at least 1"));
+            }
+        }
+        let defaults = Limits::default();
+        Ok(Limits {
+            max_pixels: self.max_pixels,
+            max_side: self.max_side,
+            max_steps: self.max_steps,
+            max_images: self.max_images,
+            max_request_bytes: match self.max_request_mib {
+                Some(0) => return Err(Error::invalid("max-request-mib", "must be at least 1")),
+                Some(m) => m.saturating_mul(1 << 20),
+                None => defaults.max_request_bytes,
+            },
+            ..defaults
+        })
+    }
+
     /// The port to bind: `SAGEMAKER_BIND_TO_PORT` if set, else `--port`.
     pub fn port(&self) -> Result<u16> {
         match std::env::var("SAGEMAKER_BIND_TO_PORT") {
@@ -422,10 +466,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
     let source = args.model_source()?;
     let opts = args.model.load_options()?;
     let port = args.port()?;
-    let limits = Limits {
-        max_pixels: args.max_pixels,
-        ..Limits::default()
-    };
+    let limits = args.limits()?;
     let storage = crate::storage::Storage::open(&args.storage)?;
     let max_batch_images = match args.max_batch_images {
         Some(0) => return Err(Error::invalid("max-batch-images", "must be at least 1")),
@@ -480,13 +521,11 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
             cors_origins: args.cors_origin.clone(),
         });
         let grace = std::time::Duration::from_secs(args.shutdown_grace);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                jobs.shutdown(grace).await;
-            })
-            .await
-            .map_err(|e| Error::io(&addr, e))?;
+        crate::http::server::serve(listener, app, async move {
+            shutdown_signal().await;
+            jobs.shutdown(grace).await;
+        })
+        .await;
         tracing::info!("shut down");
         Ok(())
     })

@@ -18,20 +18,61 @@ use crate::error::{Error, Result};
 pub struct Limits {
     /// Largest width × height in pixels.
     pub max_pixels: usize,
+    /// Largest width or height in pixels.
+    pub max_side: usize,
     pub max_steps: usize,
     pub max_images: usize,
     /// Longest prompt or negative prompt, in characters.
     pub max_prompt_chars: usize,
+    /// Most working memory one request may need beyond the loaded weights
+    /// ([`ModelInfo::working_bytes`]): an allocation failure aborts the process,
+    /// so a request that could exhaust memory is refused before it runs.
+    pub max_request_bytes: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_pixels: 1024 * 1024,
+            max_side: 2048,
             max_steps: 500,
             max_images: 8,
             max_prompt_chars: 4000,
+            max_request_bytes: default_request_bytes(),
         }
+    }
+}
+
+/// Half of the memory this process may use: the machine's, or the container's
+/// cgroup limit when lower (the other half holds the weights and the rest of
+/// the process).
+pub fn default_request_bytes() -> u64 {
+    memory_limit_bytes().map_or(8 << 30, |m| m / 2)
+}
+
+/// Physical memory, capped by a cgroup v2 (`memory.max`) or v1 limit.
+fn memory_limit_bytes() -> Option<u64> {
+    let physical = {
+        // SAFETY: sysconf only reads system configuration.
+        let (pages, size) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        (pages > 0 && size > 0).then(|| (pages as u64).saturating_mul(size as u64))
+    };
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .filter_map(|s| s.trim().parse::<u64>().ok())
+    .min();
+    match (physical, cgroup) {
+        (Some(p), Some(c)) => Some(p.min(c)),
+        (p, c) => p.or(c),
     }
 }
 
@@ -84,14 +125,24 @@ pub struct GivenLatents {
 pub const DEFAULT_STEPS: usize = 30;
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
 
-fn check_side(field: &str, v: usize, factor: usize) -> Result<usize> {
+fn check_side(field: &str, v: usize, factor: usize, limits: &Limits) -> Result<usize> {
     if v == 0 || !v.is_multiple_of(factor) {
         return Err(Error::invalid(
             field,
             format!("{v} is not a positive multiple of {factor}"),
         ));
     }
+    if v > limits.max_side {
+        return Err(Error::invalid(
+            field,
+            format!("{v} is over the limit of {} pixels", limits.max_side),
+        ));
+    }
     Ok(v)
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
 }
 
 fn check_text(field: &str, text: &str, limits: &Limits) -> Result<()> {
@@ -126,14 +177,20 @@ impl GenerateParams {
         check_text("negative_prompt", &negative_prompt, limits)?;
 
         let f = model.vae_scale_factor;
-        let width = check_side("width", self.width.unwrap_or(model.default_size), f)?;
-        let height = check_side("height", self.height.unwrap_or(model.default_size), f)?;
-        if width * height > limits.max_pixels {
+        let width = check_side("width", self.width.unwrap_or(model.default_size), f, limits)?;
+        let height = check_side(
+            "height",
+            self.height.unwrap_or(model.default_size),
+            f,
+            limits,
+        )?;
+        // Checked: sides come from callers, and a wrapped product would pass.
+        let pixels = width.checked_mul(height).unwrap_or(usize::MAX);
+        if pixels > limits.max_pixels {
             return Err(Error::invalid(
                 "width",
                 format!(
-                    "{width}x{height} is {} pixels, over the limit of {}",
-                    width * height,
+                    "{width}x{height} is {pixels} pixels, over the limit of {}",
                     limits.max_pixels
                 ),
             ));
@@ -168,6 +225,7 @@ impl GenerateParams {
 
         let scheduler_options = self.scheduler_options.clone().unwrap_or_default();
         check_overrides(&scheduler_options)?;
+        check_scheduler(model, scheduler, &scheduler_options, steps)?;
 
         let mut num_images = self.num_images.unwrap_or(1);
         if let Some(given) = &latents {
@@ -218,6 +276,24 @@ impl GenerateParams {
                 format!("{num_images} is outside 1..={}", limits.max_images),
             ));
         }
+        let rows_per_image = if guidance > 1.0 { 2 } else { 1 };
+        let needed = model.working_bytes(width, height, num_images, rows_per_image);
+        if needed.is_none_or(|n| n > limits.max_request_bytes) {
+            let field = if num_images > 1 {
+                "num_images"
+            } else {
+                "width"
+            };
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "{num_images} image(s) of {width}x{height} need about {} MiB of working memory, \
+                     over this server's limit of {} MiB per request; ask for fewer or smaller images",
+                    needed.map_or(u64::MAX, mib),
+                    mib(limits.max_request_bytes)
+                ),
+            ));
+        }
         let seed = self.seed.unwrap_or_else(random_seed);
         Ok(GenerateRequest {
             prompt,
@@ -232,6 +308,51 @@ impl GenerateParams {
             num_images,
             latents,
         })
+    }
+}
+
+/// Builds the scheduler the request will run with, so a bad option or an
+/// option the model's config can't take is refused now, not when the job runs
+/// (diffusers raises these in `__init__`/`set_timesteps`/`step`).
+fn check_scheduler(
+    model: &ModelInfo,
+    kind: SchedulerKind,
+    options: &serde_json::Map<String, serde_json::Value>,
+    steps: usize,
+) -> Result<()> {
+    let config = &model.scheduler_config;
+    let built = config.build(kind, options, steps).and_then(|s| {
+        // Every timestep must index the training schedule (steps_offset can
+        // push `leading` spacings past it; diffusers fails in `step`). Only the
+        // top is checked: continuous Euler timesteps are log-sigmas, below 0.
+        let train = config.num_train_timesteps(options);
+        match s
+            .timesteps()
+            .iter()
+            .find(|&&t| t.is_nan() || t >= train as f64)
+        {
+            Some(t) => Err(Error::invalid(
+                "scheduler",
+                format!("timestep {t} is outside the {train} training timesteps"),
+            )),
+            None => Ok(()),
+        }
+    });
+    match built {
+        Ok(()) => Ok(()),
+        Err(Error::InvalidRequest { field, message })
+            if field == "scheduler" && !options.is_empty() =>
+        {
+            // The options are at fault when the model's own config builds.
+            let own_config_builds = config.build(kind, &Default::default(), steps).is_ok();
+            let field = if own_config_builds {
+                "scheduler_options".to_string()
+            } else {
+                field
+            };
+            Err(Error::InvalidRequest { field, message })
+        }
+        Err(e) => Err(e),
     }
 }
 

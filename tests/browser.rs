@@ -1,6 +1,7 @@
 //! The web page end to end in headless Chromium (Debian's `chromium` and
 //! `chromium-driver`), driven over the W3C WebDriver protocol: type a prompt,
-//! click Generate, watch the real tiny model's image appear. Without
+//! click Generate, watch the real tiny model's image appear; a submission the
+//! server refuses (400) then shows its error and keeps that image. Without
 //! chromedriver the test fails (CI installs it); set
 //! `SDSERVE_SKIP_BROWSER_TESTS=1` to skip it explicitly, which it reports.
 
@@ -196,7 +197,9 @@ fn type_a_prompt_click_generate_and_see_the_image() {
         "the image in the gallery",
     );
 
-    // A server-side validation error is shown, naming the field.
+    // A server-side validation error (400 naming `steps`) is shown and the field
+    // highlighted, while the previous image stays on the page: the server refused
+    // the job, so the last result is still the latest one.
     b.js("document.querySelector('#steps').value = '100000'");
     b.click("#generate");
     let error = b.wait_for(
@@ -211,5 +214,62 @@ fn type_a_prompt_click_generate_and_see_the_image() {
     assert_eq!(
         b.js("return document.querySelector('#steps').getAttribute('aria-invalid')"),
         "true"
+    );
+    assert_eq!(
+        b.js("return document.querySelector('#status').textContent.trim()"),
+        "Error"
+    );
+    assert_result_shown(&b, &src);
+
+    // An error found before sending (no prompt) keeps it too.
+    b.js("document.querySelector('#prompt').value = ''");
+    b.click("#generate");
+    b.wait_for(
+        "return document.querySelector('#prompt').getAttribute('aria-invalid') === 'true'",
+        "the prompt highlighted",
+    );
+    assert_result_shown(&b, &src);
+
+    // Corrected, the next job is accepted: the error and the highlight go, and
+    // its image replaces the previous one.
+    b.js("document.querySelector('#steps').value = ''");
+    b.type_into("#prompt", "a lighthouse at dawn");
+    b.click("#generate");
+    let next = b.wait_for(
+        &format!(
+            "const i = document.querySelectorAll('#result img.result-image'); \
+             return i.length === 1 && i[0].complete && i[0].naturalWidth > 0 && \
+                    i[0].getAttribute('src') !== '{src}' ? i[0].getAttribute('src') : null"
+        ),
+        "the next result image",
+    );
+    assert!(next.as_str().unwrap().starts_with("/files/"), "{next}");
+    assert_eq!(
+        b.js("return document.querySelector('#status').textContent.trim()"),
+        "Done"
+    );
+    assert_eq!(b.js("return document.querySelector('#error').hidden"), true);
+    assert_eq!(
+        b.js("return document.querySelectorAll('#gen-form [aria-invalid=\"true\"]').length"),
+        0
+    );
+}
+
+/// The page still shows exactly one result, the image at `src`, loaded and
+/// visible, with its download link.
+fn assert_result_shown(b: &Browser, src: &str) {
+    let shown = b.js(
+        "const i = document.querySelectorAll('#result img.result-image'); \
+         const a = document.querySelector('#result a.download'); \
+         return {count: i.length, \
+                 src: i.length ? i[0].getAttribute('src') : null, \
+                 width: i.length ? i[0].naturalWidth : null, \
+                 visible: i.length ? i[0].getBoundingClientRect().height > 0 : false, \
+                 download: a ? a.getAttribute('href') : null}",
+    );
+    assert_eq!(
+        shown,
+        json!({"count": 1, "src": src, "width": 96, "visible": true, "download": src}),
+        "the previous result must stay on the page"
     );
 }

@@ -19,7 +19,11 @@ struct Moto {
 
 impl Moto {
     fn start() -> Self {
-        let port = common::free_port();
+        Self::start_on(common::free_port())
+    }
+
+    /// moto on `port` (again, after [`Moto::stop`]: an outage and its end).
+    fn start_on(port: u16) -> Self {
         let child = Command::new("python3")
             .args([
                 "-m",
@@ -49,6 +53,30 @@ impl Moto {
             assert!(Instant::now() < deadline, "moto_server never answered");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+impl Moto {
+    fn port(&self) -> u16 {
+        self.endpoint.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// Creates `bucket` with a plain S3 PUT (moto does not check signatures).
+    fn bucket(&self, bucket: &str) {
+        let r = client()
+            .put(format!("{}/{bucket}", self.endpoint))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{:?}", r.text());
+    }
+
+    /// The object at `key` in `bucket`, if any.
+    fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let r = client()
+            .get(format!("{}/{bucket}/{key}", self.endpoint))
+            .send()
+            .unwrap();
+        r.status().is_success().then(|| r.bytes().unwrap().to_vec())
     }
 }
 
@@ -89,12 +117,7 @@ fn wait_final(s: &Server, id: &str) -> Value {
 #[test]
 fn images_and_records_live_in_the_bucket() {
     let moto = Moto::start();
-    // Create the bucket with a plain S3 PUT (moto does not check signatures).
-    let r = client()
-        .put(format!("{}/sdserve-test", moto.endpoint))
-        .send()
-        .unwrap();
-    assert!(r.status().is_success(), "{:?}", r.text());
+    moto.bucket("sdserve-test");
 
     let env = aws_env(&moto.endpoint);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -166,7 +189,8 @@ fn images_and_records_live_in_the_bucket() {
 #[test]
 fn an_unreachable_bucket_refuses_jobs_instead_of_losing_them() {
     // Nothing listens on this port: storing the record fails, so the job is
-    // refused with a 500 naming storage, and never runs unrecorded.
+    // refused with a 503 and Retry-After (nothing ran unrecorded), naming no
+    // internal location.
     let port = common::free_port();
     let env = aws_env(&format!("http://127.0.0.1:{port}"));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -176,13 +200,88 @@ fn an_unreachable_bucket_refuses_jobs_instead_of_losing_them() {
         .json(&json!({"text": "x", "steps": 2}))
         .send()
         .unwrap();
-    assert_eq!(r.status(), 500);
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
     let v: Value = r.json().unwrap();
+    let error = v["error"].as_str().unwrap();
+    assert!(error.contains("storage is unavailable"), "{v}");
     assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .contains("could not store the job"),
+        !error.contains("nowhere") && !error.contains("127.0.0.1"),
         "{v}"
     );
+}
+
+#[test]
+fn a_storage_outage_delays_accepted_jobs_instead_of_failing_them() {
+    let moto = Moto::start();
+    moto.bucket("outage");
+    let env = aws_env(&moto.endpoint);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = Server::start(&["--model", &tiny(), "--storage", "s3://outage/run"], &env);
+    let r = client()
+        .post(s.url("/generate"))
+        .json(&json!({"text": "a", "steps": 400, "scheduler": "ddim", "seed": 9}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().unwrap()["image_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let status = |s: &Server| -> Value {
+        client()
+            .get(s.url(&format!("/image/{id}")))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&s)["status"] != "processing" {
+        assert!(Instant::now() < deadline, "never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // S3 goes away while the job runs.
+    let port = moto.port();
+    drop(moto);
+    // New work is refused with 503 + Retry-After, not 500.
+    let r = client()
+        .post(s.url("/generate"))
+        .json(&json!({"text": "b", "steps": 1}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503, "{:?}", r.text());
+    assert!(r.headers().contains_key("retry-after"));
+    // The job's images can't be stored: it waits, and says it is still
+    // processing, as its record does.
+    s.wait_for_log("storing an image failed, retrying", "");
+    assert_eq!(status(&s)["status"], "processing");
+
+    // S3 is back (moto starts empty: the bucket is made again).
+    let moto = Moto::start_on(port);
+    moto.bucket("outage");
+    let done = wait_final(&s, &id);
+    assert_eq!(done["status"], "completed", "{done}");
+    let png = client()
+        .get(done["image_url"].as_str().unwrap())
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    let record: Value = serde_json::from_slice(
+        &moto
+            .object("outage", &format!("run/jobs/{id}.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["status"], "completed");
+    // And new jobs are accepted again.
+    let r = client()
+        .post(s.url("/generate"))
+        .json(&json!({"text": "c", "steps": 1}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
 }

@@ -52,6 +52,14 @@ pub struct CostModel {
 const NEW_WEIGHT: f64 = 0.3;
 
 impl CostModel {
+    /// Rates assumed until a job or the warm-up has been measured: the order
+    /// of magnitude of a full-size SD 1.5 on two CPU cores (a guided 512-px
+    /// step, 0.52 step units, in about 6 s). Only the first estimates use it.
+    pub const PRIOR: CostModel = CostModel {
+        step_rate: 12.0,
+        image_rate: 40.0,
+    };
+
     /// The rates one finished job implies: it ran `steps_run` steps in
     /// `denoise_s`, and spent `other_s` encoding the prompt and decoding.
     pub fn measured(shape: &JobShape, steps_run: usize, denoise_s: f64, other_s: f64) -> Self {

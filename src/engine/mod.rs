@@ -108,7 +108,13 @@ pub(crate) struct Job {
     pub status: watch::Sender<JobStatus>,
     pub cancel: Arc<AtomicBool>,
     pub submitted: Instant,
+    /// Set for gated jobs ([`Engine::submit_gated`]): after telling the job it
+    /// runs, the worker waits (up to [`GATE_TIMEOUT`]) until its caller opens it.
+    pub gate: Option<std::sync::mpsc::Receiver<()>>,
 }
+
+/// Longest a gated job's start waits for its caller.
+pub const GATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The caller's side of a job: its status channel and a way to cancel it.
 pub struct Ticket {
@@ -116,9 +122,18 @@ pub struct Ticket {
     pub status: watch::Receiver<JobStatus>,
     cancel: Arc<AtomicBool>,
     queue: Arc<queue::JobQueue>,
+    gate: Option<Mutex<std::sync::mpsc::Sender<()>>>,
 }
 
 impl Ticket {
+    /// Lets a gated job that was told `Running { step: 0 }` start (a no-op
+    /// for ungated jobs, and after the first call).
+    pub fn open_gate(&self) {
+        if let Some(gate) = &self.gate {
+            let _ = lock(gate).send(());
+        }
+    }
+
     /// Asks the engine to drop the job: removed at once if still queued,
     /// stopped after the current step if running.
     pub fn cancel(&self) {
@@ -214,7 +229,10 @@ impl Engine {
     where
         F: FnOnce() -> Result<StableDiffusion> + Send + 'static,
     {
-        let queue = Arc::new(queue::JobQueue::new(config.queue_capacity));
+        let queue = Arc::new(queue::JobQueue::new(
+            config.queue_capacity,
+            config.metrics.clone(),
+        ));
         let (state_tx, state) = watch::channel(EngineState::Loading);
         let (stopped_tx, stopped) = watch::channel(false);
         let shared = Arc::new(Shared::default());
@@ -267,23 +285,42 @@ impl Engine {
 
     /// Queues a validated request. Fails at once when the queue is full.
     pub fn submit(&self, request: GenerateRequest) -> std::result::Result<Ticket, SubmitError> {
-        self.push(request, true)
+        self.push(request, true, false)
     }
 
-    /// Queues a request accepted before a restart: the queue bound applies to
-    /// new requests only.
+    /// Like [`Engine::submit`], but the job starts only once its caller has
+    /// seen `Running { step: 0 }` and called [`Ticket::open_gate`] (or after
+    /// [`GATE_TIMEOUT`]): the job API stores "attempt started" first, so a job
+    /// that kills the process is known as such at the next start.
+    pub fn submit_gated(
+        &self,
+        request: GenerateRequest,
+    ) -> std::result::Result<Ticket, SubmitError> {
+        self.push(request, true, true)
+    }
+
+    /// Queues a gated request accepted before a restart: the queue bound
+    /// applies to new requests only.
     pub fn resubmit(&self, request: GenerateRequest) -> std::result::Result<Ticket, SubmitError> {
-        self.push(request, false)
+        self.push(request, false, true)
     }
 
     fn push(
         &self,
         request: GenerateRequest,
         bounded: bool,
+        gated: bool,
     ) -> std::result::Result<Ticket, SubmitError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(JobStatus::Queued { position: 0 });
         let cancel = Arc::new(AtomicBool::new(false));
+        let (gate_tx, gate_rx) = match gated {
+            true => {
+                let (t, r) = std::sync::mpsc::channel();
+                (Some(Mutex::new(t)), Some(r))
+            }
+            false => (None, None),
+        };
         let job = Job {
             id,
             shape: JobShape::of(&request),
@@ -291,6 +328,7 @@ impl Engine {
             status: tx,
             cancel: cancel.clone(),
             submitted: Instant::now(),
+            gate: gate_rx,
         };
         self.queue.push(job, bounded)?;
         self.metrics.queue_depth.set(self.queue.len() as i64);
@@ -299,6 +337,7 @@ impl Engine {
             status: rx,
             cancel,
             queue: self.queue.clone(),
+            gate: gate_tx,
         })
     }
 
@@ -317,10 +356,11 @@ impl Engine {
     }
 
     /// Seconds until job `id` is likely done: what is left of the running job,
-    /// the jobs ahead of it, and its own steps, at the measured rates. `None`
-    /// before anything was measured or when the job is not in the engine.
+    /// the jobs ahead of it, and its own steps, at the measured rates (at
+    /// [`CostModel::PRIOR`] before anything was measured). `None` when the job
+    /// is no longer in the engine (it has finished).
     pub fn estimate_seconds(&self, id: u64) -> Option<f64> {
-        let cost = self.cost_model()?;
+        let cost = self.cost_model().unwrap_or(CostModel::PRIOR);
         let running = lock(&self.shared.running).clone();
         let running_left = running
             .as_ref()

@@ -4,8 +4,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex};
 
+use std::sync::Arc;
+
 use super::cost::JobShape;
 use super::{Job, JobStatus};
+use crate::metrics::Metrics;
 
 /// Why a job was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -25,10 +28,11 @@ pub(crate) struct JobQueue {
     inner: Mutex<Inner>,
     available: Condvar,
     capacity: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl JobQueue {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 jobs: VecDeque::new(),
@@ -36,6 +40,7 @@ impl JobQueue {
             }),
             available: Condvar::new(),
             capacity: capacity.max(1),
+            metrics,
         }
     }
 
@@ -60,7 +65,7 @@ impl JobQueue {
             return Err(SubmitError::ShuttingDown);
         }
         // Jobs cancelled while waiting do not hold a slot.
-        prune_cancelled(&mut inner.jobs);
+        prune_cancelled(&mut inner.jobs, &self.metrics);
         if bounded && inner.jobs.len() >= self.capacity {
             return Err(SubmitError::Full {
                 capacity: self.capacity,
@@ -83,7 +88,7 @@ impl JobQueue {
             if inner.closed {
                 return None;
             }
-            prune_cancelled(&mut inner.jobs);
+            prune_cancelled(&mut inner.jobs, &self.metrics);
             if let Some(job) = inner.jobs.pop_front() {
                 renumber(&inner.jobs);
                 return Some(job);
@@ -99,7 +104,7 @@ impl JobQueue {
     /// order, while the batch stays within `max_images` images in all.
     pub fn take_compatible(&self, first: &Job, max_images: usize) -> Vec<Job> {
         let mut inner = self.lock();
-        prune_cancelled(&mut inner.jobs);
+        prune_cancelled(&mut inner.jobs, &self.metrics);
         let mut images = first.request.num_images;
         let mut taken = Vec::new();
         let mut i = 0;
@@ -134,7 +139,7 @@ impl JobQueue {
     /// Drops cancelled jobs now (instead of at the next push or pop), so their
     /// callers hear at once.
     pub fn prune(&self) {
-        prune_cancelled(&mut self.lock().jobs);
+        prune_cancelled(&mut self.lock().jobs, &self.metrics);
     }
 
     /// The shapes of the jobs ahead of job `id` and its own, if it is queued.
@@ -159,7 +164,7 @@ fn renumber(jobs: &VecDeque<Job>) {
 }
 
 /// Drops cancelled jobs (telling their callers) and renumbers the rest.
-fn prune_cancelled(jobs: &mut VecDeque<Job>) {
+fn prune_cancelled(jobs: &mut VecDeque<Job>, metrics: &Metrics) {
     if !jobs.iter().any(|j| j.cancel.load(Ordering::SeqCst)) {
         return;
     }
@@ -168,6 +173,7 @@ fn prune_cancelled(jobs: &mut VecDeque<Job>) {
         if cancelled {
             tracing::info!(job = j.id, "job cancelled while queued");
             let _ = j.status.send(JobStatus::Cancelled);
+            metrics.job_finished("cancelled");
         }
         !cancelled
     });

@@ -135,11 +135,33 @@ impl Worker {
             shape,
             steps_done: 0,
         });
+        // Jobs told `Cancelled` mid-batch.
+        let mut dropped = vec![false; jobs.len()];
+        // Gated jobs start once their caller has stored that they start.
+        for (job, dropped) in jobs.iter().zip(dropped.iter_mut()) {
+            if let Some(gate) = &job.gate
+                && let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    gate.recv_timeout(super::GATE_TIMEOUT)
+            {
+                tracing::warn!(
+                    job = job.id,
+                    "the job's caller did not open its start gate in time; starting anyway"
+                );
+            }
+            if job.cancel.load(Ordering::SeqCst) {
+                tracing::info!(job = job.id, "job cancelled as it started");
+                let _ = job.status.send(JobStatus::Cancelled);
+                self.metrics.job_finished("cancelled");
+                *dropped = true;
+            }
+        }
+        if dropped.iter().all(|d| *d) {
+            *lock(&self.shared.running) = None;
+            return;
+        }
         let started = Instant::now();
         let mut last_step = Instant::now();
         let mut interrupted = false;
-        // Jobs told `Cancelled` mid-batch.
-        let mut dropped = vec![false; jobs.len()];
         let requests: Vec<_> = jobs.iter().map(|j| &j.request).collect();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             model.generate_batch(&requests, &mut |p| {

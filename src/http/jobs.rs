@@ -17,12 +17,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::{ApiError, AppState, body_object, field, ready_model};
+use super::{ApiError, AppState, Bodies, body_object, ready_model};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::jobs::{JobRequest, JobState, JobView};
 use crate::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
 
-/// Fields `POST /generate` accepts.
+/// Fields `POST /generate` accepts: those of [`JobRequest`] (a test checks).
 pub const FIELDS: &[&str] = &[
     "text",
     "style",
@@ -38,10 +38,16 @@ pub const FIELDS: &[&str] = &[
 
 /// Parses the body, naming the first unknown or mistyped field.
 fn parse_request(headers: &HeaderMap, body: &Bytes) -> Result<JobRequest, ApiError> {
-    let mut obj = body_object(headers, body)?;
+    let mut obj = body_object(headers, body, Bodies::Json)?;
     if let Some(prompt) = obj.remove("prompt") {
-        // text/plain bodies (and SageMaker-minded callers) say `prompt`.
-        obj.entry("text").or_insert(prompt);
+        // SageMaker-minded callers say `prompt`; saying both is ambiguous.
+        if obj.contains_key("text") {
+            return Err(ApiError::BadRequest {
+                field: "prompt".into(),
+                message: "give `text` or `prompt`, not both".into(),
+            });
+        }
+        obj.insert("text".into(), prompt);
     }
     if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ApiError::BadRequest {
@@ -49,18 +55,8 @@ fn parse_request(headers: &HeaderMap, body: &Bytes) -> Result<JobRequest, ApiErr
             message: format!("unknown field; accepted: {}", FIELDS.join(", ")),
         });
     }
-    Ok(JobRequest {
-        text: field(&obj, "text")?,
-        style: field(&obj, "style")?,
-        resolution: field(&obj, "resolution")?,
-        negative_prompt: field(&obj, "negative_prompt")?,
-        steps: field(&obj, "steps")?,
-        guidance: field(&obj, "guidance")?,
-        seed: field(&obj, "seed")?,
-        scheduler: field(&obj, "scheduler")?,
-        num_images: field(&obj, "num_images")?,
-        scheduler_options: field(&obj, "scheduler_options")?,
-    })
+    // The type `/openapi.json` documents as `GenerateRequest`.
+    super::openapi::from_object(obj)
 }
 
 fn status_name(s: JobState) -> Value {
@@ -212,7 +208,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
     let default_scheduler =
         SchedulerKind::parse(&model.default_scheduler).map_or("default", |k| k.name());
     Ok(Json(json!({
-        "model": model.source,
+        "model": model.name,
         "default_resolution": format!("{0}x{0}", model.default_size),
         "resolutions": resolutions(model.default_size, model.vae_scale_factor, limits.max_pixels),
         "resolution_multiple": model.vae_scale_factor,

@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod openapi;
 pub mod sagemaker;
+pub mod server;
 pub mod ui;
 
 use std::sync::Arc;
@@ -61,11 +62,66 @@ pub fn router(state: AppState) -> axum::Router {
         ))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            BODY_READ_TIMEOUT,
+        ))
         .with_state(state);
-    match cors {
+    let app = match cors {
         Some(c) => app.layer(c),
         None => app,
+    };
+    app.layer(axum::middleware::from_fn(harden))
+}
+
+/// Longest a client may take to send a request body.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Every response: `nosniff`; every error: the one JSON shape, whatever
+/// produced it (axum's own rejections — body too large, bad path or query,
+/// method not allowed — answer in plain text or with no body).
+async fn harden(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let (mut parts, body) = response.into_parts();
+    parts.headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    let is_json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if parts.status.as_u16() < 400 || is_json {
+        return Response::from_parts(parts, body);
     }
+    // Rejection bodies are one short line; anything longer is cut.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = match parts.status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("the request body is over the limit of {MAX_BODY_BYTES} bytes")
+        }
+        // axum adds the Allow header after this layer.
+        StatusCode::METHOD_NOT_ALLOWED => {
+            format!("{method} is not allowed on this route; the Allow header lists what is")
+        }
+        StatusCode::REQUEST_TIMEOUT => "the request body took too long to arrive".into(),
+        status if text.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_string(),
+        _ => text,
+    };
+    let body = serde_json::to_vec(&json!({ "error": message })).unwrap_or_default();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -111,7 +167,8 @@ pub enum ApiError {
     NotAcceptable(String),
     /// The response would exceed a size limit.
     TooLarge(String),
-    /// The queue is full; retry after the given seconds (SageMaker routes: 503).
+    /// Unavailable for now (the queue is full, storage is unreachable): retry
+    /// after the given seconds (503).
     Busy { retry_after: u64, message: String },
     /// The queue is full; retry after the given seconds (public routes: 429).
     TooManyRequests { retry_after: u64, message: String },
@@ -192,26 +249,63 @@ pub fn ready_model(
     match engine.state() {
         EngineState::Ready(info) => Ok(info),
         EngineState::Loading => Err(ApiError::NotReady("the model is still loading".into())),
-        EngineState::Failed(e) => Err(ApiError::NotReady(format!("the model failed to load: {e}"))),
+        EngineState::Failed(e) => Err(ApiError::NotReady(format!(
+            "the model failed to load: {}",
+            without_paths(&e)
+        ))),
     }
+}
+
+/// `message` with every absolute filesystem path cut to its last component:
+/// callers see which file, not where the server keeps it (the log has it all).
+pub fn without_paths(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|word| match word.strip_prefix('/') {
+            Some(rest) if rest.contains('/') => {
+                // The file and its folder (`unet/config.json:`), not the root.
+                let tail: Vec<&str> = word.rsplitn(3, '/').take(2).collect();
+                format!(".../{}/{}", tail[1], tail[0])
+            }
+            _ => word.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Which bodies a route takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bodies {
+    /// `application/json` only: a page on another origin can't send that
+    /// without a CORS preflight, so it can't submit jobs to a LAN server.
+    Json,
+    /// Also `text/plain` (a bare prompt), and JSON when no Content-Type is
+    /// sent: what SageMaker callers send to `/invocations`.
+    JsonOrText,
 }
 
 /// The request body as a JSON object (`text/plain`: `{"prompt": body}`).
 pub(crate) fn body_object(
     headers: &HeaderMap,
     body: &Bytes,
+    accepts: Bodies,
 ) -> Result<Map<String, Value>, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let given = headers.get(header::CONTENT_TYPE);
+    let content_type = match given {
+        None if accepts == Bodies::JsonOrText => "application/json".to_string(),
+        None => String::new(),
+        Some(v) => v
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase(),
+    };
+    let plain_ok = accepts == Bodies::JsonOrText;
     match content_type.as_str() {
-        "application/json" | "" => match serde_json::from_slice::<Value>(body) {
+        "application/json" => match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(m)) => Ok(m),
             Ok(_) => Err(ApiError::BadRequest {
                 field: "body".into(),
@@ -222,7 +316,7 @@ pub(crate) fn body_object(
                 message: format!("invalid JSON: {e}"),
             }),
         },
-        "text/plain" => {
+        "text/plain" if plain_ok => {
             let prompt = std::str::from_utf8(body).map_err(|_| ApiError::BadRequest {
                 field: "body".into(),
                 message: "not UTF-8 text".into(),
@@ -233,7 +327,11 @@ pub(crate) fn body_object(
             )]))
         }
         other => Err(ApiError::UnsupportedMedia(format!(
-            "Content-Type {other:?} is not supported; send application/json or text/plain"
+            "Content-Type {other:?} is not supported; send {}",
+            match accepts {
+                Bodies::Json => "application/json",
+                Bodies::JsonOrText => "application/json or text/plain",
+            }
         ))),
     }
 }

@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, AppState, body_object, field, ready_model};
+use super::{ApiError, AppState, Bodies, body_object, ready_model};
 use crate::diffusion::image::{ImageMetadata, encode_png, to_rgb8};
 use crate::engine::JobStatus;
 use crate::request::GenerateParams;
@@ -31,8 +31,9 @@ pub const MAX_RESPONSE_BYTES: usize = 6_000_000;
 
 const CUSTOM_ATTRIBUTES: &str = "x-amzn-sagemaker-custom-attributes";
 
-/// JSON fields accepted on /invocations, with the request field each fills.
-const FIELDS: &[(&str, &str)] = &[
+/// JSON fields accepted on /invocations (the fields of [`Invocation`] but
+/// `eta`), with the request field each fills.
+pub(crate) const FIELDS: &[(&str, &str)] = &[
     ("prompt", "prompt"),
     ("negative_prompt", "negative_prompt"),
     ("width", "width"),
@@ -54,9 +55,15 @@ fn caller_name(field: &str) -> String {
         .unwrap_or_else(|| field.to_string())
 }
 
+/// 200 while the model is loaded and the server takes work; 503 while it
+/// loads, when it failed to load, and once it is draining for shutdown (so a
+/// load balancer stops routing to it).
 pub async fn ping(State(state): State<Arc<AppState>>) -> Response {
+    if state.jobs.is_shutting_down() {
+        return ApiError::NotReady("the server is shutting down".into()).into_response();
+    }
     match ready_model(&state.engine) {
-        Ok(info) => Json(json!({"status": "ready", "model": info.source})).into_response(),
+        Ok(info) => Json(json!({"status": "ready", "model": info.name})).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -138,8 +145,51 @@ fn custom_attributes(headers: &HeaderMap) -> Map<String, Value> {
     out
 }
 
-/// The request body as a JSON object, from `application/json` or `text/plain`.
-/// Builds the typed parameters, refusing unknown fields by name.
+/// A `POST /invocations` JSON body: the fields SageMaker JumpStart's Stable
+/// Diffusion endpoints take, plus `scheduler` and `scheduler_options`. It is
+/// what [`params`] parses and, as `Invocation`, what `/openapi.json` documents
+/// (the bounds that are the server's settings are filled in by
+/// [`super::openapi`]).
+#[derive(Debug, Default, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Invocation {
+    /// The prompt; no NUL.
+    #[schemars(required, with = "String", pattern(super::openapi::NO_NUL))]
+    pub prompt: Option<String>,
+    /// What the image should not show; no NUL.
+    #[schemars(pattern(super::openapi::NO_NUL))]
+    pub negative_prompt: Option<String>,
+    /// Pixels.
+    #[serde(default, deserialize_with = "super::openapi::integer::option")]
+    pub width: Option<usize>,
+    /// Pixels.
+    #[serde(default, deserialize_with = "super::openapi::integer::option")]
+    pub height: Option<usize>,
+    /// Denoising steps.
+    #[schemars(range(min = 1))]
+    #[serde(default, deserialize_with = "super::openapi::integer::option")]
+    pub num_inference_steps: Option<usize>,
+    /// Classifier-free guidance scale; at most 1 skips the unconditional pass.
+    #[schemars(range(min = 0, max = 100))]
+    pub guidance_scale: Option<f64>,
+    /// Seed of the first image; image `i` uses `seed + i` (wrapping). Default: random.
+    #[serde(default, deserialize_with = "super::openapi::integer::option")]
+    pub seed: Option<u64>,
+    /// Images to generate (1 when `Accept` asks for an image type).
+    #[schemars(range(min = 1))]
+    #[serde(default, deserialize_with = "super::openapi::integer::option")]
+    pub num_images_per_prompt: Option<usize>,
+    /// A scheduler name (`default`: the model's own).
+    pub scheduler: Option<String>,
+    /// Scheduler config overrides, as diffusers' `from_config(config, **options)`.
+    pub scheduler_options: Option<Map<String, Value>>,
+    /// DDIM's `eta`, which JumpStart clients send: only the deterministic 0 is implemented.
+    #[schemars(extend("enum" = [0, null]))]
+    pub eta: Option<f64>,
+}
+
+/// Builds the typed parameters from the body object (custom attributes
+/// merged in), refusing unknown and mistyped fields by name.
 fn params(obj: &Map<String, Value>) -> Result<GenerateParams, ApiError> {
     if let Some(unknown) = obj
         .keys()
@@ -151,32 +201,31 @@ fn params(obj: &Map<String, Value>) -> Result<GenerateParams, ApiError> {
             message: format!("unknown field; accepted: {}", known.join(", ")),
         });
     }
-    // JumpStart clients send DDIM's `eta`; only the deterministic 0 is implemented.
-    if let Some(eta) = field::<f64>(obj, "eta")?
-        && eta != 0.0
-    {
-        return Err(ApiError::BadRequest {
-            field: "eta".into(),
-            message: "only 0 is supported".into(),
-        });
-    }
     if obj.get("prompt").is_none_or(Value::is_null) {
         return Err(ApiError::BadRequest {
             field: "prompt".into(),
             message: "required".into(),
         });
     }
+    let body: Invocation = super::openapi::from_object(obj.clone())?;
+    // JumpStart clients send DDIM's `eta`; only the deterministic 0 is implemented.
+    if body.eta.is_some_and(|eta| eta != 0.0) {
+        return Err(ApiError::BadRequest {
+            field: "eta".into(),
+            message: "only 0 is supported".into(),
+        });
+    }
     Ok(GenerateParams {
-        prompt: field(obj, "prompt")?,
-        negative_prompt: field(obj, "negative_prompt")?,
-        width: field(obj, "width")?,
-        height: field(obj, "height")?,
-        steps: field(obj, "num_inference_steps")?,
-        guidance: field(obj, "guidance_scale")?,
-        scheduler: field(obj, "scheduler")?,
-        scheduler_options: field(obj, "scheduler_options")?,
-        seed: field(obj, "seed")?,
-        num_images: field(obj, "num_images_per_prompt")?,
+        prompt: body.prompt,
+        negative_prompt: body.negative_prompt,
+        width: body.width,
+        height: body.height,
+        steps: body.num_inference_steps,
+        guidance: body.guidance_scale,
+        scheduler: body.scheduler,
+        scheduler_options: body.scheduler_options,
+        seed: body.seed,
+        num_images: body.num_images_per_prompt,
     })
 }
 
@@ -225,7 +274,7 @@ pub async fn invocations(
 async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Response, ApiError> {
     let info = ready_model(&state.engine)?;
     let reply = negotiate(headers)?;
-    let mut obj = body_object(headers, body)?;
+    let mut obj = body_object(headers, body, Bodies::JsonOrText)?;
     obj.extend(custom_attributes(headers));
     let request = params(&obj)?
         .validate(&info, &state.limits, None)
@@ -253,7 +302,7 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
     let out = match status {
         JobStatus::Done(out) => out,
         JobStatus::Cancelled => return Err(ApiError::Cancelled),
-        JobStatus::Failed(e) => return Err(ApiError::Internal(e)),
+        JobStatus::Failed(e) => return Err(ApiError::Internal(super::without_paths(&e))),
         JobStatus::Interrupted => {
             return Err(ApiError::NotReady(
                 "the server shut down before the job finished; retry".into(),
@@ -275,7 +324,7 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
         seed,
         width: request.width,
         height: request.height,
-        model: info.source.clone(),
+        model: info.name.clone(),
         generator: concat!("sdserve ", env!("CARGO_PKG_VERSION")).to_string(),
     };
     let too_large = |n: usize| {

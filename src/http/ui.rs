@@ -8,8 +8,24 @@ use axum::response::{Html, IntoResponse, Response};
 
 const INDEX: &str = include_str!("ui/index.html");
 
-pub async fn index() -> Html<&'static str> {
-    Html(INDEX)
+/// The page's Content-Security-Policy: its own inline script and style and
+/// `config.js`; images from anywhere (presigned S3 URLs) and API calls to any
+/// origin (`?api=` or a `config.js` may point elsewhere); never framed (no
+/// clickjacking), no plugins, forms and `<base>` pinned.
+const PAGE_CSP: &str = "default-src 'self'; script-src 'self' 'unsafe-inline'; \
+    style-src 'self' 'unsafe-inline'; img-src * data: blob:; connect-src *; \
+    object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+pub async fn index() -> Response {
+    (
+        [
+            (header::CONTENT_SECURITY_POLICY, PAGE_CSP),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(INDEX),
+    )
+        .into_response()
 }
 
 pub async fn config_js() -> Response {

@@ -22,7 +22,18 @@ use crate::error::{Error, Result};
 use crate::http::ApiError;
 use crate::request::{GenerateRequest, Limits};
 use crate::storage::Storage;
-pub use record::{JobRecord, JobRequest, JobState, JobTimings};
+pub use record::{JobRecord, JobRequest, JobState, JobTimings, MAX_ATTEMPTS};
+
+/// Seconds a caller is asked to wait (Retry-After) while storage is unreachable.
+const STORAGE_RETRY_AFTER: u64 = 5;
+/// Longest pause between two tries of a storage write that must happen.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a running job's record is rewritten ("still running").
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a starting server watches a job that looks like a poison job
+/// (running when its server stopped [`MAX_ATTEMPTS`] times) before it decides:
+/// a job still running on another server beats meanwhile.
+const SUSPECT_WATCH: Duration = Duration::from_millis(12_500);
 
 /// A job as the API shows it: the record plus live progress.
 #[derive(Debug, Clone)]
@@ -124,6 +135,14 @@ struct Inner {
     closing: CancellationToken,
 }
 
+/// What callers hear while storage can't be reached (the detail is logged).
+fn storage_unavailable() -> ApiError {
+    ApiError::Busy {
+        retry_after: STORAGE_RETRY_AFTER,
+        message: "image storage is unavailable; retry later".into(),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -157,6 +176,11 @@ impl Jobs {
         &self.inner.storage
     }
 
+    /// True once shutdown has begun: no new jobs, `/ping` answers 503.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
     /// A token cancelled when the server starts shutting down.
     pub fn closing(&self) -> CancellationToken {
         self.inner.closing.clone()
@@ -164,10 +188,21 @@ impl Jobs {
 
     /// Loads every stored record, then (once the model is ready) re-queues the
     /// ones that had not finished, oldest first. Returns how many were re-queued.
+    /// Storage that can't be reached is tried again (with backoff) until it
+    /// answers or the server shuts down. A stored job that no longer validates,
+    /// or was running when its server stopped [`MAX_ATTEMPTS`] times, is
+    /// marked failed with the reason instead of run.
     pub async fn recover(&self) -> Result<usize> {
         let mut unfinished = Vec::new();
-        for key in self.inner.storage.list("jobs").await? {
-            let Some(bytes) = self.inner.storage.get(&key).await? else {
+        let storage = &self.inner.storage;
+        let keys = self
+            .retrying("listing the stored jobs", || storage.list("jobs"))
+            .await?;
+        for key in keys {
+            let Some(bytes) = self
+                .retrying("reading a stored job", || storage.get(&key))
+                .await?
+            else {
                 continue;
             };
             let record: JobRecord = match serde_json::from_slice(&bytes) {
@@ -183,22 +218,84 @@ impl Jobs {
             self.insert(JobView::new(record));
         }
         unfinished.sort_by_key(|r| r.created_at);
-        let count = unfinished.len();
-        if count == 0 {
+        if unfinished.is_empty() {
             return Ok(0);
         }
+        let mut count = 0;
         let info = match self.inner.engine.ready().await {
             EngineState::Ready(info) => info,
             _ => return Ok(0),
         };
-        for mut record in unfinished {
+        let (suspects, others): (Vec<_>, Vec<_>) = unfinished
+            .into_iter()
+            .partition(|r| r.status == JobState::Processing && r.attempts >= MAX_ATTEMPTS);
+        for record in others {
+            count += usize::from(self.requeue(&info, record).await);
+        }
+        if suspects.is_empty() {
+            return Ok(count);
+        }
+        // Running on a live server, or killed every server that ran it? A live
+        // one rewrites the record meanwhile.
+        tokio::select! {
+            _ = tokio::time::sleep(SUSPECT_WATCH) => {}
+            _ = self.inner.closing.cancelled() => return Ok(count),
+        }
+        for mut record in suspects {
+            let id = record.image_id.clone();
+            let now = match storage.get(&JobRecord::key(&id)).await {
+                Ok(Some(bytes)) => serde_json::from_slice::<JobRecord>(&bytes).ok(),
+                _ => None,
+            };
+            if let Some(now) = now {
+                if now.status.is_final() {
+                    self.insert(JobView::new(now));
+                    continue;
+                }
+                if now.heartbeat_at != record.heartbeat_at || now.attempts != record.attempts {
+                    tracing::info!(
+                        image_id = id,
+                        "a job that looked stuck is running on another server"
+                    );
+                    count += usize::from(self.requeue(&info, now).await);
+                    continue;
+                }
+            }
+            tracing::error!(
+                image_id = id,
+                attempts = record.attempts,
+                "a job was running each time its server stopped; failing it instead of running it again"
+            );
+            record.status = JobState::Failed;
+            record.error = Some(format!(
+                "the server stopped {} times while running this job, so it is not run again",
+                record.attempts
+            ));
+            self.persist(&record).await;
+            self.insert(JobView::new(record));
+        }
+        Ok(count)
+    }
+
+    /// Validates a recovered job and queues it again (true), or stores it as
+    /// failed with the reason when it can't run.
+    async fn requeue(
+        &self,
+        info: &crate::diffusion::pipeline::ModelInfo,
+        mut record: JobRecord,
+    ) -> bool {
+        {
             let id = record.image_id.clone();
             let validated = record
                 .request
                 .to_params()
-                .and_then(|p| p.validate(&info, &self.inner.limits, None));
+                .and_then(|p| p.validate(info, &self.inner.limits, None));
             let result = match validated {
                 Ok(req) => self.inner.engine.resubmit(req).map_err(|e| e.to_string()),
+                Err(Error::InvalidRequest { field, message }) => Err(format!(
+                    "cannot run after restart: invalid value for `{}`: {message}",
+                    record::caller_name(&field)
+                )),
                 Err(e) => Err(format!("cannot run after restart: {e}")),
             };
             match result {
@@ -206,16 +303,41 @@ impl Jobs {
                     tracing::info!(image_id = id, "re-queued an unfinished job");
                     record.status = JobState::Queued;
                     self.watch(record, ticket, true);
+                    true
                 }
                 Err(e) => {
+                    tracing::warn!(image_id = id, "a stored job cannot run: {e}");
                     record.status = JobState::Failed;
                     record.error = Some(e);
-                    self.write(&record).await?;
+                    self.persist(&record).await;
                     self.insert(JobView::new(record));
+                    false
                 }
             }
         }
-        Ok(count)
+    }
+
+    /// Runs `op` until it succeeds, waiting 1, 2, 4 ... 30 s between tries;
+    /// gives up with the last error once the server is shutting down.
+    async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::warn!("{what} failed, retrying in {wait:?}: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.inner.closing.cancelled() => return Err(e),
+                    }
+                    wait = (wait * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
     }
 
     fn insert(&self, view: JobView) -> Arc<Entry> {
@@ -228,7 +350,8 @@ impl Jobs {
     }
 
     async fn write(&self, record: &JobRecord) -> Result<()> {
-        let json = serde_json::to_vec_pretty(record).expect("records serialize");
+        let json = serde_json::to_vec_pretty(record)
+            .map_err(|e| Error::storage(JobRecord::key(&record.image_id), e))?;
         self.inner
             .storage
             .put(&JobRecord::key(&record.image_id), json)
@@ -260,13 +383,17 @@ impl Jobs {
             num_images: Some(validated.num_images),
             ..request
         };
-        let ticket = self.inner.engine.submit(validated).map_err(|e| match e {
-            SubmitError::Full { .. } => ApiError::TooManyRequests {
-                retry_after: self.inner.engine.retry_after_seconds(),
-                message: format!("{e}; retry later"),
-            },
-            SubmitError::ShuttingDown => ApiError::NotReady(e.to_string()),
-        })?;
+        let ticket = self
+            .inner
+            .engine
+            .submit_gated(validated)
+            .map_err(|e| match e {
+                SubmitError::Full { .. } => ApiError::TooManyRequests {
+                    retry_after: self.inner.engine.retry_after_seconds(),
+                    message: format!("{e}; retry later"),
+                },
+                SubmitError::ShuttingDown => ApiError::NotReady(e.to_string()),
+            })?;
         let record = JobRecord {
             image_id: uuid::Uuid::new_v4().to_string(),
             status: JobState::Queued,
@@ -278,11 +405,14 @@ impl Jobs {
             seeds: vec![],
             error: None,
             timings: None,
+            attempts: 0,
+            heartbeat_at: None,
         };
         if let Err(e) = self.write(&record).await {
             // Not stored, so not accepted: nothing may run that nobody can find.
             ticket.cancel();
-            return Err(ApiError::Internal(format!("could not store the job: {e}")));
+            tracing::warn!("storing a new job failed: {e}");
+            return Err(storage_unavailable());
         }
         Ok(self.watch(record, ticket, false))
     }
@@ -332,6 +462,7 @@ impl Jobs {
                         && let Some(done) = self.finished_elsewhere(&id).await
                     {
                         ticket.cancel();
+                        ticket.open_gate();
                         entry.view.send_modify(|v| {
                             v.record = done;
                             v.engine_id = None;
@@ -343,11 +474,16 @@ impl Jobs {
                         break;
                     }
                     if started {
+                        // Stored before the engine starts (it waits at the
+                        // gate), so a run that kills the process is counted.
                         let mut record = entry.view.borrow().record.clone();
                         record.status = JobState::Processing;
                         record.started_at = Some(Utc::now());
+                        record.heartbeat_at = record.started_at;
+                        record.attempts += 1;
                         self.persist(&record).await;
                         entry.view.send_modify(|v| v.record = record);
+                        ticket.open_gate();
                     }
                     entry.view.send_modify(|v| {
                         v.queue_position = None;
@@ -356,9 +492,16 @@ impl Jobs {
                     });
                 }
                 JobStatus::Interrupted => {
-                    // Left as stored (queued or processing): the next start re-runs it.
+                    // Stored as queued: the next start re-runs it, and a run
+                    // stopped on purpose is not one that killed its server.
+                    let mut record = entry.view.borrow().record.clone();
+                    if record.status == JobState::Processing {
+                        record.status = JobState::Queued;
+                        record.attempts = record.attempts.saturating_sub(1);
+                        self.persist(&record).await;
+                    }
                     tracing::info!(
-                        image_id = entry.view.borrow().record.image_id,
+                        image_id = id,
                         "job interrupted by shutdown; it will run after a restart"
                     );
                     break;
@@ -378,7 +521,13 @@ impl Jobs {
                         }
                         None => {
                             let record = entry.view.borrow().record.clone();
-                            self.finish(record, final_status).await
+                            match self.finish(record, final_status).await {
+                                Some(record) => record,
+                                // Shutting down before storage came back: the
+                                // stored record (queued or processing) makes the
+                                // next start run it again.
+                                None => break,
+                            }
                         }
                     };
                     entry.view.send_modify(|v| {
@@ -392,13 +541,32 @@ impl Jobs {
                     break;
                 }
             }
-            if status.changed().await.is_err() {
+            // Wait for the next change; while the job runs, rewrite its record
+            // now and then so a server starting meanwhile sees it is alive.
+            let alive = loop {
+                let running = entry.view.borrow().record.status == JobState::Processing;
+                tokio::select! {
+                    r = status.changed() => break r.is_ok(),
+                    _ = tokio::time::sleep(HEARTBEAT), if running => self.beat(&entry).await,
+                }
+            };
+            if !alive {
                 // The engine dropped the job without a final word (it stopped):
                 // leave the record as stored for the next start.
                 break;
             }
         }
         *lock(&entry.ticket) = None;
+    }
+
+    /// Stores that the running job is alive (see [`HEARTBEAT`]).
+    async fn beat(&self, entry: &Entry) {
+        let mut record = entry.view.borrow().record.clone();
+        record.heartbeat_at = Some(Utc::now());
+        self.persist(&record).await;
+        entry
+            .view
+            .send_modify(|v| v.record.heartbeat_at = record.heartbeat_at);
     }
 
     /// The stored record of job `id` if it is final (another server finished it).
@@ -408,38 +576,64 @@ impl Jobs {
         stored.status.is_final().then_some(stored)
     }
 
-    /// Stores the outcome (images first, then the record) and returns the record.
-    async fn finish(&self, mut record: JobRecord, status: JobStatus) -> JobRecord {
+    /// Stores the outcome (images first, then the record) and returns the
+    /// record. Storage that fails is tried again with backoff: the API keeps
+    /// showing the job as processing, as its stored record says, until both
+    /// are stored. `None`: the server is shutting down before they could be.
+    async fn finish(&self, mut record: JobRecord, status: JobStatus) -> Option<JobRecord> {
         match status {
-            JobStatus::Done(out) => match self.store_images(&record, &out).await {
-                Ok(keys) => {
-                    record.status = JobState::Completed;
-                    record.generated_at = Some(Utc::now());
-                    record.images = keys;
-                    record.seeds = out.seeds.clone();
-                    record.timings = Some(JobTimings {
-                        queue: out.queue_seconds,
-                        text_encoder: out.timings.text_encoder,
-                        denoise: out.timings.denoise,
-                        vae_decode: out.timings.vae_decode,
-                    });
+            JobStatus::Done(out) => {
+                let pngs = match self.encode_images(&record, &out).await {
+                    Ok(pngs) => pngs,
+                    Err(e) => {
+                        tracing::error!(
+                            image_id = record.image_id,
+                            "encoding the images failed: {e}"
+                        );
+                        record.status = JobState::Failed;
+                        record.error = Some("encoding the images failed".into());
+                        return self.write_final(record).await;
+                    }
+                };
+                let mut keys = Vec::with_capacity(pngs.len());
+                for (i, png) in pngs.into_iter().enumerate() {
+                    let key = JobRecord::image_key(&record.image_id, i);
+                    let storage = &self.inner.storage;
+                    self.retrying("storing an image", || storage.put(&key, png.clone()))
+                        .await
+                        .ok()?;
+                    keys.push(key);
                 }
-                Err(e) => {
-                    tracing::error!(image_id = record.image_id, "storing images failed: {e}");
-                    record.status = JobState::Failed;
-                    record.error = Some(format!("storing the images failed: {e}"));
-                }
-            },
+                record.status = JobState::Completed;
+                record.generated_at = Some(Utc::now());
+                record.images = keys;
+                record.seeds = out.seeds.clone();
+                record.timings = Some(JobTimings {
+                    queue: out.queue_seconds,
+                    text_encoder: out.timings.text_encoder,
+                    denoise: out.timings.denoise,
+                    vae_decode: out.timings.vae_decode,
+                });
+            }
             JobStatus::Failed(e) => {
                 record.status = JobState::Failed;
                 record.error = Some(e);
             }
             _ => record.status = JobState::Cancelled,
         }
-        self.persist(&record).await;
-        record
+        self.write_final(record).await
     }
 
+    /// Writes a final record, retrying until it is stored.
+    async fn write_final(&self, record: JobRecord) -> Option<JobRecord> {
+        self.retrying("writing a job record", || self.write(&record))
+            .await
+            .ok()?;
+        Some(record)
+    }
+
+    /// Writes a record whose state is not final (a later write follows):
+    /// failures are logged, not retried.
     async fn persist(&self, record: &JobRecord) {
         if let Err(e) = self.write(record).await {
             tracing::error!(
@@ -449,11 +643,12 @@ impl Jobs {
         }
     }
 
-    async fn store_images(
+    /// The job's images as PNGs carrying their parameters.
+    async fn encode_images(
         &self,
         record: &JobRecord,
         out: &crate::engine::JobOutput,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<Vec<u8>>> {
         let request = record.request.clone();
         let (prompt, negative_prompt) = {
             let p = request.to_params()?;
@@ -462,10 +657,14 @@ impl Jobs {
                 p.negative_prompt.unwrap_or_default(),
             )
         };
+        let model = match self.inner.engine.state() {
+            EngineState::Ready(info) => info.name.clone(),
+            _ => String::new(),
+        };
         let images = out.images.clone();
         let seeds = out.seeds.clone();
         let scheduler = out.scheduler.clone();
-        let pngs = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>> {
             let rgb = to_rgb8(&images)?;
             rgb.iter()
                 .zip(&seeds)
@@ -480,7 +679,7 @@ impl Jobs {
                         seed,
                         width: img.width() as usize,
                         height: img.height() as usize,
-                        model: String::new(),
+                        model: model.clone(),
                         generator: concat!("sdserve ", env!("CARGO_PKG_VERSION")).to_string(),
                     };
                     encode_png(img, Some(&meta))
@@ -488,14 +687,7 @@ impl Jobs {
                 .collect()
         })
         .await
-        .map_err(|e| Error::storage("png encoding", e))??;
-        let mut keys = Vec::with_capacity(pngs.len());
-        for (i, png) in pngs.into_iter().enumerate() {
-            let key = JobRecord::image_key(&record.image_id, i);
-            self.inner.storage.put(&key, png).await?;
-            keys.push(key);
-        }
-        Ok(keys)
+        .map_err(|e| Error::Candle(candle_core::Error::Msg(format!("PNG encoding task: {e}"))))?
     }
 
     /// The live view of job `id`: this server's, else the stored record
@@ -512,12 +704,17 @@ impl Jobs {
             .storage
             .get(&JobRecord::key(id))
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| {
+                tracing::warn!(image_id = id, "reading a job record failed: {e}");
+                storage_unavailable()
+            })?
         else {
             return Ok(None);
         };
-        let record: JobRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::Internal(format!("job record {id} is unreadable: {e}")))?;
+        let record: JobRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            tracing::error!(image_id = id, "a stored job record is unreadable: {e}");
+            ApiError::Internal(format!("the stored record of job {id} is unreadable"))
+        })?;
         Ok(Some(watch::channel(JobView::new(record)).1))
     }
 
@@ -573,7 +770,10 @@ impl Jobs {
                 .storage
                 .signed_url(key, self.inner.config.presign_expiry)
                 .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                .map_err(|e| {
+                    tracing::warn!("signing an image URL failed: {e}");
+                    storage_unavailable()
+                })?;
             urls.push(signed.unwrap_or_else(|| {
                 format!(
                     "{}/files/{}/{i}.png",
@@ -594,10 +794,7 @@ impl Jobs {
             step: view.step,
             total_steps: view.total_steps,
             queue_position: view.queue_position,
-            estimated_time: view
-                .engine_id
-                .and_then(|id| self.inner.engine.estimate_seconds(id))
-                .map(|s| (s * 10.0).round() / 10.0),
+            estimated_time: Some(self.estimate(view)),
             error: r.error.clone(),
             request: r.request.clone(),
             seeds: r.seeds.clone(),
@@ -614,7 +811,42 @@ impl Jobs {
             .storage
             .get(&JobRecord::image_key(id, index))
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))
+            .map_err(|e| {
+                tracing::warn!(image_id = id, "reading an image failed: {e}");
+                storage_unavailable()
+            })
+    }
+
+    /// Seconds until the job is likely done, rounded to 0.1 s: 0 once final or
+    /// out of the engine (finished there, being stored); a queued job another
+    /// server holds gets its own run time at the measured rates.
+    fn estimate(&self, view: &JobView) -> f64 {
+        if view.record.status.is_final() {
+            return 0.0;
+        }
+        let engine = &self.inner.engine;
+        let seconds = match view.engine_id {
+            Some(id) => engine.estimate_seconds(id).unwrap_or(0.0),
+            None => view
+                .record
+                .request
+                .to_params()
+                .ok()
+                .and_then(|p| Some((p.width?, p.height?, p)))
+                .map_or(0.0, |(w, h, p)| {
+                    let shape = crate::engine::JobShape {
+                        steps: p.steps.unwrap_or(crate::request::DEFAULT_STEPS),
+                        num_images: p.num_images.unwrap_or(1),
+                        megapixels: (w as f64) * (h as f64) / 1e6,
+                        guided: p.guidance.unwrap_or(crate::request::DEFAULT_GUIDANCE) > 1.0,
+                    };
+                    let cost = engine
+                        .cost_model()
+                        .unwrap_or(crate::engine::CostModel::PRIOR);
+                    cost.remaining(&shape, view.step)
+                }),
+        };
+        (seconds * 10.0).round() / 10.0
     }
 
     /// Stops taking jobs, lets the running one finish for up to `grace`, and

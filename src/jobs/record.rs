@@ -29,29 +29,48 @@ impl JobState {
 }
 
 /// A `POST /generate` body, as the caller sends it (every field optional here;
-/// [`JobRequest::to_params`] checks them).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// [`JobRequest::to_params`] checks them). Its JSON Schema is `/openapi.json`'s
+/// `GenerateRequest`: the bounds that are the server's settings (maxima, the
+/// resolution's sides, enums) are filled in by [`crate::http::openapi`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "GenerateRequest")]
 pub struct JobRequest {
-    #[serde(default)]
+    /// The prompt (`prompt` is accepted instead): not blank, no NUL.
+    // Not `default`: schemars then lists it as required (serde still takes
+    // an absent Option as None; `to_params` names it).
+    #[schemars(with = "String", length(min = 1))]
+    #[schemars(pattern(crate::http::openapi::NON_BLANK))]
     pub text: Option<String>,
+    /// A preset from `GET /styles`, wrapping the text and adding to the negative prompt.
     #[serde(default)]
     pub style: Option<String>,
     /// `"WIDTHxHEIGHT"`, e.g. `"512x512"`.
     #[serde(default)]
     pub resolution: Option<String>,
+    /// What the image should not show; no NUL.
     #[serde(default)]
+    #[schemars(pattern(crate::http::openapi::NO_NUL))]
     pub negative_prompt: Option<String>,
-    #[serde(default)]
+    /// Denoising steps.
+    #[serde(default, deserialize_with = "crate::http::openapi::integer::option")]
+    #[schemars(range(min = 1))]
     pub steps: Option<usize>,
+    /// Classifier-free guidance scale; at most 1 skips the unconditional pass.
     #[serde(default)]
+    #[schemars(range(min = 0, max = 100))]
     pub guidance: Option<f64>,
-    #[serde(default)]
+    /// Seed of the first image; image `i` uses `seed + i` (wrapping). Default: random.
+    #[serde(default, deserialize_with = "crate::http::openapi::integer::option")]
     pub seed: Option<u64>,
+    /// A scheduler name (`default`: the model's own).
     #[serde(default)]
     pub scheduler: Option<String>,
-    #[serde(default)]
+    /// Images to generate.
+    #[serde(default, deserialize_with = "crate::http::openapi::integer::option")]
+    #[schemars(range(min = 1))]
     pub num_images: Option<usize>,
+    /// Scheduler config overrides, as diffusers' `from_config(config, **options)`.
     #[serde(default)]
     pub scheduler_options: Option<serde_json::Map<String, serde_json::Value>>,
 }
@@ -151,7 +170,19 @@ pub struct JobRecord {
     pub error: Option<String>,
     #[serde(default)]
     pub timings: Option<JobTimings>,
+    /// Runs of this job started so far. A job whose record says `processing`
+    /// at a start was running when its server stopped; after
+    /// [`MAX_ATTEMPTS`] such runs it is failed instead of run again.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Last time the server running the job said it still runs it.
+    #[serde(default)]
+    pub heartbeat_at: Option<DateTime<Utc>>,
 }
+
+/// Runs a job may start before one that was running whenever its server
+/// died is treated as the cause (a poison job) and failed, not retried.
+pub const MAX_ATTEMPTS: u32 = 2;
 
 impl JobRecord {
     /// Storage key of job `id`'s record.
@@ -225,6 +256,8 @@ mod tests {
             seeds: vec![],
             error: None,
             timings: None,
+            attempts: 1,
+            heartbeat_at: None,
         };
         let back: JobRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back.status, JobState::Processing);

@@ -107,6 +107,24 @@ impl Server {
 }
 
 impl Server {
+    /// Sends SIGTERM without waiting (see [`Server::wait_exit`]).
+    pub fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Kills the process at once (SIGKILL), as a crash or OOM would.
     pub fn kill(mut self) {
         let _ = self.child.kill();

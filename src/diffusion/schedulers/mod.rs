@@ -47,21 +47,96 @@ pub const OVERRIDABLE_KEYS: &[&str] = &[
     "use_karras_sigmas",
 ];
 
-/// Checks that every override key is one of [`OVERRIDABLE_KEYS`].
-pub fn check_overrides(overrides: &Map<String, Value>) -> Result<()> {
-    match overrides
-        .keys()
-        .find(|k| !OVERRIDABLE_KEYS.contains(&k.as_str()))
-    {
-        None => Ok(()),
-        Some(k) => Err(Error::invalid(
-            "scheduler_options",
-            format!(
-                "unknown scheduler option {k:?}; known: {}",
-                OVERRIDABLE_KEYS.join(", ")
-            ),
-        )),
+/// What a request may set an overridable key to, whatever scheduler runs:
+/// the values some diffusers class accepts for it, within ranges that keep the
+/// schedule finite. Whether the chosen class takes the value is checked by
+/// building it ([`SchedulerConfig::build`]).
+enum Allowed {
+    Bool,
+    OneOf(&'static [&'static str]),
+    /// A number strictly between the bounds.
+    Open(f64, f64),
+    /// A positive number, or `null` (unset).
+    PositiveOrNull,
+    /// An integer in the inclusive range.
+    Integer(i64, i64),
+}
+
+fn allowed(key: &str) -> Allowed {
+    match key {
+        "algorithm_type" => Allowed::OneOf(&[
+            "dpmsolver++",
+            "sde-dpmsolver++",
+            "dpmsolver",
+            "sde-dpmsolver",
+        ]),
+        "beta_start" | "beta_end" => Allowed::Open(0.0, 1.0),
+        "beta_schedule" => Allowed::OneOf(&["linear", "scaled_linear", "squaredcos_cap_v2"]),
+        "final_sigmas_type" => Allowed::OneOf(&["zero", "sigma_min"]),
+        "interpolation_type" => Allowed::OneOf(&["linear", "log_linear"]),
+        "prediction_type" => Allowed::OneOf(&["epsilon", "v_prediction", "sample"]),
+        "sigma_max" | "sigma_min" => Allowed::PositiveOrNull,
+        "solver_order" => Allowed::Integer(1, 3),
+        "solver_type" => Allowed::OneOf(&["midpoint", "heun"]),
+        // Below the training schedule's 1000 steps; the built schedule is
+        // checked against the model's own count.
+        "steps_offset" => Allowed::Integer(0, 999),
+        "timestep_spacing" => Allowed::OneOf(&["linspace", "leading", "trailing"]),
+        "timestep_type" => Allowed::OneOf(&["discrete", "continuous"]),
+        _ => Allowed::Bool,
     }
+}
+
+/// Checks that every override key is one of [`OVERRIDABLE_KEYS`] and holds a
+/// value of the right type and range; errors name `scheduler_options.<key>`.
+pub fn check_overrides(overrides: &Map<String, Value>) -> Result<()> {
+    for (key, value) in overrides {
+        if !OVERRIDABLE_KEYS.contains(&key.as_str()) {
+            return Err(Error::invalid(
+                "scheduler_options",
+                format!(
+                    "unknown scheduler option {key:?}; known: {}",
+                    OVERRIDABLE_KEYS.join(", ")
+                ),
+            ));
+        }
+        let bad = |expected: String| {
+            Error::invalid(
+                format!("scheduler_options.{key}"),
+                format!("{value} is not {expected}"),
+            )
+        };
+        match allowed(key) {
+            Allowed::Bool => {
+                if !value.is_boolean() {
+                    return Err(bad("true or false".into()));
+                }
+            }
+            Allowed::OneOf(names) => {
+                if !value.as_str().is_some_and(|s| names.contains(&s)) {
+                    return Err(bad(format!("one of: {}", names.join(", "))));
+                }
+            }
+            Allowed::Open(lo, hi) => {
+                if !value.as_f64().is_some_and(|v| v > lo && v < hi) {
+                    return Err(bad(format!("a number between {lo} and {hi} (exclusive)")));
+                }
+            }
+            Allowed::PositiveOrNull => {
+                let ok =
+                    value.is_null() || value.as_f64().is_some_and(|v| v > 0.0 && v.is_finite());
+                if !ok {
+                    return Err(bad("a positive number or null".into()));
+                }
+            }
+            Allowed::Integer(lo, hi) => {
+                if !value.as_i64().is_some_and(|v| (lo..=hi).contains(&v)) {
+                    return Err(bad(format!("an integer in {lo}..={hi}")));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The schedulers a request can name.
@@ -189,6 +264,15 @@ impl SchedulerConfig {
     /// The diffusers class the model ships with, e.g. `PNDMScheduler`.
     pub fn class_name(&self) -> &str {
         &self.class_name
+    }
+
+    /// `num_train_timesteps` with `overrides` applied (diffusers' default: 1000).
+    pub fn num_train_timesteps(&self, overrides: &Map<String, Value>) -> usize {
+        overrides
+            .get("num_train_timesteps")
+            .or_else(|| self.values.get("num_train_timesteps"))
+            .and_then(Value::as_u64)
+            .map_or(1000, |n| n as usize)
     }
 
     /// The kind `SchedulerKind::Default` resolves to for this model.
