@@ -185,7 +185,7 @@ impl GenerateParams {
             limits,
         )?;
         // Checked: sides come from callers, and a wrapped product would pass.
-        let pixels = width.checked_mul(height).unwrap_or(usize::MAX);
+        let pixels = width.saturating_mul(height);
         if pixels > limits.max_pixels {
             return Err(Error::invalid(
                 "width",

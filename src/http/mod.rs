@@ -21,7 +21,6 @@ use axum::http::HeaderMap;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::engine::{Engine, EngineState};
@@ -333,21 +332,5 @@ pub(crate) fn body_object(
                 Bodies::JsonOrText => "application/json or text/plain",
             }
         ))),
-    }
-}
-
-/// Field `name` of `obj`, typed; a wrong type is a 400 naming the field.
-pub(crate) fn field<T: DeserializeOwned>(
-    obj: &Map<String, Value>,
-    name: &str,
-) -> Result<Option<T>, ApiError> {
-    match obj.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => serde_json::from_value(v.clone())
-            .map(Some)
-            .map_err(|e| ApiError::BadRequest {
-                field: name.to_string(),
-                message: e.to_string(),
-            }),
     }
 }

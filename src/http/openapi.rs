@@ -121,6 +121,27 @@ pub(crate) mod integer {
     pub fn option<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<Option<T>, D::Error> {
         d.deserialize_option(Optional(PhantomData))
     }
+
+    /// `scheduler_options`: a number without a fractional part becomes an
+    /// integer (`"solver_order": 2.0` is `2`), so the integer options take
+    /// what the schema's `integer` allows; the other values pass unchanged.
+    pub fn options<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, D::Error> {
+        use serde::Deserialize;
+        use serde_json::{Number, Value};
+        let mut options = Option::<serde_json::Map<String, Value>>::deserialize(d)?;
+        for value in options.iter_mut().flat_map(|o| o.values_mut()) {
+            let Some(f) = value.as_f64().filter(|_| value.is_f64()) else {
+                continue;
+            };
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                // Exact: |f| < 2^53.
+                *value = Value::Number(Number::from(f as i64));
+            }
+        }
+        Ok(options)
+    }
 }
 
 /// What a request is checked against, as the document states it.
@@ -171,6 +192,21 @@ impl Bounds {
                 && d <= self.limits.max_side
                 && d.saturating_mul(d) <= self.limits.max_pixels
         })
+    }
+
+    /// A square size and a step count for the examples: the model's default
+    /// size or the largest square within the limits, the default steps or the
+    /// most allowed.
+    fn example_size_and_steps(&self) -> Option<(usize, usize)> {
+        let side = match self.default_size {
+            Some(d) if self.default_size_fits() => d,
+            _ => self
+                .sides()
+                .filter(|s| s.saturating_mul(*s) <= self.limits.max_pixels)
+                .last()?,
+        };
+        let steps = DEFAULT_STEPS.min(self.max_steps());
+        (steps > 0).then_some((side, steps))
     }
 
     /// Whether the default step count passes validation: if not, a request
@@ -520,11 +556,20 @@ pub fn spec(b: &Bounds) -> Value {
         "A job's request as its record keeps it: every default resolved, the seed included.".into();
     let mut request = generate_request(request, b, false);
     request["description"] = "A `POST /generate` body. Unknown fields are refused.".into();
+    if let Some((side, steps)) = b.example_size_and_steps() {
+        request["examples"] = json!([{"text": "a lighthouse at dusk", "style": "oil-painting",
+            "resolution": format!("{side}x{side}"), "steps": steps, "seed": 42}]);
+    }
     let mut invocation_schema = invocation(invocation_schema, b);
     invocation_schema["description"] =
         "A `POST /invocations` body: the fields SageMaker JumpStart's Stable Diffusion \
          endpoints take, plus `scheduler` and `scheduler_options`. Unknown fields are refused."
             .into();
+    if let Some((side, steps)) = b.example_size_and_steps() {
+        invocation_schema["examples"] = json!([{"prompt": "a lighthouse at dusk",
+            "negative_prompt": "blurry", "width": side, "height": side,
+            "num_inference_steps": steps, "guidance_scale": 7.5, "seed": 42}]);
+    }
     // A bare prompt runs with every default: offered when the defaults fit.
     let mut invocation_bodies = json!({
         "application/json": {"schema": {"$ref": "#/components/schemas/Invocation"}}
@@ -948,7 +993,8 @@ mod tests {
     #[test]
     fn scheduler_option_schemas_match_check_overrides() {
         // (Integral floats such as 3.0 are left out: JSON Schema counts them
-        // as integers, check_overrides does not yet.)
+        // as integers, check_overrides does not; the API's parser makes them
+        // integers first, see `integer::options`.)
         let mut probes = vec![
             json!(true),
             json!(false),
@@ -1018,8 +1064,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let ok = json!({"text": "a", "steps": 2.0, "seed": 7});
+        let ok = json!({"text": "a", "steps": 2.0, "seed": 7,
+            "scheduler_options": {"solver_order": 2.0, "beta_start": 0.5, "sigma_max": 3.0}});
         let r: JobRequest = from_object(ok.as_object().unwrap().clone()).unwrap();
         assert_eq!((r.steps, r.seed), (Some(2), Some(7)));
+        let options = r.scheduler_options.unwrap();
+        assert!(options["solver_order"].is_i64() && options["sigma_max"].is_i64());
+        assert_eq!(options["beta_start"], 0.5);
+        check_overrides(&options).unwrap();
     }
 }

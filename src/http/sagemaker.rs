@@ -182,6 +182,7 @@ pub struct Invocation {
     /// A scheduler name (`default`: the model's own).
     pub scheduler: Option<String>,
     /// Scheduler config overrides, as diffusers' `from_config(config, **options)`.
+    #[serde(default, deserialize_with = "super::openapi::integer::options")]
     pub scheduler_options: Option<Map<String, Value>>,
     /// DDIM's `eta`, which JumpStart clients send: only the deterministic 0 is implemented.
     #[schemars(extend("enum" = [0, null]))]

@@ -71,7 +71,7 @@ pub struct JobRequest {
     #[schemars(range(min = 1))]
     pub num_images: Option<usize>,
     /// Scheduler config overrides, as diffusers' `from_config(config, **options)`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::openapi::integer::options")]
     pub scheduler_options: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
