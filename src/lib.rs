@@ -4,7 +4,8 @@
 //! tests and benchmarks drive the same code paths:
 //! - [`diffusion`]: loading unmodified diffusers model folders and running the
 //!   text-to-image pipeline (tokenizer, CLIP text encoder, UNet, schedulers, VAE).
-//! - [`request`]: the one validated generation request every front door builds.
+//! - [`request`]: the one validated generation request every front door builds;
+//!   [`fields`]: how the front doors' JSON fields are read and constrained.
 //! - [`engine`]: the model's worker thread, its bounded queue and job tickets.
 //! - [`jobs`], [`storage`], [`styles`]: the public job API's records, images and presets.
 //! - [`http`]: the axum server (SageMaker contract, job API, page, metrics, OpenAPI).
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod diffusion;
 pub mod engine;
 pub mod error;
+pub mod fields;
 pub mod http;
 pub mod jobs;
 pub mod metrics;

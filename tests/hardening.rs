@@ -10,7 +10,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::server::{Server, client, tiny};
+use common::server::{Server, accepted, client, job_status, tiny, wait_final, wait_status};
 use serde_json::{Value, json};
 
 fn post(s: &Server, path: &str, body: Value) -> reqwest::blocking::Response {
@@ -27,39 +27,6 @@ fn assert_bad(r: reqwest::blocking::Response, code: u16, field: Option<&str>) ->
         assert_eq!(v["field"], f, "{v}");
     }
     v
-}
-
-fn status(s: &Server, id: &str) -> Value {
-    let r = client().get(s.url(&format!("/image/{id}"))).send().unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().unwrap()
-}
-
-fn wait_final(s: &Server, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = status(s, id);
-        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "job {id} never finished: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_status(s: &Server, id: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status(s, id)["status"] != want {
-        assert!(Instant::now() < deadline, "job {id} never {want}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn accepted(s: &Server, body: Value) -> String {
-    let r = post(s, "/generate", body);
-    assert_eq!(r.status(), 202, "{:?}", r.text());
-    let v: Value = r.json().unwrap();
-    v["image_id"].as_str().unwrap().to_string()
 }
 
 fn ping(s: &Server) -> u16 {
@@ -374,7 +341,7 @@ fn ping_says_503_while_the_server_drains() {
     }
     let r = post(&s, "/generate", json!({"text": "b", "steps": 1}));
     assert_eq!(r.status(), 503);
-    assert!(s.wait_exit().success());
+    assert!(s.wait_exit(Duration::from_secs(60)).success());
 }
 
 #[test]
@@ -450,7 +417,7 @@ fn estimates_are_always_numbers_and_queued_cancels_are_counted() {
     );
     let long = v["image_id"].as_str().unwrap().to_string();
     let queued = accepted(&s, json!({"text": "b", "steps": 2}));
-    let v = status(&s, &queued);
+    let v = job_status(&s, &queued);
     assert!(v["estimated_time"].as_f64().is_some_and(|t| t > 0.0), "{v}");
     let r = client()
         .delete(s.url(&format!("/image/{queued}")))

@@ -8,7 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
-use common::server::{Server, client, tiny};
+use common::server::{Server, accepted, client, job_status, tiny, wait_final, wait_status};
 use serde_json::{Value, json};
 
 fn post(s: &Server, body: Value) -> reqwest::blocking::Response {
@@ -17,40 +17,6 @@ fn post(s: &Server, body: Value) -> reqwest::blocking::Response {
         .json(&body)
         .send()
         .unwrap()
-}
-
-fn accepted(s: &Server, body: Value) -> String {
-    let r = post(s, body);
-    assert_eq!(r.status(), 202, "{:?}", r.text());
-    let v: Value = r.json().unwrap();
-    v["image_id"].as_str().unwrap().to_string()
-}
-
-fn status(s: &Server, id: &str) -> Value {
-    let r = client().get(s.url(&format!("/image/{id}"))).send().unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().unwrap()
-}
-
-/// Polls until the job reaches a final status and returns it.
-fn wait_final(s: &Server, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = status(s, id);
-        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "job {id} never finished: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_status(s: &Server, id: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status(s, id)["status"] != want {
-        assert!(Instant::now() < deadline, "job {id} never {want}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn png(bytes: &[u8]) -> image::RgbImage {
@@ -295,7 +261,7 @@ fn events_stream_queue_position_progress_and_the_result() {
     assert_eq!(*steps.last().unwrap(), 6);
     let result = &events.last().unwrap().1;
     assert_eq!(result["image_url"], format!("/files/{id}/0.png"));
-    assert_eq!(status(&s, &blocker)["status"], "completed");
+    assert_eq!(job_status(&s, &blocker)["status"], "completed");
 
     // A finished job's stream says so once and ends.
     let again = read_events(
@@ -550,8 +516,13 @@ fn a_killed_server_runs_every_accepted_job_after_restart() {
     }
     // Oldest first (the three short ones may share a batch), with the seeds
     // they were accepted with.
-    assert_eq!(status(&s, &rest[2])["seeds"], json!([12]));
-    let started = |id: &str| status(&s, id)["started_at"].as_str().unwrap().to_string();
+    assert_eq!(job_status(&s, &rest[2])["seeds"], json!([12]));
+    let started = |id: &str| {
+        job_status(&s, id)["started_at"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     for id in &rest {
         assert!(started(&first) < started(id));
     }
@@ -592,7 +563,7 @@ fn a_second_server_on_the_same_storage_answers_for_finished_jobs() {
     let done = wait_final(&a, &id);
     let png_a = get_bytes(&a, done["image_url"].as_str().unwrap());
     drop(a);
-    let seen = status(&b, &id);
+    let seen = job_status(&b, &id);
     assert_eq!(seen["status"], "completed");
     assert_eq!(get_bytes(&b, seen["image_url"].as_str().unwrap()), png_a);
 }
@@ -613,7 +584,7 @@ fn servers_recovering_the_same_storage_do_not_redo_finished_jobs() {
     // as it starts (or, if C never saw it start, discards its result at the end).
     let b = Server::start(&args, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while status(&b, &long)["step"].as_u64().unwrap_or(0) < 150 {
+    while job_status(&b, &long)["step"].as_u64().unwrap_or(0) < 150 {
         assert!(Instant::now() < deadline, "B never ran the long job");
         std::thread::sleep(Duration::from_millis(10));
     }

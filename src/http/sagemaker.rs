@@ -154,35 +154,35 @@ fn custom_attributes(headers: &HeaderMap) -> Map<String, Value> {
 #[serde(deny_unknown_fields)]
 pub struct Invocation {
     /// The prompt; no NUL.
-    #[schemars(required, with = "String", pattern(super::openapi::NO_NUL))]
+    #[schemars(required, with = "String", pattern(crate::fields::NO_NUL))]
     pub prompt: Option<String>,
     /// What the image should not show; no NUL.
-    #[schemars(pattern(super::openapi::NO_NUL))]
+    #[schemars(pattern(crate::fields::NO_NUL))]
     pub negative_prompt: Option<String>,
     /// Pixels.
-    #[serde(default, deserialize_with = "super::openapi::integer::option")]
+    #[serde(default, deserialize_with = "crate::fields::integer::option")]
     pub width: Option<usize>,
     /// Pixels.
-    #[serde(default, deserialize_with = "super::openapi::integer::option")]
+    #[serde(default, deserialize_with = "crate::fields::integer::option")]
     pub height: Option<usize>,
     /// Denoising steps.
     #[schemars(range(min = 1))]
-    #[serde(default, deserialize_with = "super::openapi::integer::option")]
+    #[serde(default, deserialize_with = "crate::fields::integer::option")]
     pub num_inference_steps: Option<usize>,
     /// Classifier-free guidance scale; at most 1 skips the unconditional pass.
     #[schemars(range(min = 0, max = 100))]
     pub guidance_scale: Option<f64>,
     /// Seed of the first image; image `i` uses `seed + i` (wrapping). Default: random.
-    #[serde(default, deserialize_with = "super::openapi::integer::option")]
+    #[serde(default, deserialize_with = "crate::fields::integer::option")]
     pub seed: Option<u64>,
     /// Images to generate (1 when `Accept` asks for an image type).
     #[schemars(range(min = 1))]
-    #[serde(default, deserialize_with = "super::openapi::integer::option")]
+    #[serde(default, deserialize_with = "crate::fields::integer::option")]
     pub num_images_per_prompt: Option<usize>,
     /// A scheduler name (`default`: the model's own).
     pub scheduler: Option<String>,
     /// Scheduler config overrides, as diffusers' `from_config(config, **options)`.
-    #[serde(default, deserialize_with = "super::openapi::integer::options")]
+    #[serde(default, deserialize_with = "crate::fields::integer::options")]
     pub scheduler_options: Option<Map<String, Value>>,
     /// DDIM's `eta`, which JumpStart clients send: only the deterministic 0 is implemented.
     #[schemars(extend("enum" = [0, null]))]

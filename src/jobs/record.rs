@@ -40,7 +40,7 @@ pub struct JobRequest {
     // Not `default`: schemars then lists it as required (serde still takes
     // an absent Option as None; `to_params` names it).
     #[schemars(with = "String", length(min = 1))]
-    #[schemars(pattern(crate::http::openapi::NON_BLANK))]
+    #[schemars(pattern(crate::fields::NON_BLANK))]
     pub text: Option<String>,
     /// A preset from `GET /styles`, wrapping the text and adding to the negative prompt.
     #[serde(default)]
@@ -50,10 +50,10 @@ pub struct JobRequest {
     pub resolution: Option<String>,
     /// What the image should not show; no NUL.
     #[serde(default)]
-    #[schemars(pattern(crate::http::openapi::NO_NUL))]
+    #[schemars(pattern(crate::fields::NO_NUL))]
     pub negative_prompt: Option<String>,
     /// Denoising steps.
-    #[serde(default, deserialize_with = "crate::http::openapi::integer::option")]
+    #[serde(default, deserialize_with = "crate::fields::integer::option")]
     #[schemars(range(min = 1))]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale; at most 1 skips the unconditional pass.
@@ -61,17 +61,17 @@ pub struct JobRequest {
     #[schemars(range(min = 0, max = 100))]
     pub guidance: Option<f64>,
     /// Seed of the first image; image `i` uses `seed + i` (wrapping). Default: random.
-    #[serde(default, deserialize_with = "crate::http::openapi::integer::option")]
+    #[serde(default, deserialize_with = "crate::fields::integer::option")]
     pub seed: Option<u64>,
     /// A scheduler name (`default`: the model's own).
     #[serde(default)]
     pub scheduler: Option<String>,
     /// Images to generate.
-    #[serde(default, deserialize_with = "crate::http::openapi::integer::option")]
+    #[serde(default, deserialize_with = "crate::fields::integer::option")]
     #[schemars(range(min = 1))]
     pub num_images: Option<usize>,
     /// Scheduler config overrides, as diffusers' `from_config(config, **options)`.
-    #[serde(default, deserialize_with = "crate::http::openapi::integer::options")]
+    #[serde(default, deserialize_with = "crate::fields::integer::options")]
     pub scheduler_options: Option<serde_json::Map<String, serde_json::Value>>,
 }
 

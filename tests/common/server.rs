@@ -90,19 +90,10 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
-    /// Sends SIGTERM and returns the exit status.
-    /// Sends SIGTERM and waits for the exit.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// Sends SIGTERM and waits (30 s at most) for the exit.
+    pub fn terminate(self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.wait_exit(Duration::from_secs(30))
     }
 }
 
@@ -113,14 +104,14 @@ impl Server {
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     }
 
-    /// Waits for the process to exit.
-    pub fn wait_exit(mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(60);
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_exit(mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "no exit");
+            assert!(Instant::now() < deadline, "no exit within {limit:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -159,4 +150,45 @@ pub fn client() -> Client {
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap()
+}
+
+/// `POST /generate` with `body`; asserts 202 and returns the image id.
+pub fn accepted(s: &Server, body: serde_json::Value) -> String {
+    let r = client()
+        .post(s.url("/generate"))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.text());
+    let v: serde_json::Value = r.json().unwrap();
+    v["image_id"].as_str().unwrap().to_string()
+}
+
+/// `GET /image/{id}`, asserting 200.
+pub fn job_status(s: &Server, id: &str) -> serde_json::Value {
+    let r = client().get(s.url(&format!("/image/{id}"))).send().unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().unwrap()
+}
+
+/// Polls until the job reaches a final status and returns it.
+pub fn wait_final(s: &Server, id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = job_status(s, id);
+        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job {id} never finished: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls until the job's status is `want`.
+pub fn wait_status(s: &Server, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while job_status(s, id)["status"] != want {
+        assert!(Instant::now() < deadline, "job {id} never {want}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
