@@ -579,20 +579,33 @@ fn servers_recovering_the_same_storage_do_not_redo_finished_jobs() {
     wait_status(&a, &long, "processing");
     a.kill();
 
-    // Both B and C re-queue both jobs (so nothing is lost whichever survives);
-    // B, well ahead, finishes the short one before C gets to it, and C drops it
-    // as it starts (or, if C never saw it start, discards its result at the end).
     let b = Server::start(&args, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while job_status(&b, &long)["step"].as_u64().unwrap_or(0) < 150 {
         assert!(Instant::now() < deadline, "B never ran the long job");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Both B and C re-queue both jobs (so nothing is lost whichever survives).
+    // C queues the short one at once, but the long one (stored as processing
+    // by its second server, B) only after watching it for a while: B rewrites
+    // it, so C re-queues it instead of failing it. So C runs the short one
+    // while B is still busy with the long one, and B drops the short one when
+    // it gets to it; B, well ahead, finishes the long one before C does, and C
+    // keeps B's result (seen as it looks again after watching, as it starts,
+    // or as its own run ends; its own result is then discarded).
     let c = Server::start(&args, &[]);
-    assert_eq!(wait_final(&b, &short)["status"], "completed");
-    c.wait_for_log("already finished by another server", &short);
-    let seen = wait_final(&c, &short);
+    let by_c = wait_final(&c, &short);
+    assert_eq!(by_c["status"], "completed", "{by_c}");
+    b.wait_for_log("already finished by another server", &short);
+    let seen = wait_final(&b, &short);
     assert_eq!(seen["status"], "completed");
     assert_eq!(seen["image_url"], format!("/files/{short}/0.png"));
-    assert_eq!(wait_final(&c, &long)["status"], "completed");
+    assert_eq!(seen["generated_at"], by_c["generated_at"]);
+
+    let by_b = wait_final(&b, &long);
+    assert_eq!(by_b["status"], "completed", "{by_b}");
+    let seen = wait_final(&c, &long);
+    assert_eq!(seen["status"], "completed");
+    assert_eq!(seen["generated_at"], by_b["generated_at"]);
+    assert!(!c.log().contains("server stopped"), "{}", c.log());
 }
