@@ -159,6 +159,9 @@ pub fn describe_error(e: &Error) -> String {
             // environment variable (upper case) is named as it is.
             let flag = match field.as_str() {
                 "scheduler_options" => "--scheduler-option".to_string(),
+                f if f.starts_with("scheduler_options.") => {
+                    format!("--scheduler-option {}", &f["scheduler_options.".len()..])
+                }
                 f if f.starts_with("SDSERVE_") => format!("environment variable {f}"),
                 f => format!("--{}", f.replace('_', "-")),
             };
@@ -258,6 +261,8 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
                 .unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
             options.insert(k.trim().to_string(), value);
         }
+        // `solver_order=2.0` is the integer 2, as over HTTP.
+        crate::fields::integral_numbers(options);
     }
     if params.prompt.is_none() {
         return Err(Error::invalid("prompt", "required (or give --from-image)"));

@@ -88,17 +88,26 @@ pub mod integer {
         d: D,
     ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, D::Error> {
         use serde::Deserialize;
-        use serde_json::{Number, Value};
+        use serde_json::Value;
         let mut options = Option::<serde_json::Map<String, Value>>::deserialize(d)?;
-        for value in options.iter_mut().flat_map(|o| o.values_mut()) {
-            let Some(f) = value.as_f64().filter(|_| value.is_f64()) else {
-                continue;
-            };
-            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
-                // Exact: |f| < 2^53.
-                *value = Value::Number(Number::from(f as i64));
-            }
+        if let Some(o) = options.as_mut() {
+            super::integral_numbers(o);
         }
         Ok(options)
+    }
+}
+
+/// Numbers without a fractional part become integers (`2.0` is `2`), so the
+/// integer scheduler options take what JSON Schema's `integer` allows.
+pub fn integral_numbers(options: &mut serde_json::Map<String, serde_json::Value>) {
+    use serde_json::{Number, Value};
+    for value in options.values_mut() {
+        let Some(f) = value.as_f64().filter(|_| value.is_f64()) else {
+            continue;
+        };
+        if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+            // Exact: |f| < 2^53.
+            *value = Value::Number(Number::from(f as i64));
+        }
     }
 }

@@ -43,6 +43,35 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The side a request that gives none gets: the model's default, made to
+    /// fit these limits (the largest multiple of `multiple` within the side
+    /// limit whose square is within the area limit), so that leaving the size
+    /// out never asks for more than the server allows.
+    pub fn default_side(&self, model_default: usize, multiple: usize) -> usize {
+        let m = multiple.max(1);
+        let side = model_default
+            .min(self.max_side)
+            .min(self.max_pixels.isqrt());
+        (side / m * m).max(m)
+    }
+
+    /// The steps a request that gives none gets: [`DEFAULT_STEPS`], or the
+    /// limit when that is lower.
+    pub fn default_steps(&self) -> usize {
+        DEFAULT_STEPS.min(self.max_steps).max(1)
+    }
+
+    /// These limits with room for a style's template: a styled prompt may be
+    /// longer than what its caller typed, which is what the limit bounds.
+    pub fn with_prompt_room(self, (prompt, negative): (usize, usize)) -> Self {
+        Self {
+            max_prompt_chars: self.max_prompt_chars + prompt.max(negative),
+            ..self
+        }
+    }
+}
+
 /// Half of the memory this process may use: the machine's, or the container's
 /// cgroup limit when lower (the other half holds the weights and the rest of
 /// the process).
@@ -177,13 +206,9 @@ impl GenerateParams {
         check_text("negative_prompt", &negative_prompt, limits)?;
 
         let f = model.vae_scale_factor;
-        let width = check_side("width", self.width.unwrap_or(model.default_size), f, limits)?;
-        let height = check_side(
-            "height",
-            self.height.unwrap_or(model.default_size),
-            f,
-            limits,
-        )?;
+        let default_side = limits.default_side(model.default_size, f);
+        let width = check_side("width", self.width.unwrap_or(default_side), f, limits)?;
+        let height = check_side("height", self.height.unwrap_or(default_side), f, limits)?;
         // Checked: sides come from callers, and a wrapped product would pass.
         let pixels = width.saturating_mul(height);
         if pixels > limits.max_pixels {
@@ -196,7 +221,7 @@ impl GenerateParams {
             ));
         }
 
-        let steps = self.steps.unwrap_or(DEFAULT_STEPS);
+        let steps = self.steps.unwrap_or(limits.default_steps());
         if steps == 0 || steps > limits.max_steps {
             return Err(Error::invalid(
                 "steps",
@@ -343,12 +368,22 @@ fn check_scheduler(
         Err(Error::InvalidRequest { field, message })
             if field == "scheduler" && !options.is_empty() =>
         {
-            // The options are at fault when the model's own config builds.
-            let own_config_builds = config.build(kind, &Default::default(), steps).is_ok();
-            let field = if own_config_builds {
-                "scheduler_options".to_string()
-            } else {
+            // The options are at fault when the model's own config builds;
+            // one that fails on its own is named.
+            let builds = |o: &serde_json::Map<String, serde_json::Value>| {
+                config.build(kind, o, steps).is_ok()
+            };
+            let field = if !builds(&Default::default()) {
                 field
+            } else {
+                options
+                    .iter()
+                    .find(|(k, v)| {
+                        !builds(&serde_json::Map::from_iter([((*k).clone(), (*v).clone())]))
+                    })
+                    .map_or("scheduler_options".to_string(), |(k, _)| {
+                        format!("scheduler_options.{k}")
+                    })
             };
             Err(Error::InvalidRequest { field, message })
         }

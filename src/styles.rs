@@ -72,6 +72,26 @@ pub fn names() -> String {
     STYLES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
 }
 
+/// Characters the longest template adds to the caller's text, and the
+/// longest preset negative prompt (with its `", "`) adds to the caller's
+/// negative prompt: the room the prompt limit leaves styles.
+pub fn overheads() -> (usize, usize) {
+    let prompt = STYLES
+        .iter()
+        .map(|s| s.prompt.replace("{prompt}", "").chars().count())
+        .max()
+        .unwrap_or(0);
+    let negative = STYLES
+        .iter()
+        .map(|s| match s.negative_prompt.chars().count() {
+            0 => 0,
+            n => n + 2,
+        })
+        .max()
+        .unwrap_or(0);
+    (prompt, negative)
+}
+
 impl Style {
     /// The prompt and negative prompt the model sees: the caller's prompt in the
     /// template, the caller's negative prompt joined to the preset's.

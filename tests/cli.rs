@@ -394,7 +394,24 @@ fn bad_inputs_name_the_flag() {
         "--scheduler-option",
         "timestep_spacing=sideways",
     ]);
-    assert_bad_flag(o, "--scheduler");
+    assert_bad_flag(o, "--scheduler-option timestep_spacing");
+    // Integral floats are integers, as over HTTP; out of range is named.
+    let mut ok = p.to_vec();
+    ok.extend_from_slice(&[
+        "--scheduler",
+        "dpmpp_2m",
+        "--scheduler-option",
+        "solver_order=2.0",
+    ]);
+    let o = generate(tmp.path(), "order.png", &ok);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = with(&[
+        "--scheduler",
+        "dpmpp_2m",
+        "--scheduler-option",
+        "solver_order=2.5",
+    ]);
+    assert_bad_flag(o, "--scheduler-option solver_order");
     assert_bad_flag(
         with(&["--latents", "/nonexistent/latents.safetensors"]),
         "--latents",

@@ -201,6 +201,15 @@ fn scheduler_options_are_checked_when_the_job_is_submitted() {
         (json!({"use_karras_sigmas": "yes"}), "use_karras_sigmas"),
         (json!({"beta_end": -5}), "beta_end"),
         (json!({"solver_order": 9}), "solver_order"),
+        // diffusers takes these; no scheduler here implements them.
+        (
+            json!({"algorithm_type": "sde-dpmsolver++"}),
+            "algorithm_type",
+        ),
+        (
+            json!({"interpolation_type": "log_linear"}),
+            "interpolation_type",
+        ),
     ];
     for (options, key) in &cases {
         let field = format!("scheduler_options.{key}");
@@ -217,16 +226,26 @@ fn scheduler_options_are_checked_when_the_job_is_submitted() {
         );
         assert_bad(r, 400, Some(&field));
     }
-    // Valid alone, but with this model's schedule the first timestep is past
-    // the 1000 training steps: refused now, not when the job runs.
+    // In range, but with this model's schedule the first timestep is past the
+    // 1000 training steps: refused now, not when the job runs, naming the
+    // option that does it.
     let r = post(
         &s,
         "/generate",
         json!({"text": "a", "steps": 2, "scheduler": "ddim",
                "scheduler_options": {"steps_offset": 999, "timestep_spacing": "leading"}}),
     );
-    let v = assert_bad(r, 400, Some("scheduler_options"));
+    let v = assert_bad(r, 400, Some("scheduler_options.steps_offset"));
     assert!(v["error"].as_str().unwrap().contains("1000"), "{v}");
+    // A value some schedulers take and the chosen one does not (PNDM has no
+    // `sample` prediction): named too.
+    let r = post(
+        &s,
+        "/generate",
+        json!({"text": "a", "steps": 2, "scheduler": "pndm",
+               "scheduler_options": {"prediction_type": "sample"}}),
+    );
+    assert_bad(r, 400, Some("scheduler_options.prediction_type"));
     // Good options still run.
     let id = accepted(
         &s,
@@ -436,4 +455,47 @@ fn estimates_are_always_numbers_and_queued_cancels_are_counted() {
         metrics.contains("sdserve_jobs_total{outcome=\"cancelled\"} 1"),
         "{metrics}"
     );
+}
+
+#[test]
+fn defaults_fit_the_limits_and_a_style_does_not_count_against_the_text() {
+    // The tiny model's default is 96x96 and the default 30 steps: both over
+    // these limits, so a request that leaves them out gets what fits.
+    let s = Server::start(
+        &["--model", &tiny(), "--max-side", "64", "--max-steps", "3"],
+        &[],
+    );
+    let info: Value = client().get(s.url("/info")).send().unwrap().json().unwrap();
+    assert_eq!(info["default_resolution"], "64x64", "{info}");
+    assert_eq!(info["default_steps"], 3, "{info}");
+    let id = accepted(&s, json!({"text": "a"}));
+    let done = wait_final(&s, &id);
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request"]["resolution"], "64x64");
+    assert_eq!(done["request"]["steps"], 3);
+    let r = client()
+        .post(s.url("/invocations"))
+        .header("content-type", "text/plain")
+        .body("a bare prompt")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text());
+
+    // The prompt limit bounds what the caller typed; the style's template is
+    // not counted (4000 characters in a styled prompt was refused before).
+    let long = "x".repeat(4000);
+    let id = accepted(&s, json!({"text": long, "style": "realistic", "steps": 1}));
+    assert_eq!(wait_final(&s, &id)["status"], "completed");
+    let r = post(
+        &s,
+        "/generate",
+        json!({"text": "x".repeat(4001), "steps": 1}),
+    );
+    assert_bad(r, 400, Some("text"));
+    let r = post(
+        &s,
+        "/generate",
+        json!({"text": "a", "negative_prompt": "x".repeat(4001), "style": "anime"}),
+    );
+    assert_bad(r, 400, Some("negative_prompt"));
 }

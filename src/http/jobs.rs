@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use super::{ApiError, AppState, Bodies, body_object, ready_model};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::jobs::{JobRequest, JobState, JobView};
-use crate::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
+use crate::request::{DEFAULT_GUIDANCE, Limits};
 
 /// Fields `POST /generate` accepts: those of [`JobRequest`] (a test checks).
 pub const FIELDS: &[&str] = &[
@@ -182,9 +182,9 @@ pub async fn styles() -> Json<Value> {
     }))
 }
 
-/// Resolutions offered for a model whose default side is `default`: its square,
-/// then 4:3, 3:2 and 16:9 both ways, rounded to `factor`, within `max_pixels`.
-fn resolutions(default: usize, factor: usize, max_pixels: usize) -> Vec<String> {
+/// Resolutions offered when the default side is `default`: its square, then
+/// 4:3, 3:2 and 16:9 both ways, rounded to `factor`, within the limits.
+fn resolutions(default: usize, factor: usize, limits: &Limits) -> Vec<String> {
     let round = |v: f64| ((v / factor as f64).round() as usize).max(1) * factor;
     let area = (default * default) as f64;
     let mut out = vec![format!("{default}x{default}")];
@@ -196,7 +196,7 @@ fn resolutions(default: usize, factor: usize, max_pixels: usize) -> Vec<String> 
     }
     out.retain(|r| {
         let (w, h) = crate::jobs::record::parse_resolution(r).unwrap_or((usize::MAX, 1));
-        w.saturating_mul(h) <= max_pixels
+        w.max(h) <= limits.max_side && w.saturating_mul(h) <= limits.max_pixels
     });
     out
 }
@@ -204,18 +204,19 @@ fn resolutions(default: usize, factor: usize, max_pixels: usize) -> Vec<String> 
 pub async fn info(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let model = ready_model(&state.engine)?;
     let limits = state.limits;
+    let default_side = limits.default_side(model.default_size, model.vae_scale_factor);
     // The model's scheduler class (`PNDMScheduler`) as a request name (`pndm`).
     let default_scheduler =
         SchedulerKind::parse(&model.default_scheduler).map_or("default", |k| k.name());
     Ok(Json(json!({
         "model": model.name,
-        "default_resolution": format!("{0}x{0}", model.default_size),
-        "resolutions": resolutions(model.default_size, model.vae_scale_factor, limits.max_pixels),
+        "default_resolution": format!("{0}x{0}", default_side),
+        "resolutions": resolutions(default_side, model.vae_scale_factor, &limits),
         "resolution_multiple": model.vae_scale_factor,
         "schedulers": SchedulerKind::ALL.map(|k| k.name()),
         "default_scheduler": default_scheduler,
         "default_scheduler_class": model.default_scheduler,
-        "default_steps": DEFAULT_STEPS,
+        "default_steps": limits.default_steps(),
         "default_guidance": DEFAULT_GUIDANCE,
         "max_steps": limits.max_steps,
         "max_images": limits.max_images,
@@ -332,7 +333,12 @@ mod tests {
 
     #[test]
     fn resolutions_are_multiples_within_the_limit() {
-        let r = resolutions(512, 8, 1024 * 1024);
+        let limits = |max_pixels, max_side| Limits {
+            max_pixels,
+            max_side,
+            ..Limits::default()
+        };
+        let r = resolutions(512, 8, &limits(1024 * 1024, 2048));
         assert_eq!(r[0], "512x512");
         assert!(r.contains(&"592x440".to_string()), "{r:?}");
         assert!(r.contains(&"440x592".to_string()), "{r:?}");
@@ -340,10 +346,14 @@ mod tests {
             let (w, h) = crate::jobs::record::parse_resolution(s).unwrap();
             assert!(w % 8 == 0 && h % 8 == 0 && w * h <= 1024 * 1024, "{s}");
         }
-        let small = resolutions(512, 8, 512 * 512);
+        let small = resolutions(512, 8, &limits(512 * 512, 2048));
         assert!(small.iter().all(|s| {
             let (w, h) = crate::jobs::record::parse_resolution(s).unwrap();
             w * h <= 512 * 512
         }));
+        // The side limit drops the long ones: 592x440 stays, 624x416 goes.
+        let narrow = resolutions(512, 8, &limits(1024 * 1024, 600));
+        assert!(narrow.contains(&"592x440".to_string()), "{narrow:?}");
+        assert!(!narrow.iter().any(|s| s.starts_with("624")), "{narrow:?}");
     }
 }

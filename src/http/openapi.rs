@@ -23,11 +23,11 @@ use serde_json::{Map, Value, json};
 use super::sagemaker::Invocation;
 use super::{ApiError, AppState};
 use crate::diffusion::pipeline::ModelInfo;
-use crate::diffusion::schedulers::{OVERRIDABLE_KEYS, SchedulerKind};
+use crate::diffusion::schedulers::{Allowed, OVERRIDABLE_KEYS, SchedulerKind, allowed};
 use crate::engine::EngineState;
 use crate::fields::NO_NUL;
 use crate::jobs::JobRequest;
-use crate::request::{DEFAULT_STEPS, Limits};
+use crate::request::Limits;
 use crate::styles::STYLES;
 
 /// Sides are multiples of this when no model is loaded yet: every SD 1.x/2.x
@@ -52,7 +52,8 @@ pub struct Bounds {
     pub limits: Limits,
     /// Widths and heights are multiples of this (the model's VAE scale factor).
     pub multiple: usize,
-    /// The model's default side (used when a request gives none); `None` while loading.
+    /// The side a request that gives none gets (the model's default within
+    /// the limits, [`Limits::default_side`]); `None` while loading.
     pub default_size: Option<usize>,
     /// The model scheduler's training steps (no schedule may have more).
     pub train_steps: Option<usize>,
@@ -60,10 +61,11 @@ pub struct Bounds {
 
 impl Bounds {
     pub fn new(limits: Limits, model: Option<&ModelInfo>) -> Self {
+        let multiple = model.map_or(DEFAULT_MULTIPLE, |m| m.vae_scale_factor.max(1));
         Self {
             limits,
-            multiple: model.map_or(DEFAULT_MULTIPLE, |m| m.vae_scale_factor.max(1)),
-            default_size: model.map(|m| m.default_size),
+            multiple,
+            default_size: model.map(|m| limits.default_side(m.default_size, multiple)),
             train_steps: model.map(|m| m.scheduler_config.num_train_timesteps(&Map::new())),
         }
     }
@@ -86,8 +88,8 @@ impl Bounds {
             .map_or(self.limits.max_steps, |t| self.limits.max_steps.min(t))
     }
 
-    /// Whether the model's default size passes validation: if not, a request
-    /// must give its size.
+    /// Whether the default size passes validation (it is made to fit, so only
+    /// limits below one multiple fail): if not, a request must give its size.
     fn default_size_fits(&self) -> bool {
         self.default_size.is_some_and(|d| {
             d % self.multiple == 0
@@ -107,34 +109,16 @@ impl Bounds {
                 .filter(|s| s.saturating_mul(*s) <= self.limits.max_pixels)
                 .last()?,
         };
-        let steps = DEFAULT_STEPS.min(self.max_steps());
+        let steps = self.limits.default_steps().min(self.max_steps());
         (steps > 0).then_some((side, steps))
     }
 
-    /// Whether the default step count passes validation: if not, a request
+    /// Whether the default step count passes validation (it is capped by the
+    /// step limit, but not by the model's training steps): if not, a request
     /// must give its steps.
     fn default_steps_fit(&self) -> bool {
-        DEFAULT_STEPS <= self.max_steps()
+        self.limits.default_steps() <= self.max_steps()
     }
-}
-
-/// Characters the longest style template adds to the text, and the longest
-/// style negative prompt (with its `", "`) adds to the caller's negative prompt.
-fn style_overheads() -> (usize, usize) {
-    let prompt = STYLES
-        .iter()
-        .map(|s| s.prompt.replace("{prompt}", "").chars().count())
-        .max()
-        .unwrap_or(0);
-    let negative = STYLES
-        .iter()
-        .map(|s| match s.negative_prompt.chars().count() {
-            0 => 0,
-            n => n + 2,
-        })
-        .max()
-        .unwrap_or(0);
-    (prompt, negative)
 }
 
 /// The schemas of the request types, as `components/schemas` entries.
@@ -234,31 +218,17 @@ fn names_or_null<'a>(names: impl Iterator<Item = &'a str>) -> Value {
     Value::Array(values)
 }
 
-/// What each scheduler option may be set to, whatever scheduler runs (the
-/// ranges `check_overrides` enforces; a unit test holds the two together).
+/// What each scheduler option may be set to, whatever scheduler runs: the
+/// ranges `check_overrides` enforces, as JSON Schema (a unit test probes both).
 fn scheduler_option(key: &str) -> Value {
-    let one_of = |names: &[&str]| json!({"type": "string", "enum": names});
-    match key {
-        "algorithm_type" => one_of(&[
-            "dpmsolver++",
-            "sde-dpmsolver++",
-            "dpmsolver",
-            "sde-dpmsolver",
-        ]),
-        "beta_start" | "beta_end" => {
-            json!({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1})
+    match allowed(key) {
+        Allowed::Bool => json!({"type": "boolean"}),
+        Allowed::OneOf(names) => json!({"type": "string", "enum": names}),
+        Allowed::Open(lo, hi) => {
+            json!({"type": "number", "exclusiveMinimum": lo, "exclusiveMaximum": hi})
         }
-        "beta_schedule" => one_of(&["linear", "scaled_linear", "squaredcos_cap_v2"]),
-        "final_sigmas_type" => one_of(&["zero", "sigma_min"]),
-        "interpolation_type" => one_of(&["linear", "log_linear"]),
-        "prediction_type" => one_of(&["epsilon", "v_prediction", "sample"]),
-        "sigma_max" | "sigma_min" => json!({"type": ["number", "null"], "exclusiveMinimum": 0}),
-        "solver_order" => json!({"type": "integer", "minimum": 1, "maximum": 3}),
-        "solver_type" => one_of(&["midpoint", "heun"]),
-        "steps_offset" => json!({"type": "integer", "minimum": 0, "maximum": 999}),
-        "timestep_spacing" => one_of(&["linspace", "leading", "trailing"]),
-        "timestep_type" => one_of(&["discrete", "continuous"]),
-        _ => json!({"type": "boolean"}),
+        Allowed::PositiveOrNull => json!({"type": ["number", "null"], "exclusiveMinimum": 0}),
+        Allowed::Integer(lo, hi) => json!({"type": "integer", "minimum": lo, "maximum": hi}),
     }
 }
 
@@ -275,7 +245,8 @@ fn constrain_common(
             schema,
             steps,
             &format!(
-                "Required here: the default of {DEFAULT_STEPS} is over this server's limit of {}.",
+                "Required here: the default of {} is over this model's limit of {}.",
+                b.limits.default_steps(),
                 b.max_steps()
             ),
         );
@@ -318,30 +289,17 @@ fn sides_regex(b: &Bounds) -> String {
 /// checked with it when the job was accepted.
 fn generate_request(mut schema: Value, b: &Bounds, stored: bool) -> Value {
     let max = b.limits.max_prompt_chars;
-    let (prompt_overhead, negative_overhead) = style_overheads();
-    let (text_max, negative_max) = if stored {
-        (max, max)
-    } else {
-        (
-            max.saturating_sub(prompt_overhead),
-            max.saturating_sub(negative_overhead),
-        )
-    };
-    constrain(&mut schema, "text", json!({"maxLength": text_max}));
-    constrain(
-        &mut schema,
-        "negative_prompt",
-        json!({"maxLength": negative_max}),
-    );
+    for field in ["text", "negative_prompt"] {
+        constrain(&mut schema, field, json!({"maxLength": max}));
+    }
     if !stored {
-        let sentence = |overhead: usize| {
-            format!(
-                "At most {max} characters once the style is applied: this allows what the \
-                 longest style's template (up to {overhead} characters) leaves."
-            )
-        };
-        describe(&mut schema, "text", &sentence(prompt_overhead));
-        describe(&mut schema, "negative_prompt", &sentence(negative_overhead));
+        for field in ["text", "negative_prompt"] {
+            describe(
+                &mut schema,
+                field,
+                &format!("At most {max} characters (the style's template is not counted)."),
+            );
+        }
     }
     constrain(
         &mut schema,
@@ -371,7 +329,7 @@ fn generate_request(mut schema: Value, b: &Bounds, stored: bool) -> Value {
         describe(
             &mut schema,
             "resolution",
-            "Required here: the model's default size is over this server's limits.",
+            "Required here: no size fits this server's limits.",
         );
     }
     constrain_common(
@@ -410,7 +368,7 @@ fn invocation(mut schema: Value, b: &Bounds) -> Value {
             describe(
                 &mut schema,
                 side,
-                "Required here: the model's default size is over this server's limits.",
+                "Required here: no size fits this server's limits.",
             );
         }
     }
@@ -754,7 +712,8 @@ mod tests {
                 ..Limits::default()
             },
             multiple: 8,
-            default_size: Some(96),
+            // A 96-px model's default, as `Bounds::new` fits it to these limits.
+            default_size: Some(64),
             train_steps: Some(1000),
         }
     }
@@ -806,16 +765,27 @@ mod tests {
             g["resolution"]["pattern"],
             "^(8|16|24|32|40|48|56|64)[xX×](8|16|24|32|40|48|56|64)$"
         );
-        // The defaults (30 steps, 96x96) are over these limits: required.
-        let required = s["GenerateRequest"]["required"].as_array().unwrap();
-        for f in ["text", "resolution", "steps"] {
-            assert!(required.iter().any(|r| r == f), "{f}: {required:?}");
-        }
+        // The defaults fit these limits (64x64, 3 steps): only the text is required.
+        assert_eq!(s["GenerateRequest"]["required"], json!(["text"]));
         let i = &s["Invocation"]["properties"];
         assert_eq!(i["width"]["multipleOf"], 8);
         assert_eq!(i["height"]["maximum"], 64);
         assert_eq!(i["prompt"]["maxLength"], Limits::default().max_prompt_chars);
-        // No bare-prompt body when the defaults don't fit.
+        let bodies = &doc["paths"]["/invocations"]["post"]["requestBody"]["content"];
+        assert!(bodies.get("text/plain").is_some());
+        // Limits below one multiple leave no default size: the size is
+        // required, and a bare prompt is not offered.
+        let tiny = Bounds {
+            limits: Limits {
+                max_pixels: 32,
+                ..b.limits
+            },
+            default_size: Some(b.limits.default_side(96, 8)),
+            ..b
+        };
+        let doc = spec(&tiny);
+        let required = doc["components"]["schemas"]["GenerateRequest"]["required"].clone();
+        assert_eq!(required, json!(["text", "resolution"]));
         let bodies = &doc["paths"]["/invocations"]["post"]["requestBody"]["content"];
         assert!(bodies.get("text/plain").is_none());
 
@@ -843,18 +813,15 @@ mod tests {
                 .get("text/plain")
                 .is_some()
         );
-        // The longest text any style leaves room for, and the limit for a stored one.
-        let (overhead, _) = style_overheads();
-        assert!(overhead > 0);
+        // The caller's text is bounded by the limit, a style's template aside.
         let s = &doc["components"]["schemas"];
-        assert_eq!(
-            s["GenerateRequest"]["properties"]["text"]["maxLength"],
-            Limits::default().max_prompt_chars - overhead
-        );
-        assert_eq!(
-            s["JobRequest"]["properties"]["text"]["maxLength"],
-            Limits::default().max_prompt_chars
-        );
+        for schema in ["GenerateRequest", "JobRequest"] {
+            assert_eq!(
+                s[schema]["properties"]["text"]["maxLength"],
+                Limits::default().max_prompt_chars,
+                "{schema}"
+            );
+        }
     }
 
     /// Whether `v` is valid per the keywords `scheduler_option` uses.

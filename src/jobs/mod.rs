@@ -286,10 +286,7 @@ impl Jobs {
     ) -> bool {
         {
             let id = record.image_id.clone();
-            let validated = record
-                .request
-                .to_params()
-                .and_then(|p| p.validate(info, &self.inner.limits, None));
+            let validated = record.request.validate(info, &self.inner.limits);
             let result = match validated {
                 Ok(req) => self.inner.engine.resubmit(req).map_err(|e| e.to_string()),
                 Err(Error::InvalidRequest { field, message }) => Err(format!(
@@ -365,8 +362,7 @@ impl Jobs {
         }
         let info = crate::http::ready_model(&self.inner.engine)?;
         let validated: GenerateRequest = request
-            .to_params()
-            .and_then(|p| p.validate(&info, &self.inner.limits, None))
+            .validate(&info, &self.inner.limits)
             .map_err(|e| ApiError::from_error(e, record::caller_name))?;
         let resolved = JobRequest {
             style: Some(

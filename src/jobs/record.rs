@@ -5,8 +5,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::diffusion::pipeline::ModelInfo;
 use crate::error::{Error, Result};
-use crate::request::GenerateParams;
+use crate::request::{GenerateParams, GenerateRequest, Limits};
 use crate::styles;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +101,29 @@ pub fn parse_resolution(s: &str) -> Result<(usize, usize)> {
 }
 
 impl JobRequest {
+    /// Checks the request against the model and the limits, ready to run. The
+    /// prompt limit bounds what the caller typed (`text`, `negative_prompt`),
+    /// not the longer prompt its style makes of it.
+    pub fn validate(&self, model: &ModelInfo, limits: &Limits) -> Result<GenerateRequest> {
+        for (field, value) in [
+            ("text", &self.text),
+            ("negative_prompt", &self.negative_prompt),
+        ] {
+            let n = value.as_deref().map_or(0, |v| v.chars().count());
+            if n > limits.max_prompt_chars {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "{n} characters is over the limit of {}",
+                        limits.max_prompt_chars
+                    ),
+                ));
+            }
+        }
+        let styled = limits.with_prompt_room(styles::overheads());
+        self.to_params()?.validate(model, &styled, None)
+    }
+
     /// The pipeline parameters: the style applied to the text and negative prompt.
     pub fn to_params(&self) -> Result<GenerateParams> {
         let text = self.text.as_deref().unwrap_or("");

@@ -51,7 +51,7 @@ pub const OVERRIDABLE_KEYS: &[&str] = &[
 /// the values some diffusers class accepts for it, within ranges that keep the
 /// schedule finite. Whether the chosen class takes the value is checked by
 /// building it ([`SchedulerConfig::build`]).
-enum Allowed {
+pub enum Allowed {
     Bool,
     OneOf(&'static [&'static str]),
     /// A number strictly between the bounds.
@@ -62,18 +62,16 @@ enum Allowed {
     Integer(i64, i64),
 }
 
-fn allowed(key: &str) -> Allowed {
+/// What `key` may be set to: the values diffusers takes that some scheduler
+/// here implements (the DPM-Solver variants and Euler's `log_linear` are not).
+pub fn allowed(key: &str) -> Allowed {
     match key {
-        "algorithm_type" => Allowed::OneOf(&[
-            "dpmsolver++",
-            "sde-dpmsolver++",
-            "dpmsolver",
-            "sde-dpmsolver",
-        ]),
+        // `deis` is read as `dpmsolver++`, as in diffusers.
+        "algorithm_type" => Allowed::OneOf(&["dpmsolver++", "deis"]),
         "beta_start" | "beta_end" => Allowed::Open(0.0, 1.0),
         "beta_schedule" => Allowed::OneOf(&["linear", "scaled_linear", "squaredcos_cap_v2"]),
         "final_sigmas_type" => Allowed::OneOf(&["zero", "sigma_min"]),
-        "interpolation_type" => Allowed::OneOf(&["linear", "log_linear"]),
+        "interpolation_type" => Allowed::OneOf(&["linear"]),
         "prediction_type" => Allowed::OneOf(&["epsilon", "v_prediction", "sample"]),
         "sigma_max" | "sigma_min" => Allowed::PositiveOrNull,
         "solver_order" => Allowed::Integer(1, 3),
