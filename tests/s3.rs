@@ -1,5 +1,5 @@
 //! The S3 storage backend against a real S3-protocol server on loopback
-//! (moto's server mode, from PyPI: `pip install -r deploy/sagemaker/requirements.txt`):
+//! (moto's server mode, from PyPI: `tools/test` installs it into `.venv-test/`):
 //! images and records go to the bucket, image URLs are presigned, and a
 //! restarted server answers from the bucket.
 
@@ -46,8 +46,8 @@ impl Moto {
             }
             if let Ok(Some(status)) = moto.child.try_wait() {
                 panic!(
-                    "moto_server exited ({status}); install it with \
-                     `pip install -r deploy/sagemaker/requirements.txt`"
+                    "moto_server exited ({status}); tools/test installs it (into .venv-test/, \
+                     put on PATH), from deploy/sagemaker/requirements.txt"
                 );
             }
             assert!(Instant::now() < deadline, "moto_server never answered");
