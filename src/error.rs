@@ -43,6 +43,23 @@ pub enum Error {
     Cancelled,
 }
 
+/// `message` with every absolute filesystem path cut to its last component:
+/// callers see which file, not where the server keeps it (the log has it all).
+pub fn without_paths(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|word| match word.strip_prefix('/') {
+            Some(rest) if rest.contains('/') => {
+                // The file and its folder (`unet/config.json:`), not the root.
+                let tail: Vec<&str> = word.rsplitn(3, '/').take(2).collect();
+                format!(".../{}/{}", tail[1], tail[0])
+            }
+            _ => word.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl Error {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::InvalidRequest {

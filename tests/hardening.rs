@@ -192,6 +192,33 @@ fn a_job_running_at_two_crashes_is_failed_not_retried_forever() {
 }
 
 #[test]
+fn a_suspect_job_still_running_on_another_server_is_not_failed() {
+    // Stored as a crashed server left it once: B runs it again (its second
+    // attempt), long enough for C, starting meanwhile, to watch it the whole
+    // time it watches suspects. B's heartbeats must reach the record even
+    // though every step changes the job's status.
+    let data = tempfile::tempdir().unwrap();
+    let id = "00000000-0000-4000-8000-000000000004";
+    plant(
+        data.path(),
+        id,
+        "processing",
+        1,
+        json!({"text": "a", "resolution": "1024x1024", "steps": 500, "scheduler": "ddim", "seed": 4}),
+    );
+    let storage = data.path().to_str().unwrap().to_string();
+    let args = ["--model", &tiny(), "--storage", &storage];
+    let b = Server::start(&args, &[]);
+    wait_status(&b, id, "processing");
+    let c = Server::start(&args, &[]);
+    c.wait_for_log("a job that looked stuck is running on another server", id);
+    assert!(!c.log().contains("server stopped"), "{}", c.log());
+    let v = job_status(&c, id);
+    assert_ne!(v["status"], "failed", "{v}");
+    assert_eq!(job_status(&b, id)["status"], "processing");
+}
+
+#[test]
 fn scheduler_options_are_checked_when_the_job_is_submitted() {
     let s = Server::start(&["--model", &tiny()], &[]);
     let cases = [

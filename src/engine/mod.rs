@@ -269,6 +269,19 @@ impl Engine {
         &self.metrics
     }
 
+    /// The model's info when it is loaded; else why not (loading, or the load
+    /// failure with no filesystem path in it: callers see this).
+    pub fn ready_info(&self) -> Result<Arc<ModelInfo>, String> {
+        match self.state() {
+            EngineState::Ready(info) => Ok(info),
+            EngineState::Loading => Err("the model is still loading".into()),
+            EngineState::Failed(e) => Err(format!(
+                "the model failed to load: {}",
+                crate::error::without_paths(&e)
+            )),
+        }
+    }
+
     /// Waits until the model is loaded (or failed to load).
     pub async fn ready(&self) -> EngineState {
         let mut rx = self.state.clone();

@@ -23,8 +23,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Map, Value, json};
 
-use crate::engine::{Engine, EngineState};
+use crate::engine::Engine;
 use crate::error::Error;
+use crate::jobs::JobError;
 use crate::request::Limits;
 
 /// Shared state of every handler.
@@ -245,31 +246,29 @@ impl IntoResponse for ApiError {
 pub fn ready_model(
     engine: &Engine,
 ) -> Result<Arc<crate::diffusion::pipeline::ModelInfo>, ApiError> {
-    match engine.state() {
-        EngineState::Ready(info) => Ok(info),
-        EngineState::Loading => Err(ApiError::NotReady("the model is still loading".into())),
-        EngineState::Failed(e) => Err(ApiError::NotReady(format!(
-            "the model failed to load: {}",
-            without_paths(&e)
-        ))),
-    }
+    engine.ready_info().map_err(ApiError::NotReady)
 }
 
-/// `message` with every absolute filesystem path cut to its last component:
-/// callers see which file, not where the server keeps it (the log has it all).
-pub fn without_paths(message: &str) -> String {
-    message
-        .split(' ')
-        .map(|word| match word.strip_prefix('/') {
-            Some(rest) if rest.contains('/') => {
-                // The file and its folder (`unet/config.json:`), not the root.
-                let tail: Vec<&str> = word.rsplitn(3, '/').take(2).collect();
-                format!(".../{}/{}", tail[1], tail[0])
-            }
-            _ => word.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Invalid { field, message } => ApiError::BadRequest { field, message },
+            JobError::NotReady(m) => ApiError::NotReady(m),
+            JobError::QueueFull {
+                retry_after,
+                message,
+            } => ApiError::TooManyRequests {
+                retry_after,
+                message,
+            },
+            e @ JobError::StorageUnavailable { retry_after } => ApiError::Busy {
+                retry_after,
+                message: e.to_string(),
+            },
+            JobError::Conflict(m) => ApiError::Conflict(m),
+            JobError::Internal(m) => ApiError::Internal(m),
+        }
+    }
 }
 
 /// Which bodies a route takes.

@@ -303,7 +303,7 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
     let out = match status {
         JobStatus::Done(out) => out,
         JobStatus::Cancelled => return Err(ApiError::Cancelled),
-        JobStatus::Failed(e) => return Err(ApiError::Internal(super::without_paths(&e))),
+        JobStatus::Failed(e) => return Err(ApiError::Internal(crate::error::without_paths(&e))),
         JobStatus::Interrupted => {
             return Err(ApiError::NotReady(
                 "the server shut down before the job finished; retry".into(),

@@ -3,6 +3,7 @@
 //! images, answers status for live, finished, and other replicas' jobs, and
 //! re-queues unfinished jobs after a restart.
 
+mod error;
 pub mod record;
 
 use std::collections::HashMap;
@@ -19,13 +20,11 @@ use tokio_util::task::TaskTracker;
 use crate::diffusion::image::{ImageMetadata, encode_png, to_rgb8};
 use crate::engine::{Engine, EngineState, JobStatus, SubmitError, Ticket};
 use crate::error::{Error, Result};
-use crate::http::ApiError;
 use crate::request::{GenerateRequest, Limits};
 use crate::storage::Storage;
+pub use error::JobError;
 pub use record::{JobRecord, JobRequest, JobState, JobTimings, MAX_ATTEMPTS};
 
-/// Seconds a caller is asked to wait (Retry-After) while storage is unreachable.
-const STORAGE_RETRY_AFTER: u64 = 5;
 /// Longest pause between two tries of a storage write that must happen.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often a running job's record is rewritten ("still running").
@@ -133,14 +132,6 @@ struct Inner {
     shutting_down: AtomicBool,
     /// Cancelled at shutdown: ends event streams.
     closing: CancellationToken,
-}
-
-/// What callers hear while storage can't be reached (the detail is logged).
-fn storage_unavailable() -> ApiError {
-    ApiError::Busy {
-        retry_after: STORAGE_RETRY_AFTER,
-        message: "image storage is unavailable; retry later".into(),
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -356,14 +347,14 @@ impl Jobs {
     }
 
     /// Validates and queues a job, writes its record, and starts following it.
-    pub async fn submit(&self, request: JobRequest) -> Result<JobView, ApiError> {
+    pub async fn submit(&self, request: JobRequest) -> Result<JobView, JobError> {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
-            return Err(ApiError::NotReady("the server is shutting down".into()));
+            return Err(JobError::NotReady("the server is shutting down".into()));
         }
-        let info = crate::http::ready_model(&self.inner.engine)?;
+        let info = self.inner.engine.ready_info().map_err(JobError::NotReady)?;
         let validated: GenerateRequest = request
             .validate(&info, &self.inner.limits)
-            .map_err(|e| ApiError::from_error(e, record::caller_name))?;
+            .map_err(JobError::invalid)?;
         let resolved = JobRequest {
             style: Some(
                 request
@@ -384,11 +375,11 @@ impl Jobs {
             .engine
             .submit_gated(validated)
             .map_err(|e| match e {
-                SubmitError::Full { .. } => ApiError::TooManyRequests {
+                SubmitError::Full { .. } => JobError::QueueFull {
                     retry_after: self.inner.engine.retry_after_seconds(),
                     message: format!("{e}; retry later"),
                 },
-                SubmitError::ShuttingDown => ApiError::NotReady(e.to_string()),
+                SubmitError::ShuttingDown => JobError::NotReady(e.to_string()),
             })?;
         let record = JobRecord {
             image_id: uuid::Uuid::new_v4().to_string(),
@@ -408,7 +399,7 @@ impl Jobs {
             // Not stored, so not accepted: nothing may run that nobody can find.
             ticket.cancel();
             tracing::warn!("storing a new job failed: {e}");
-            return Err(storage_unavailable());
+            return Err(JobError::storage_unavailable());
         }
         Ok(self.watch(record, ticket, false))
     }
@@ -443,6 +434,9 @@ impl Jobs {
     async fn follow(&self, entry: Arc<Entry>, ticket: Arc<Ticket>, recovered: bool) {
         let mut status = ticket.status.clone();
         let id = entry.view.borrow().record.image_id.clone();
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let current = status.borrow_and_update().clone();
             match current {
@@ -503,8 +497,15 @@ impl Jobs {
                     break;
                 }
                 final_status => {
+                    // A result in hand beats another server's verdict that the
+                    // job failed (a suspect watch that missed this server's
+                    // heartbeats); only another server's images beat it.
+                    let completed_here = matches!(final_status, JobStatus::Done(_));
                     let record = match recovered {
-                        true => self.finished_elsewhere(&id).await,
+                        true => self
+                            .finished_elsewhere(&id)
+                            .await
+                            .filter(|done| !completed_here || done.status == JobState::Completed),
                         false => None,
                     };
                     let record = match record {
@@ -539,11 +540,13 @@ impl Jobs {
             }
             // Wait for the next change; while the job runs, rewrite its record
             // now and then so a server starting meanwhile sees it is alive.
+            // (One interval for the whole run: steps change the status more
+            // often than the heartbeat period.)
             let alive = loop {
                 let running = entry.view.borrow().record.status == JobState::Processing;
                 tokio::select! {
                     r = status.changed() => break r.is_ok(),
-                    _ = tokio::time::sleep(HEARTBEAT), if running => self.beat(&entry).await,
+                    _ = heartbeat.tick(), if running => self.beat(&entry).await,
                 }
             };
             if !alive {
@@ -688,7 +691,7 @@ impl Jobs {
 
     /// The live view of job `id`: this server's, else the stored record
     /// (a job another replica or an earlier run accepted).
-    pub async fn get(&self, id: &str) -> Result<Option<watch::Receiver<JobView>>, ApiError> {
+    pub async fn get(&self, id: &str) -> Result<Option<watch::Receiver<JobView>>, JobError> {
         if !valid_id(id) {
             return Ok(None);
         }
@@ -702,26 +705,26 @@ impl Jobs {
             .await
             .map_err(|e| {
                 tracing::warn!(image_id = id, "reading a job record failed: {e}");
-                storage_unavailable()
+                JobError::storage_unavailable()
             })?
         else {
             return Ok(None);
         };
         let record: JobRecord = serde_json::from_slice(&bytes).map_err(|e| {
             tracing::error!(image_id = id, "a stored job record is unreadable: {e}");
-            ApiError::Internal(format!("the stored record of job {id} is unreadable"))
+            JobError::Internal(format!("the stored record of job {id} is unreadable"))
         })?;
         Ok(Some(watch::channel(JobView::new(record)).1))
     }
 
     /// Cancels job `id` if it is queued or running here. `Ok(None)`: no such job.
-    pub async fn cancel(&self, id: &str) -> Result<Option<JobView>, ApiError> {
+    pub async fn cancel(&self, id: &str) -> Result<Option<JobView>, JobError> {
         let Some(mut rx) = self.get(id).await? else {
             return Ok(None);
         };
         let view = rx.borrow().clone();
         if view.record.status.is_final() {
-            return Err(ApiError::Conflict(format!(
+            return Err(JobError::Conflict(format!(
                 "job {id} already finished ({})",
                 serde_json::to_value(view.record.status).unwrap_or_default()
             )));
@@ -730,7 +733,7 @@ impl Jobs {
             .get(id)
             .and_then(|e| lock(&e.ticket).clone());
         let Some(ticket) = ticket else {
-            return Err(ApiError::Conflict(format!(
+            return Err(JobError::Conflict(format!(
                 "job {id} is not running on this server; cancel it where it runs"
             )));
         };
@@ -758,7 +761,7 @@ impl Jobs {
     }
 
     /// The API body for a view: image URLs (presigned for S3) and time estimate.
-    pub async fn status_body(&self, view: &JobView) -> Result<StatusBody, ApiError> {
+    pub async fn status_body(&self, view: &JobView) -> Result<StatusBody, JobError> {
         let mut urls = Vec::with_capacity(view.record.images.len());
         for (i, key) in view.record.images.iter().enumerate() {
             let signed = self
@@ -768,7 +771,7 @@ impl Jobs {
                 .await
                 .map_err(|e| {
                     tracing::warn!("signing an image URL failed: {e}");
-                    storage_unavailable()
+                    JobError::storage_unavailable()
                 })?;
             urls.push(signed.unwrap_or_else(|| {
                 format!(
@@ -799,7 +802,7 @@ impl Jobs {
     }
 
     /// The stored bytes of image `index` of job `id`.
-    pub async fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>, ApiError> {
+    pub async fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>, JobError> {
         if !valid_id(id) {
             return Ok(None);
         }
@@ -809,7 +812,7 @@ impl Jobs {
             .await
             .map_err(|e| {
                 tracing::warn!(image_id = id, "reading an image failed: {e}");
-                storage_unavailable()
+                JobError::storage_unavailable()
             })
     }
 

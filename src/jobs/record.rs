@@ -32,7 +32,7 @@ impl JobState {
 /// A `POST /generate` body, as the caller sends it (every field optional here;
 /// [`JobRequest::to_params`] checks them). Its JSON Schema is `/openapi.json`'s
 /// `GenerateRequest`: the bounds that are the server's settings (maxima, the
-/// resolution's sides, enums) are filled in by [`crate::http::openapi`].
+/// resolution's sides, enums) are filled in by the HTTP layer's document.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(rename = "GenerateRequest")]
