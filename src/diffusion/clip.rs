@@ -9,36 +9,15 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
-use crate::diffusion::config::ClipTextConfig;
+use crate::diffusion::config::{Activation, ClipTextConfig};
 use crate::error::Result;
 
-/// transformers' `ACT2FN` entries used by CLIP text encoders.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `quick_gelu`: x * sigmoid(1.702 x) (SD 1.x).
-    QuickGelu,
-    /// `gelu`: exact erf GELU (SD 2.x).
-    Gelu,
-    /// `gelu_new` / `gelu_pytorch_tanh`: tanh approximation.
-    GeluTanh,
-}
-
-impl Activation {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "quick_gelu" => Some(Activation::QuickGelu),
-            "gelu" => Some(Activation::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
-            _ => None,
-        }
-    }
-
-    fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Activation::Gelu => xs.gelu_erf(),
-            Activation::GeluTanh => xs.gelu(),
-        }
+/// The activation `act` applied to `xs`, as transformers' `ACT2FN` computes it.
+fn activate(act: Activation, xs: &Tensor) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+        Activation::Gelu => xs.gelu_erf(),
+        Activation::GeluTanh => xs.gelu(),
     }
 }
 
@@ -116,9 +95,10 @@ impl EncoderLayer {
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, mask)?;
         let xs = (residual + xs)?;
-        let h = self
-            .act
-            .forward(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?;
+        let h = activate(
+            self.act,
+            &self.fc1.forward(&self.layer_norm2.forward(&xs)?)?,
+        )?;
         &xs + self.fc2.forward(&h)?
     }
 }

@@ -260,6 +260,28 @@ impl VaeConfig {
     }
 }
 
+/// transformers' `ACT2FN` entries used by CLIP text encoders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `quick_gelu`: x * sigmoid(1.702 x) (SD 1.x).
+    QuickGelu,
+    /// `gelu`: exact erf GELU (SD 2.x).
+    Gelu,
+    /// `gelu_new` / `gelu_pytorch_tanh`: tanh approximation.
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "quick_gelu" => Some(Activation::QuickGelu),
+            "gelu" => Some(Activation::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+            _ => None,
+        }
+    }
+}
+
 /// transformers `CLIPTextConfig` (the `text_encoder/config.json` of SD 1.x/2.x).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -300,7 +322,7 @@ impl ClipTextConfig {
         )?;
         require(
             path,
-            crate::diffusion::clip::Activation::parse(&self.hidden_act).is_some(),
+            Activation::parse(&self.hidden_act).is_some(),
             "hidden_act",
             &self.hidden_act,
         )?;

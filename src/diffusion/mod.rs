@@ -44,6 +44,7 @@ pub mod image;
 pub mod latents;
 pub mod linear;
 pub mod norm;
+pub mod params;
 pub mod pipeline;
 pub mod schedulers;
 pub mod tokenizer;

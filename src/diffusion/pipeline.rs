@@ -15,13 +15,13 @@ use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::diffusion::latents::{NoiseSource, ReplayNoise, SeededNoise};
 use crate::diffusion::linear::activation_dtype;
+use crate::diffusion::params::GenerateRequest;
 use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::unet::UNet2DConditionModel;
 use crate::diffusion::vae::VaeDecoder;
 use crate::diffusion::weights::WeightFiles;
 use crate::error::{Error, Result};
-use crate::request::GenerateRequest;
 
 /// Pipeline classes whose components this module runs.
 const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline"];

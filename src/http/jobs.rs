@@ -56,7 +56,7 @@ fn parse_request(headers: &HeaderMap, body: &Bytes) -> Result<JobRequest, ApiErr
         });
     }
     // The type `/openapi.json` documents as `GenerateRequest`.
-    super::openapi::from_object(obj)
+    super::from_object(obj)
 }
 
 fn status_name(s: JobState) -> Value {

@@ -6,6 +6,7 @@
 //! [`crate::request::GenerateRequest`], submit it to the engine and map
 //! outcomes to HTTP through [`ApiError`]'s single status table.
 
+mod body;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
@@ -16,17 +17,16 @@ pub mod ui;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::http::HeaderMap;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::jobs::JobError;
 use crate::request::Limits;
+pub(crate) use body::{Bodies, body_object, from_object};
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -268,68 +268,5 @@ impl From<JobError> for ApiError {
             JobError::Conflict(m) => ApiError::Conflict(m),
             JobError::Internal(m) => ApiError::Internal(m),
         }
-    }
-}
-
-/// Which bodies a route takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Bodies {
-    /// `application/json` only: a page on another origin can't send that
-    /// without a CORS preflight, so it can't submit jobs to a LAN server.
-    Json,
-    /// Also `text/plain` (a bare prompt), and JSON when no Content-Type is
-    /// sent: what SageMaker callers send to `/invocations`.
-    JsonOrText,
-}
-
-/// The request body as a JSON object (`text/plain`: `{"prompt": body}`).
-pub(crate) fn body_object(
-    headers: &HeaderMap,
-    body: &Bytes,
-    accepts: Bodies,
-) -> Result<Map<String, Value>, ApiError> {
-    let given = headers.get(header::CONTENT_TYPE);
-    let content_type = match given {
-        None if accepts == Bodies::JsonOrText => "application/json".to_string(),
-        None => String::new(),
-        Some(v) => v
-            .to_str()
-            .unwrap_or("")
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase(),
-    };
-    let plain_ok = accepts == Bodies::JsonOrText;
-    match content_type.as_str() {
-        "application/json" => match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(m)) => Ok(m),
-            Ok(_) => Err(ApiError::BadRequest {
-                field: "body".into(),
-                message: "expected a JSON object".into(),
-            }),
-            Err(e) => Err(ApiError::BadRequest {
-                field: "body".into(),
-                message: format!("invalid JSON: {e}"),
-            }),
-        },
-        "text/plain" if plain_ok => {
-            let prompt = std::str::from_utf8(body).map_err(|_| ApiError::BadRequest {
-                field: "body".into(),
-                message: "not UTF-8 text".into(),
-            })?;
-            Ok(Map::from_iter([(
-                "prompt".to_string(),
-                Value::String(prompt.trim().to_string()),
-            )]))
-        }
-        other => Err(ApiError::UnsupportedMedia(format!(
-            "Content-Type {other:?} is not supported; send {}",
-            match accepts {
-                Bodies::Json => "application/json",
-                Bodies::JsonOrText => "application/json or text/plain",
-            }
-        ))),
     }
 }

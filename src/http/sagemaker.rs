@@ -208,7 +208,7 @@ fn params(obj: &Map<String, Value>) -> Result<GenerateParams, ApiError> {
             message: "required".into(),
         });
     }
-    let body: Invocation = super::openapi::from_object(obj.clone())?;
+    let body: Invocation = super::from_object(obj.clone())?;
     // JumpStart clients send DDIM's `eta`; only the deterministic 0 is implemented.
     if body.eta.is_some_and(|eta| eta != 0.0) {
         return Err(ApiError::BadRequest {
