@@ -219,6 +219,52 @@ fn a_suspect_job_still_running_on_another_server_is_not_failed() {
 }
 
 #[test]
+fn a_job_another_server_finishes_is_not_overwritten_by_this_ones_heartbeat() {
+    let data = tempfile::tempdir().unwrap();
+    let id = "00000000-0000-4000-8000-000000000005";
+    plant(
+        data.path(),
+        id,
+        "queued",
+        0,
+        json!({"text": "a", "resolution": "1024x1024", "steps": 500, "scheduler": "ddim", "seed": 5}),
+    );
+    let storage = data.path().to_str().unwrap().to_string();
+    let s = Server::start(&["--model", &tiny(), "--storage", &storage], &[]);
+    wait_status(&s, id, "processing");
+    // Another server (sharing the storage) finishes it meanwhile.
+    let key = data.path().join(format!("jobs/{id}.json"));
+    let mut done: Value = serde_json::from_slice(&std::fs::read(&key).unwrap()).unwrap();
+    done["status"] = json!("completed");
+    done["generated_at"] = json!("2026-12-01T10:05:00Z");
+    // The next heartbeat sees it: this run stops, and the result stays. (A
+    // heartbeat already between its read and its write can still overwrite
+    // it, a window of a few milliseconds: written again if so.)
+    let stopped = |s: &Server| {
+        s.log()
+            .lines()
+            .any(|l| l.contains("finished by another server while running here"))
+    };
+    for _ in 0..3 {
+        std::fs::write(&key, serde_json::to_vec(&done).unwrap()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !stopped(&s) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if stopped(&s) {
+            break;
+        }
+    }
+    assert!(stopped(&s), "{}", s.log());
+    let v = wait_final(&s, id);
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["generated_at"], "2026-12-01T10:05:00Z");
+    let stored: Value = serde_json::from_slice(&std::fs::read(&key).unwrap()).unwrap();
+    assert_eq!(stored["status"], "completed");
+    assert_eq!(stored["generated_at"], "2026-12-01T10:05:00Z");
+}
+
+#[test]
 fn scheduler_options_are_checked_when_the_job_is_submitted() {
     let s = Server::start(&["--model", &tiny()], &[]);
     let cases = [

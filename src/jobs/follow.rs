@@ -30,9 +30,10 @@ impl Jobs {
 
     /// Follows the job through the engine, persisting each state change. Every
     /// server re-queues every unfinished stored job at start (so none is lost
-    /// when its server died); for such a recovered job the stored record is
-    /// read again as it starts and as it ends, and one another server already
-    /// finished is dropped instead of overwritten.
+    /// when its server died), so one job may run on two servers: a recovered
+    /// job's stored record is read again as it starts, every job's before each
+    /// heartbeat and as it ends, and one another server already finished is
+    /// dropped (its run here cancelled) instead of overwritten.
     pub(super) async fn follow(&self, entry: Arc<Entry>, ticket: Arc<Ticket>, recovered: bool) {
         let mut status = ticket.status.clone();
         let id = entry.view.borrow().record.image_id.clone();
@@ -102,14 +103,13 @@ impl Jobs {
                     // A result in hand beats another server's verdict that the
                     // job failed (a suspect watch that missed this server's
                     // heartbeats); only another server's images beat it.
+                    // Checked for every job, not only recovered ones: another
+                    // server may have recovered this one while it ran here.
                     let completed_here = matches!(final_status, JobStatus::Done(_));
-                    let record = match recovered {
-                        true => self
-                            .finished_elsewhere(&id)
-                            .await
-                            .filter(|done| !completed_here || done.status == JobState::Completed),
-                        false => None,
-                    };
+                    let record = self
+                        .finished_elsewhere(&id)
+                        .await
+                        .filter(|done| !completed_here || done.status == JobState::Completed);
                     let record = match record {
                         Some(done) => {
                             tracing::info!(
@@ -148,7 +148,7 @@ impl Jobs {
                 let running = entry.view.borrow().record.status == JobState::Processing;
                 tokio::select! {
                     r = status.changed() => break r.is_ok(),
-                    _ = heartbeat.tick(), if running => self.beat(&entry).await,
+                    _ = heartbeat.tick(), if running => self.beat(&entry, &ticket).await,
                 }
             };
             if !alive {
@@ -160,8 +160,20 @@ impl Jobs {
         *lock(&entry.ticket) = None;
     }
 
-    /// Stores that the running job is alive (see [`HEARTBEAT`]).
-    pub(super) async fn beat(&self, entry: &Entry) {
+    /// Stores that the running job is alive (see [`HEARTBEAT`]), unless
+    /// another server has finished it meanwhile: a heartbeat must not turn its
+    /// stored result back into `processing`. This run is then cancelled, and
+    /// its end keeps the other server's result.
+    pub(super) async fn beat(&self, entry: &Entry, ticket: &Ticket) {
+        let id = entry.view.borrow().record.image_id.clone();
+        if self.finished_elsewhere(&id).await.is_some() {
+            tracing::info!(
+                image_id = id,
+                "finished by another server while running here; stopping this run"
+            );
+            ticket.cancel();
+            return;
+        }
         let mut record = entry.view.borrow().record.clone();
         record.heartbeat_at = Some(Utc::now());
         self.persist(&record).await;
