@@ -67,11 +67,11 @@ fn scheduler_step(c: &mut Criterion) {
 }
 
 /// Attention alone on SD 1.5's shapes at 512 px: the fused
-/// kernel `sdserve::diffusion::attention::attention` against the candle path it
+/// kernel `sdserve::kernels::attention::attention` against the candle path it
 /// replaced on the CPU (split heads, `chunked_attention` with the 8 MiB score
 /// budget, merge heads), same inputs.
 fn attention(c: &mut Criterion) {
-    use sdserve::diffusion::attention::{CPU_SCORE_BLOCK_BYTES, attention, chunked_attention};
+    use sdserve::kernels::attention::{CPU_SCORE_BLOCK_BYTES, attention, chunked_attention};
     let mut g = c.benchmark_group("attention");
     common::slow(&mut g);
     let fixed = |dims: (usize, usize, usize), salt: f32| {
@@ -130,7 +130,7 @@ fn attention(c: &mut Criterion) {
 /// throughput is in FLOP (2·m·n·k per multiply).
 fn matmul(c: &mut Criterion) {
     use criterion::Throughput;
-    use sdserve::diffusion::bf16::{Kernel, Options, PackedA, PackedB, gemm};
+    use sdserve::kernels::bf16::{Kernel, Options, PackedA, PackedB, gemm};
     let mut g = c.benchmark_group("matmul");
     common::slow(&mut g);
     let fixed = |n: usize, salt: f32| -> Vec<f32> {
@@ -232,7 +232,7 @@ fn matmul(c: &mut Criterion) {
         ));
         for dtype in [DType::F32, DType::BF16] {
             let vb = VarBuilder::from_tensors(tensors.clone(), dtype, &Device::Cpu);
-            let conv = sdserve::diffusion::conv::conv2d(c_in, c_out, 3, cfg, vb).unwrap();
+            let conv = sdserve::diffusion::layers::conv::conv2d(c_in, c_out, 3, cfg, vb).unwrap();
             let label = format!("layer_{}", if dtype == DType::F32 { "f32" } else { "bf16" });
             g.bench_function(BenchmarkId::new(label, name), |bch| {
                 bch.iter(|| conv.forward(black_box(&x)).unwrap())

@@ -4,6 +4,8 @@
 //! tests and benchmarks drive the same code paths:
 //! - [`diffusion`]: loading unmodified diffusers model folders and running the
 //!   text-to-image pipeline (tokenizer, CLIP text encoder, UNet, schedulers, VAE).
+//! - [`kernels`]: CPU compute (convolution, attention, GroupNorm, GEGLU, bf16
+//!   matrix multiply) as candle ops, knowing nothing of diffusion.
 //! - [`request`]: the one validated generation request every front door builds;
 //!   [`fields`]: how the front doors' JSON fields are read and constrained.
 //! - [`engine`]: the model's worker thread, its bounded queue and job tickets.
@@ -19,6 +21,7 @@ pub mod error;
 pub mod fields;
 pub mod http;
 pub mod jobs;
+pub mod kernels;
 pub mod metrics;
 pub mod request;
 pub mod storage;

@@ -292,7 +292,7 @@ fn assert_bad_flag(o: Output, flag: &str) {
 /// rounding does: mean 0.5, max 6 levels between avx2 and avx512bf16.)
 #[test]
 fn bf16_on_the_cpu_is_close_to_f32() {
-    use sdserve::diffusion::bf16::Kernel;
+    use sdserve::kernels::bf16::Kernel;
     let tmp = tempfile::tempdir().unwrap();
     let args = ["--prompt", "a red fox", "--steps", "6", "--seed", "7"];
     let with = |dtype: &str, kernel: &str| {

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::diffusion::latents::{NoiseSource, ReplayNoise, SeededNoise};
-use crate::diffusion::linear::activation_dtype;
+use crate::diffusion::layers::activation_dtype;
 use crate::diffusion::params::GenerateRequest;
 use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::diffusion::tokenizer::ClipTokenizer;
@@ -206,7 +206,7 @@ impl StableDiffusion {
             return Err(Error::model_file(dir, "no such model folder"));
         }
         if device.is_cpu() && dtype == DType::BF16 {
-            use crate::diffusion::bf16::Kernel;
+            use crate::kernels::bf16::Kernel;
             let kernel =
                 Kernel::configured().map_err(|e| Error::invalid("SDSERVE_BF16_KERNEL", e))?;
             match kernel {

@@ -12,9 +12,10 @@
 
 use std::path::Path;
 
-use crate::diffusion::conv::{Conv2d, conv2d};
-use crate::diffusion::linear::{Linear, activation_dtype, linear};
-use crate::diffusion::norm::{GroupNorm, group_norm};
+use crate::diffusion::layers::activation_dtype;
+use crate::diffusion::layers::conv::{Conv2d, conv2d};
+use crate::diffusion::layers::linear::{Linear, linear};
+use crate::diffusion::layers::norm::{GroupNorm, group_norm};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 

@@ -12,16 +12,17 @@
 //!   the exact erf GELU (`F.gelu`);
 //! - [`Attention`]: `models/attention_processor.py` `Attention` run by `AttnProcessor2_0`
 //!   (scaled dot-product attention, Vaswani et al. 2017), computed by
-//!   [`super::attention`] without ever holding the whole score matrix.
+//!   [`crate::kernels::attention`] without ever holding the whole score matrix.
 //!
 //! Every tensor is requested under diffusers' `state_dict` name and shape, and nothing
 //! else is requested. Construction does no tensor arithmetic (weights are only viewed).
 
-use crate::diffusion::activations::geglu;
-use crate::diffusion::attention::attention;
-use crate::diffusion::conv::{Conv2d, conv2d};
-use crate::diffusion::linear::{Linear, linear, linear_no_bias, packs_bf16, parameters};
-use crate::diffusion::norm::{GroupNorm, group_norm};
+use crate::diffusion::layers::attention;
+use crate::diffusion::layers::conv::{Conv2d, conv2d};
+use crate::diffusion::layers::geglu;
+use crate::diffusion::layers::linear::{Linear, linear, linear_no_bias};
+use crate::diffusion::layers::norm::{GroupNorm, group_norm};
+use crate::diffusion::layers::{packs_bf16, parameters};
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
@@ -242,7 +243,7 @@ pub struct FeedForward {
 }
 
 /// `net.0`: two halves (f32, candle's GELU), or in mixed precision one bf16 linear whose
-/// output holds both, gated by [`super::activations::geglu`].
+/// output holds both, gated by [`crate::kernels::activations::geglu`].
 #[derive(Debug)]
 enum Geglu {
     Halves { value: Linear, gate: Linear },
@@ -449,7 +450,7 @@ impl Transformer2D {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::test_util::max_diff;
+    use crate::kernels::test_util::max_diff;
     use candle_core::Device;
 
     #[test]

@@ -8,18 +8,18 @@
 //! and `attention_processor.py::AttnProcessor2_0`.
 //!
 //! Text-to-image only decodes, so the encoder is not loaded (a third of the
-//! VAE's weights). Convolutions use [`super::conv`].
+//! VAE's weights). Convolutions use [`super::layers::conv`].
 
 use std::path::Path;
 
-use crate::diffusion::linear::{Linear, linear};
+use crate::diffusion::layers::linear::{Linear, linear};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use super::attention::attention;
 use super::config::{VaeConfig, require, require_groups_divide};
-use super::conv::{Conv2d, conv2d};
-use super::norm::{GroupNorm, group_norm};
+use super::layers::attention;
+use super::layers::conv::{Conv2d, conv2d};
+use super::layers::norm::{GroupNorm, group_norm};
 
 /// diffusers builds every VAE norm with eps 1e-6.
 const EPS: f64 = 1e-6;

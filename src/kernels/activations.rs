@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
+use super::math::gelu;
 
 /// `x[.., :n] * gelu(x[.., n:])` for `x: [.., 2n]` (f32, CPU).
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
@@ -53,67 +54,10 @@ fn gate_body(o: &mut [f32], row: &[f32]) {
     }
 }
 
-/// The exact GELU, `x Φ(x) = x (1 + erf(x / √2)) / 2`.
-#[inline(always)]
-pub fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// `erf(x)`, branch-free so loops over it vectorise: Abramowitz & Stegun 7.1.26
-/// (absolute error below 1.5e-7 in exact arithmetic, 5e-7 measured in f32: far below
-/// the bf16 rounding of the matmuls around it, 2^-9 relative).
-#[inline(always)]
-pub fn erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_72) * t
-        + 0.254_829_6)
-        * t;
-    let y = 1.0 - poly * super::attention::exp(-a * a);
-    y.copysign(x)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn erf_is_within_6e7_of_f64() {
-        let mut worst = 0f64;
-        for i in -40_000..=40_000 {
-            let x = i as f32 * 1e-4;
-            let want = erf_f64(x as f64);
-            worst = worst.max((erf(x) as f64 - want).abs());
-        }
-        assert!(worst < 6e-7, "{worst}");
-        assert!(worst > 0.0);
-        assert!(erf(0.0).abs() < 2e-7);
-        assert_eq!(erf(10.0), 1.0);
-        assert_eq!(erf(-10.0), -1.0);
-    }
-
-    /// erf in f64 from its Taylor series (|x| <= 4 here, 60 terms are plenty) for
-    /// small |x| and the continued fraction of erfc beyond.
-    fn erf_f64(x: f64) -> f64 {
-        let a = x.abs();
-        let r = if a < 2.5 {
-            let (mut term, mut sum) = (a, a);
-            for n in 1..80 {
-                term *= -a * a / n as f64;
-                sum += term / (2 * n + 1) as f64;
-            }
-            sum * 2.0 / std::f64::consts::PI.sqrt()
-        } else {
-            // erfc(a) = exp(-a²)/√π · 1/(a + 1/2/(a + 1/(a + 3/2/(a + ...))))
-            let mut f = 0.0;
-            for k in (1..60).rev() {
-                f = (k as f64 / 2.0) / (a + f);
-            }
-            1.0 - (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + f)
-        };
-        r.copysign(x)
-    }
 
     #[test]
     fn geglu_matches_candle() {

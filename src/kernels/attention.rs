@@ -14,7 +14,7 @@
 //!   `v` straight into the output's head columns, and each output row is divided by its
 //!   sum. Heads are read in place through strides (no split/merge copies), and the
 //!   score matrix never exists whole. Tiles run on all cores.
-//! - In the CPU's mixed precision (`bf16`: [`super::linear`]), the same kernel takes
+//! - In the CPU's mixed precision (`bf16`: [`super::linear`], chosen in `diffusion::layers`), the same kernel takes
 //!   `q kᵀ` and `p v` as bf16 products with f32 sums ([`super::bf16::gemm`], Intel AMX
 //!   where present), as PyTorch's bf16 `scaled_dot_product_attention` does: per head,
 //!   k and v are packed once, each tile's scaled q and unnormalised probabilities are
@@ -28,6 +28,7 @@ use rayon::prelude::*;
 
 use super::bf16::{Options, PackedA, PackedB, gemm};
 use super::contiguous_f32;
+use super::math::exp;
 
 const OP: &str = "attention";
 
@@ -483,47 +484,15 @@ fn exp_shifted_in_place(row: &mut [f32], max: f32) -> f32 {
     lanes.iter().sum::<f32>() + sum
 }
 
-/// `eˣ` in f32, branch-free so loops over it vectorise: Cody-Waite reduction
-/// `x = n ln 2 + r`, `|r| ≤ ln 2 / 2`, and Cephes' `expf` polynomial for `eʳ`, about
-/// 1 ulp. Inputs are clamped to [-87.3, 88.3], where the result is a normal f32.
-#[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 = LN2_HI + LN2_LO, LN2_HI with few enough bits that n · LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 · 2²³: adding it rounds to the nearest integer, which lands in the low
-    // mantissa bits.
-    const SHIFTER: f32 = 12_582_912.0;
-    let x = if x < -87.3 { -87.3 } else { x };
-    let x = if x > 88.3 { 88.3 } else { x };
-    let t = x * LOG2E + SHIFTER;
-    let n = t - SHIFTER;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
-    let e = p * r * r + r + 1.0;
-    // 2ⁿ from n's bits: t's mantissa holds n + 2²², so t.bits - bits(1.5·2²³) = n.
-    let n_int = (t.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
-    e * f32::from_bits(((n_int + 127) << 23) as u32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::test_util::max_diff;
+    use crate::kernels::test_util::max_diff;
     use candle_core::Device;
 
-    /// Fixed pseudo-random values in [-2, 2): the CPU device can't be seeded, and
-    /// rounding differences between kernels depend on the values.
+    /// Fixed pseudo-random values in [-2, 2).
     fn fixed(dims: &[usize], salt: f32) -> Tensor {
-        let n: usize = dims.iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|i| ((i as f32 * 12.9898 + salt).sin() * 43758.547).fract() * 4.0 - 2.0)
-            .collect();
-        Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
+        crate::kernels::test_util::fixed(dims, salt, 4.0, -2.0)
     }
 
     /// Plain `softmax(scale · q kᵀ) v` in f64 on `[b, h, tokens, d]` tensors.

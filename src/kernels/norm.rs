@@ -8,97 +8,20 @@
 //! writes `silu?(x * scale + shift)`, one group per task across all cores.
 //! Other devices and dtypes use candle's implementation (+ `silu()`).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
 
 const OP: &str = "group_norm";
 
-/// A GroupNorm layer; built by [`group_norm`] like `candle_nn::group_norm`.
-#[derive(Debug, Clone)]
-pub struct GroupNorm {
-    candle: candle_nn::GroupNorm,
-    weight: Tensor,
-    bias: Tensor,
-    groups: usize,
-    eps: f64,
-}
-
-/// Loads `weight` and `bias` `[channels]` from `vb`.
-pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    let vb = super::linear::parameters(&vb);
-    let weight = vb.get(channels, "weight")?;
-    let bias = vb.get(channels, "bias")?;
-    let candle = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
-    Ok(GroupNorm {
-        candle,
-        weight,
-        bias,
-        groups,
-        eps,
-    })
-}
-
-impl GroupNorm {
-    fn fast(&self, xs: &Tensor) -> bool {
-        !super::plain_kernels()
-            && xs.device().is_cpu()
-            && xs.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && xs.rank() >= 3
-    }
-
-    fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        let op = FusedGroupNorm {
-            groups: self.groups,
-            eps: self.eps,
-            silu,
-        };
-        xs.contiguous()?
-            .apply_op3_no_bwd(&self.weight.contiguous()?, &self.bias.contiguous()?, &op)
-    }
-
-    /// `silu(group_norm(xs))`, in one pass on the CPU.
-    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.fast(xs) {
-            self.run(xs, true)
-        } else {
-            self.candle.forward(xs)?.silu()
-        }
-    }
-}
-
-impl GroupNorm {
-    /// `group_norm(xs)` for `xs` `[b, c, h, w]` as contiguous tokens `[b, h*w, c]`
-    /// (diffusers' `permute(0, 2, 3, 1).reshape(b, h*w, c)`): one copy, so the
-    /// matmuls that follow see plain row-major input (a transposed view would take
-    /// candle 0.11's CPU matmul down a path that mis-strides transposed inputs
-    /// against a batch-broadcast weight).
-    pub fn forward_tokens(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
-        self.forward(xs)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-}
-
-impl Module for GroupNorm {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.fast(xs) {
-            self.run(xs, false)
-        } else {
-            self.candle.forward(xs)
-        }
-    }
-}
-
-struct FusedGroupNorm {
-    groups: usize,
-    eps: f64,
-    silu: bool,
+/// `silu?(group_norm(x))` over `[b, c, ...]` with `weight` and `bias` `[c]`
+/// as its second and third operands.
+pub struct FusedGroupNorm {
+    pub groups: usize,
+    pub eps: f64,
+    /// Apply SiLU to the result (in the same pass).
+    pub silu: bool,
 }
 
 impl CustomOp3 for FusedGroupNorm {
@@ -199,61 +122,12 @@ fn normalize_body(g: &Group, dst: &mut [f32], src: &[f32]) {
         if g.silu {
             for (o, &v) in d.iter_mut().zip(s) {
                 let y = v * scale + shift;
-                *o = y / (1.0 + super::attention::exp(-y));
+                *o = y / (1.0 + super::math::exp(-y));
             }
         } else {
             for (o, &v) in d.iter_mut().zip(s) {
                 *o = v * scale + shift;
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::diffusion::test_util::max_diff;
-    use candle_core::Device;
-
-    fn fixed(dims: &[usize], salt: f32, scale: f32, offset: f32) -> Tensor {
-        let n: usize = dims.iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|i| ((i as f32 * 12.9898 + salt).sin() * 43758.547).fract() * scale + offset)
-            .collect();
-        Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
-    }
-
-    #[test]
-    fn matches_candle_with_and_without_silu() {
-        for (dims, groups) in [
-            (vec![2, 32, 6, 8], 32),
-            (vec![1, 64, 5, 7], 32),
-            (vec![2, 32, 48], 8),
-            (vec![1, 8, 3, 3], 1),
-        ] {
-            let c = dims[1];
-            // An offset mean and a large spread, as real activations have.
-            let x = fixed(&dims, 0.1, 6.0, 2.5);
-            let w = fixed(&[c], 0.2, 2.0, 0.0);
-            let b = fixed(&[c], 0.3, 1.0, 0.0);
-            let candle = candle_nn::GroupNorm::new(w.clone(), b.clone(), c, groups, 1e-6).unwrap();
-            let ours = GroupNorm {
-                candle: candle.clone(),
-                weight: w,
-                bias: b,
-                groups,
-                eps: 1e-6,
-            };
-            let want = candle.forward(&x).unwrap();
-            assert!(
-                max_diff(&ours.forward(&x).unwrap(), &want) < 2e-5,
-                "{dims:?}"
-            );
-            let want = want.silu().unwrap();
-            assert!(
-                max_diff(&ours.forward_silu(&x).unwrap(), &want) < 2e-5,
-                "{dims:?} silu"
-            );
         }
     }
 }
