@@ -100,7 +100,7 @@ fn sd1_generation_in_bf16_is_close_to_f32() {
             .denoise(
                 &emb,
                 &get("latents"),
-                &mut scheduler,
+                scheduler.as_mut(),
                 guidance,
                 &mut noise,
                 &mut |_| true,

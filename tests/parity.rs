@@ -228,7 +228,7 @@ fn check_cases(model: &str, refname: &str) {
             .denoise(
                 &emb,
                 &get("latents"),
-                &mut scheduler,
+                scheduler.as_mut(),
                 guidance,
                 noise,
                 &mut |p| {

@@ -417,7 +417,7 @@ impl StableDiffusion {
         kind: SchedulerKind,
         overrides: &serde_json::Map<String, serde_json::Value>,
         steps: usize,
-    ) -> Result<Scheduler> {
+    ) -> Result<Box<dyn Scheduler>> {
         self.scheduler_config.build(kind, overrides, steps)
     }
 
@@ -429,7 +429,7 @@ impl StableDiffusion {
         &self,
         embeddings: &Tensor,
         latents: &Tensor,
-        scheduler: &mut Scheduler,
+        scheduler: &mut dyn Scheduler,
         guidance: f64,
         noise: &mut dyn NoiseSource,
         progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
@@ -571,7 +571,7 @@ impl StableDiffusion {
         let latents = self.denoise(
             &embeddings,
             &latents,
-            &mut scheduler,
+            scheduler.as_mut(),
             first.guidance,
             noise,
             progress,

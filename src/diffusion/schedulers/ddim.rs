@@ -15,10 +15,12 @@
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
+use super::Scheduler;
 use super::common::{
     self, BetaConfig, ClassConfig, PredictionType, TimestepSpacing, np_arange, np_linspace,
     np_round, scale,
 };
+use crate::diffusion::latents::NoiseSource;
 use crate::error::Result;
 
 const CLASS: &str = "DDIMScheduler";
@@ -144,17 +146,24 @@ impl Ddim {
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
     }
+}
 
-    pub fn timesteps(&self) -> &[f64] {
+impl Scheduler for Ddim {
+    fn class_name(&self) -> &'static str {
+        CLASS
+    }
+
+    fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
 
     /// DDIM's update from `timesteps()[step_index]` to `t - num_train // steps` (η = 0).
-    pub fn step(
+    fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
         common::check_step_index(CLASS, step_index, self.int_timesteps.len())?;
         let (model_output, sample) = common::promote(model_output, sample)?;

@@ -32,10 +32,12 @@
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
+use super::Scheduler;
 use super::common::{
     self, BetaConfig, ClassConfig, FinalSigmas, PredictionType, TimestepSpacing, interp,
     karras_sigmas, np_arange, np_linspace, np_round, scale, sigma_to_t, upcast,
 };
+use crate::diffusion::latents::NoiseSource;
 use crate::error::Result;
 
 const CLASS: &str = "DPMSolverMultistepScheduler";
@@ -295,15 +297,6 @@ impl DpmSolverMultistep {
         &self.config
     }
 
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    /// `scheduler.sigmas`: one per timestep plus the final sigma.
-    pub fn sigmas(&self) -> &[f64] {
-        &self.sigmas_f64
-    }
-
     /// `convert_model_output` for dpmsolver++: the data prediction x₀, in the
     /// model output's dtype.
     fn convert_model_output(
@@ -325,42 +318,6 @@ impl DpmSolverMultistep {
                 (scale(&sample, alpha_t)? - scale(&model_output, sigma_t)?)?
             }
         })
-    }
-
-    /// The model output at `timesteps()[step_index]` → the sample at the next sigma.
-    pub fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        let n = self.timesteps.len();
-        common::check_step_index(CLASS, step_index, n)?;
-        let cfg = &self.config;
-        let lower_order_final = step_index == n - 1
-            && (cfg.euler_at_final
-                || (cfg.lower_order_final && n < 15)
-                || cfg.final_sigmas == FinalSigmas::Zero);
-        let lower_order_second = step_index + 2 == n && cfg.lower_order_final && n < 15;
-
-        let x0 = self.convert_model_output(model_output, sample, step_index)?;
-        self.model_outputs.rotate_left(1);
-        let last = self.model_outputs.len() - 1;
-        self.model_outputs[last] = Some(x0.clone());
-
-        let sample = upcast(sample)?;
-        let order = self.config.solver_order;
-        let prev_sample = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
-            self.first_order_update(&x0, step_index, &sample)?
-        } else if order == 2 || self.lower_order_nums < 2 || lower_order_second {
-            self.second_order_update(step_index, &sample)?
-        } else {
-            self.third_order_update(step_index, &sample)?
-        };
-        if self.lower_order_nums < order {
-            self.lower_order_nums += 1;
-        }
-        Ok(prev_sample.to_dtype(model_output.dtype())?)
     }
 
     /// The `k`-th most recent data prediction (0 = this step's).
@@ -450,5 +407,57 @@ impl DpmSolverMultistep {
         let x = (scale(sample, sigma_t / sigma_s0)? - upcast(&scale(m0, c_d0)?)?)?;
         let x = (x + upcast(&scale(&d1, c_d1)?)?)?;
         Ok((x - upcast(&scale(&d2, c_d2)?)?)?)
+    }
+}
+
+impl Scheduler for DpmSolverMultistep {
+    fn class_name(&self) -> &'static str {
+        CLASS
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    /// `scheduler.sigmas`: one per timestep plus the final sigma.
+    fn sigmas(&self) -> Option<&[f64]> {
+        Some(&self.sigmas_f64)
+    }
+
+    /// The model output at `timesteps()[step_index]` → the sample at the next sigma.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let n = self.timesteps.len();
+        common::check_step_index(CLASS, step_index, n)?;
+        let cfg = &self.config;
+        let lower_order_final = step_index == n - 1
+            && (cfg.euler_at_final
+                || (cfg.lower_order_final && n < 15)
+                || cfg.final_sigmas == FinalSigmas::Zero);
+        let lower_order_second = step_index + 2 == n && cfg.lower_order_final && n < 15;
+
+        let x0 = self.convert_model_output(model_output, sample, step_index)?;
+        self.model_outputs.rotate_left(1);
+        let last = self.model_outputs.len() - 1;
+        self.model_outputs[last] = Some(x0.clone());
+
+        let sample = upcast(sample)?;
+        let order = self.config.solver_order;
+        let prev_sample = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
+            self.first_order_update(&x0, step_index, &sample)?
+        } else if order == 2 || self.lower_order_nums < 2 || lower_order_second {
+            self.second_order_update(step_index, &sample)?
+        } else {
+            self.third_order_update(step_index, &sample)?
+        };
+        if self.lower_order_nums < order {
+            self.lower_order_nums += 1;
+        }
+        Ok(prev_sample.to_dtype(model_output.dtype())?)
     }
 }

@@ -18,10 +18,12 @@
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
+use super::Scheduler;
 use super::common::{
     self, BetaConfig, ClassConfig, FinalSigmas, PredictionType, TimestepSpacing, interp,
     karras_sigmas, np_arange, np_linspace, np_round, scale, sigma_to_t, upcast,
 };
+use crate::diffusion::latents::NoiseSource;
 use crate::error::Result;
 
 const CLASS: &str = "EulerDiscreteScheduler";
@@ -229,31 +231,38 @@ impl Euler {
     pub fn config(&self) -> &EulerConfig {
         &self.config
     }
+}
 
-    pub fn timesteps(&self) -> &[f64] {
+impl Scheduler for Euler {
+    fn class_name(&self) -> &'static str {
+        CLASS
+    }
+
+    fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
 
     /// `scheduler.sigmas`: one per timestep plus the final sigma.
-    pub fn sigmas(&self) -> &[f64] {
-        &self.sigmas_f64
+    fn sigmas(&self) -> Option<&[f64]> {
+        Some(&self.sigmas_f64)
     }
 
-    pub fn init_noise_sigma(&self) -> f64 {
+    fn init_noise_sigma(&self) -> f64 {
         self.init_noise_sigma as f64
     }
 
-    pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         common::check_step_index(CLASS, step_index, self.timesteps.len())?;
         scale_input(sample, self.sigmas[step_index])
     }
 
     /// One Euler step from σ_i to σ_{i+1}.
-    pub fn step(
+    fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
         common::check_step_index(CLASS, step_index, self.timesteps.len())?;
         let sample = upcast(sample)?;

@@ -18,6 +18,7 @@
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
+use super::Scheduler;
 use super::common::{
     self, BetaConfig, ClassConfig, PredictionType, TimestepSpacing, interp, scale, upcast,
 };
@@ -96,27 +97,33 @@ impl EulerAncestral {
     pub fn config(&self) -> &EulerAncestralConfig {
         &self.config
     }
+}
 
-    pub fn timesteps(&self) -> &[f64] {
+impl Scheduler for EulerAncestral {
+    fn class_name(&self) -> &'static str {
+        CLASS
+    }
+
+    fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
 
     /// `scheduler.sigmas`: one per timestep plus the final 0.
-    pub fn sigmas(&self) -> &[f64] {
-        &self.sigmas_f64
+    fn sigmas(&self) -> Option<&[f64]> {
+        Some(&self.sigmas_f64)
     }
 
-    pub fn init_noise_sigma(&self) -> f64 {
+    fn init_noise_sigma(&self) -> f64 {
         self.init_noise_sigma as f64
     }
 
-    pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         common::check_step_index(CLASS, step_index, self.timesteps.len())?;
         scale_input(sample, self.sigmas[step_index])
     }
 
     /// One ancestral Euler step from σ_i to σ_{i+1}, drawing fresh noise from `noise`.
-    pub fn step(
+    fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,

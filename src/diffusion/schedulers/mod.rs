@@ -2,7 +2,7 @@
 //! builds them: the model's `scheduler/scheduler_config.json`, keys it lacks taking
 //! the chosen class's own `__init__` defaults, plus per-request overrides.
 //!
-//! One file per diffusers scheduler class; [`Scheduler`] dispatches over them.
+//! One file per diffusers scheduler class, each implementing [`Scheduler`].
 //! Tables and coefficients follow torch's float32 arithmetic on the host and are
 //! applied to device tensors as scalars.
 
@@ -304,7 +304,7 @@ impl SchedulerConfig {
         kind: SchedulerKind,
         overrides: &Map<String, Value>,
         num_inference_steps: usize,
-    ) -> Result<Scheduler> {
+    ) -> Result<Box<dyn Scheduler>> {
         if num_inference_steps == 0 {
             return Err(Error::invalid("steps", "must be at least 1"));
         }
@@ -318,77 +318,54 @@ impl SchedulerConfig {
         }
         let n = num_inference_steps;
         Ok(match kind {
-            SchedulerKind::Ddim => Scheduler::Ddim(ddim::Ddim::new(&values, n)?),
-            SchedulerKind::Euler => Scheduler::Euler(euler::Euler::new(&values, n)?),
+            SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&values, n)?),
+            SchedulerKind::Euler => Box::new(euler::Euler::new(&values, n)?),
             SchedulerKind::EulerAncestral => {
-                Scheduler::EulerAncestral(euler_ancestral::EulerAncestral::new(&values, n)?)
+                Box::new(euler_ancestral::EulerAncestral::new(&values, n)?)
             }
             SchedulerKind::DpmPp2M | SchedulerKind::DpmPp2MKarras => {
-                Scheduler::DpmSolver(dpm_solver::DpmSolverMultistep::new(&values, n)?)
+                Box::new(dpm_solver::DpmSolverMultistep::new(&values, n)?)
             }
-            SchedulerKind::Pndm => Scheduler::Pndm(pndm::Pndm::new(&values, n)?),
+            SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&values, n)?),
             SchedulerKind::Default => unreachable!("resolved above"),
         })
     }
 }
 
-/// One job's scheduler, set up for a fixed number of inference steps.
-#[derive(Debug)]
-pub enum Scheduler {
-    Ddim(ddim::Ddim),
-    Euler(euler::Euler),
-    EulerAncestral(euler_ancestral::EulerAncestral),
-    DpmSolver(dpm_solver::DpmSolverMultistep),
-    Pndm(pndm::Pndm),
-}
+/// One job's scheduler, set up for a fixed number of inference steps: what
+/// the denoising loop asks of every diffusers scheduler class here.
+pub trait Scheduler: std::fmt::Debug + Send {
+    /// The diffusers class this implements, e.g. `"PNDMScheduler"`.
+    fn class_name(&self) -> &'static str;
 
-impl Scheduler {
     /// The timesteps the UNet is called with, in loop order (diffusers'
     /// `scheduler.timesteps`). Its length is the number of UNet calls, which can
     /// differ from the requested steps (PNDM adds one).
-    pub fn timesteps(&self) -> &[f64] {
-        match self {
-            Scheduler::Ddim(s) => s.timesteps(),
-            Scheduler::Euler(s) => s.timesteps(),
-            Scheduler::EulerAncestral(s) => s.timesteps(),
-            Scheduler::DpmSolver(s) => s.timesteps(),
-            Scheduler::Pndm(s) => s.timesteps(),
-        }
+    fn timesteps(&self) -> &[f64];
+
+    /// The noise levels of a sigma-parameterised scheduler (diffusers'
+    /// `scheduler.sigmas`, one more than the timesteps); `None` for the others.
+    fn sigmas(&self) -> Option<&[f64]> {
+        None
     }
 
     /// The factor the pipeline multiplies the initial unit-variance noise by.
-    pub fn init_noise_sigma(&self) -> f64 {
-        match self {
-            Scheduler::Ddim(_) | Scheduler::DpmSolver(_) | Scheduler::Pndm(_) => 1.0,
-            Scheduler::Euler(s) => s.init_noise_sigma(),
-            Scheduler::EulerAncestral(s) => s.init_noise_sigma(),
-        }
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
     }
 
     /// Scales the UNet input for step `step_index` (diffusers' `scale_model_input`).
-    pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        Ok(match self {
-            Scheduler::Euler(s) => s.scale_model_input(sample, step_index)?,
-            Scheduler::EulerAncestral(s) => s.scale_model_input(sample, step_index)?,
-            Scheduler::Ddim(_) | Scheduler::DpmSolver(_) | Scheduler::Pndm(_) => sample.clone(),
-        })
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
     }
 
     /// Advances `sample` by one step given the (guided) model output at
     /// `timesteps()[step_index]`. Ancestral schedulers draw fresh noise from `noise`.
-    pub fn step(
+    fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
-        Ok(match self {
-            Scheduler::Ddim(s) => s.step(model_output, step_index, sample)?,
-            Scheduler::Euler(s) => s.step(model_output, step_index, sample)?,
-            Scheduler::EulerAncestral(s) => s.step(model_output, step_index, sample, noise)?,
-            Scheduler::DpmSolver(s) => s.step(model_output, step_index, sample)?,
-            Scheduler::Pndm(s) => s.step(model_output, step_index, sample)?,
-        })
-    }
+    ) -> Result<Tensor>;
 }

@@ -24,10 +24,12 @@
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
+use super::Scheduler;
 use super::common::{
     self, BetaConfig, ClassConfig, PredictionType, TimestepSpacing, np_arange, np_linspace,
     np_round, scale,
 };
+use crate::diffusion::latents::NoiseSource;
 use crate::error::{Error, Result};
 
 const CLASS: &str = "PNDMScheduler";
@@ -180,27 +182,6 @@ impl Pndm {
         &self.config
     }
 
-    /// The UNet timesteps: Runge–Kutta ones first (if any), then PLMS.
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    pub fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.int_timesteps.len())?;
-        let (model_output, sample) = common::promote(model_output, sample)?;
-        let t = self.int_timesteps[step_index];
-        if self.counter < self.prk_timesteps.len() && !self.config.skip_prk_steps {
-            self.step_prk(model_output, t, sample)
-        } else {
-            self.step_plms(model_output, t, sample)
-        }
-    }
-
     fn ratio(&self) -> i64 {
         (self.config.betas.num_train_timesteps / self.num_inference_steps) as i64
     }
@@ -327,5 +308,33 @@ impl Pndm {
         let eps_term = scale(&model_output, alpha_prod_t_prev - alpha_prod_t)?
             .affine(1.0 / denom as f64, 0.0)?;
         Ok((scale(sample, sample_coeff)? - eps_term)?)
+    }
+}
+
+impl Scheduler for Pndm {
+    fn class_name(&self) -> &'static str {
+        CLASS
+    }
+
+    /// The UNet timesteps: Runge–Kutta ones first (if any), then PLMS.
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        common::check_step_index(CLASS, step_index, self.int_timesteps.len())?;
+        let (model_output, sample) = common::promote(model_output, sample)?;
+        let t = self.int_timesteps[step_index];
+        if self.counter < self.prk_timesteps.len() && !self.config.skip_prk_steps {
+            self.step_prk(model_output, t, sample)
+        } else {
+            self.step_plms(model_output, t, sample)
+        }
     }
 }
