@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use reqwest::blocking::Client;
-use sdserve::diffusion::image::{encode_png, to_rgb8};
+use sdserve::output::{encode_png, to_rgb8};
 use serde_json::{Value, json};
 
 /// Starts the server on a free loopback port; returns its base URL once `/ping` is 200.

@@ -8,9 +8,9 @@ use std::hint::black_box;
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use sdserve::diffusion::image::{ImageMetadata, encode_png, to_rgb8};
 use sdserve::diffusion::latents::SeededNoise;
 use sdserve::diffusion::schedulers::SchedulerKind;
+use sdserve::output::{ImageMetadata, encode_png, to_rgb8};
 
 use common::stages::{self, Plan};
 

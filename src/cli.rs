@@ -6,9 +6,9 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 use crate::diffusion::hub::ModelSource;
-use crate::diffusion::image::{ImageMetadata, encode_png, read_png_metadata, to_rgb8};
 use crate::diffusion::pipeline::{LoadOptions, StableDiffusion, device_from_name, load_model};
 use crate::error::{Error, Result};
+use crate::output::{ImageMetadata, encode_png, read_png_metadata, to_rgb8};
 use crate::request::{GenerateParams, GivenLatents, Limits};
 
 #[derive(Debug, Parser)]
@@ -288,12 +288,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
 
     let model = args.model.load()?;
     let req = params.validate(model.info(), &limits, latents)?;
-    let scheduler = match req.scheduler {
-        crate::diffusion::schedulers::SchedulerKind::Default => {
-            model.scheduler_config().default_kind()?
-        }
-        k => k,
-    };
+    let scheduler = model.scheduler_config().resolve(req.scheduler)?;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "{msg} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}",
@@ -312,19 +307,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
     let n = images.len();
     let mut written = Vec::with_capacity(n);
     for (i, (img, seed)) in images.iter().zip(&out.seeds).enumerate() {
-        let meta = ImageMetadata {
-            prompt: req.prompt.clone(),
-            negative_prompt: req.negative_prompt.clone(),
-            steps: req.steps,
-            guidance: req.guidance,
-            scheduler: scheduler.name().to_string(),
-            scheduler_options: req.scheduler_options.clone(),
-            seed: *seed,
-            width: req.width,
-            height: req.height,
-            model: model.info().source.clone(),
-            generator: concat!("sdserve ", env!("CARGO_PKG_VERSION")).to_string(),
-        };
+        let meta = ImageMetadata::new(&req, scheduler, *seed, &model.info().source);
         let path = output_path(&args.output, i, n);
         let png = encode_png(img, Some(&meta))?;
         std::fs::write(&path, png).map_err(|e| Error::io(&path, e))?;

@@ -6,6 +6,7 @@
 //!   text-to-image pipeline (tokenizer, CLIP text encoder, UNet, schedulers, VAE).
 //! - [`kernels`]: CPU compute (convolution, attention, GroupNorm, GEGLU, bf16
 //!   matrix multiply) as candle ops, knowing nothing of diffusion.
+//! - [`output`]: images as PNG (with the parameters that made them), JPEG, WebP.
 //! - [`request`]: the one validated generation request every front door builds;
 //!   [`fields`]: how the front doors' JSON fields are read and constrained.
 //! - [`engine`]: the model's worker thread, its bounded queue and job tickets.
@@ -23,6 +24,7 @@ pub mod http;
 pub mod jobs;
 pub mod kernels;
 pub mod metrics;
+pub mod output;
 pub mod request;
 pub mod storage;
 pub mod styles;

@@ -199,7 +199,7 @@ fn same_seed_same_bytes_and_metadata_round_trip() {
     );
 
     // The PNG carries its parameters; --from-image regenerates the same pixels.
-    let meta = sdserve::diffusion::image::read_png_metadata(&tmp.path().join("a.png")).unwrap();
+    let meta = sdserve::output::read_png_metadata(&tmp.path().join("a.png")).unwrap();
     assert_eq!(meta.seed, 1234);
     assert_eq!(meta.scheduler, "euler_a");
     assert_eq!(meta.prompt, "a red cube");

@@ -6,7 +6,6 @@
 pub mod clip;
 pub mod config;
 pub mod hub;
-pub mod image;
 pub mod latents;
 pub mod layers;
 pub mod params;

@@ -70,6 +70,8 @@ pub struct JobOutput {
     pub seeds: Vec<u64>,
     /// The scheduler actually run (the model default resolved).
     pub scheduler: String,
+    /// Each image's metadata (what made it), in `seeds` order.
+    pub metadata: Vec<crate::output::ImageMetadata>,
     pub timings: Timings,
     /// Seconds the job waited in the queue.
     pub queue_seconds: f64,

@@ -14,6 +14,7 @@ use crate::diffusion::pipeline::{Generated, StableDiffusion};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::output::ImageMetadata;
 use crate::request::{GenerateParams, Limits};
 
 pub(crate) struct Worker {
@@ -201,22 +202,29 @@ impl Worker {
                 self.metrics
                     .generation_seconds
                     .observe(started.elapsed().as_secs_f64());
-                let scheduler = match jobs[0].request.scheduler {
-                    SchedulerKind::Default => model
-                        .scheduler_config()
-                        .default_kind()
-                        .map(|k| k.name().to_string())
-                        .unwrap_or_else(|_| "default".into()),
-                    k => k.name().to_string(),
-                };
+                // It ran, so the model's default resolved when it was built.
+                let scheduler = model
+                    .scheduler_config()
+                    .resolve(jobs[0].request.scheduler)
+                    .unwrap_or(SchedulerKind::Default);
+                let model_name = &model.info().name;
                 outs.into_iter()
                     .zip(&queue_seconds)
-                    .map(|(out, &queue_seconds)| {
+                    .zip(&jobs)
+                    .map(|((out, &queue_seconds), job)| {
                         self.metrics.images.inc_by(out.seeds.len() as u64);
+                        let metadata = out
+                            .seeds
+                            .iter()
+                            .map(|&seed| {
+                                ImageMetadata::new(&job.request, scheduler, seed, model_name)
+                            })
+                            .collect();
                         let output = JobOutput {
                             images: out.images,
                             seeds: out.seeds,
-                            scheduler: scheduler.clone(),
+                            metadata,
+                            scheduler: scheduler.name().to_string(),
                             timings: out.timings,
                             queue_seconds,
                         };

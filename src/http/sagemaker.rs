@@ -22,8 +22,8 @@ use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, AppState, Bodies, body_object, ready_model};
-use crate::diffusion::image::{ImageMetadata, encode_png, to_rgb8};
 use crate::engine::JobStatus;
+use crate::output::{ImageMetadata, encode_png, to_rgb8};
 use crate::request::GenerateParams;
 
 /// SageMaker real-time inference refuses responses over 6 MB.
@@ -315,19 +315,7 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
     };
 
     let images = to_rgb8(&out.images).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let meta = |seed: u64| ImageMetadata {
-        prompt: request.prompt.clone(),
-        negative_prompt: request.negative_prompt.clone(),
-        steps: request.steps,
-        guidance: request.guidance,
-        scheduler: out.scheduler.clone(),
-        scheduler_options: request.scheduler_options.clone(),
-        seed,
-        width: request.width,
-        height: request.height,
-        model: info.name.clone(),
-        generator: concat!("sdserve ", env!("CARGO_PKG_VERSION")).to_string(),
-    };
+
     let too_large = |n: usize| {
         ApiError::TooLarge(format!(
             "the response would be {n} bytes, over SageMaker's {MAX_RESPONSE_BYTES}-byte real-time limit; \
@@ -336,7 +324,7 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
     };
     match reply {
         Reply::Image(format) => {
-            let bytes = encode(&images[0], format, &meta(out.seeds[0]))?;
+            let bytes = encode(&images[0], format, &out.metadata[0])?;
             if bytes.len() > MAX_RESPONSE_BYTES {
                 return Err(too_large(bytes.len()));
             }
@@ -349,8 +337,8 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
         }
         Reply::Json(format) => {
             let mut encoded = Vec::with_capacity(images.len());
-            for (img, seed) in images.iter().zip(&out.seeds) {
-                let bytes = encode(img, format, &meta(*seed))?;
+            for (img, meta) in images.iter().zip(&out.metadata) {
+                let bytes = encode(img, format, meta)?;
                 encoded.push(base64::engine::general_purpose::STANDARD.encode(bytes));
             }
             let body = json!({

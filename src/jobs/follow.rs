@@ -200,7 +200,7 @@ impl Jobs {
     ) -> Option<JobRecord> {
         match status {
             JobStatus::Done(out) => {
-                let pngs = match self.encode_images(&record, &out).await {
+                let pngs = match self.encode_images(&out).await {
                     Ok(pngs) => pngs,
                     Err(e) => {
                         tracing::error!(
@@ -260,47 +260,19 @@ impl Jobs {
         }
     }
 
-    /// The job's images as PNGs carrying their parameters.
+    /// The job's images as PNGs carrying their parameters (the metadata the
+    /// engine made with them).
     pub(super) async fn encode_images(
         &self,
-        record: &JobRecord,
         out: &crate::engine::JobOutput,
     ) -> Result<Vec<Vec<u8>>> {
-        let request = record.request.clone();
-        let (prompt, negative_prompt) = {
-            let p = request.to_params()?;
-            (
-                p.prompt.unwrap_or_default(),
-                p.negative_prompt.unwrap_or_default(),
-            )
-        };
-        let model = match self.inner.engine.state() {
-            EngineState::Ready(info) => info.name.clone(),
-            _ => String::new(),
-        };
         let images = out.images.clone();
-        let seeds = out.seeds.clone();
-        let scheduler = out.scheduler.clone();
+        let metadata = out.metadata.clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>> {
             let rgb = to_rgb8(&images)?;
             rgb.iter()
-                .zip(&seeds)
-                .map(|(img, &seed)| {
-                    let meta = ImageMetadata {
-                        prompt: prompt.clone(),
-                        negative_prompt: negative_prompt.clone(),
-                        steps: request.steps.unwrap_or_default(),
-                        guidance: request.guidance.unwrap_or_default(),
-                        scheduler: scheduler.clone(),
-                        scheduler_options: request.scheduler_options.clone().unwrap_or_default(),
-                        seed,
-                        width: img.width() as usize,
-                        height: img.height() as usize,
-                        model: model.clone(),
-                        generator: concat!("sdserve ", env!("CARGO_PKG_VERSION")).to_string(),
-                    };
-                    encode_png(img, Some(&meta))
-                })
+                .zip(&metadata)
+                .map(|(img, meta)| encode_png(img, Some(meta)))
                 .collect()
         })
         .await

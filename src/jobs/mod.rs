@@ -19,9 +19,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::diffusion::image::{ImageMetadata, encode_png, to_rgb8};
 use crate::engine::{Engine, EngineState, JobStatus, SubmitError, Ticket};
 use crate::error::{Error, Result};
+use crate::output::{encode_png, to_rgb8};
 use crate::request::{GenerateRequest, Limits};
 use crate::storage::Storage;
 pub use error::JobError;

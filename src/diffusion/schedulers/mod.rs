@@ -287,6 +287,14 @@ impl SchedulerConfig {
         })
     }
 
+    /// The kind that runs for `kind`: itself, or for `Default` the model's own.
+    pub fn resolve(&self, kind: SchedulerKind) -> Result<SchedulerKind> {
+        match kind {
+            SchedulerKind::Default => self.default_kind(),
+            k => Ok(k),
+        }
+    }
+
     /// Merges the model's keys with `overrides` (overrides win), the dict that
     /// diffusers' `from_config(config, **overrides)` hands to `__init__`.
     pub fn merged(&self, overrides: &Map<String, Value>) -> Map<String, Value> {
@@ -308,10 +316,7 @@ impl SchedulerConfig {
         if num_inference_steps == 0 {
             return Err(Error::invalid("steps", "must be at least 1"));
         }
-        let kind = match kind {
-            SchedulerKind::Default => self.default_kind()?,
-            k => k,
-        };
+        let kind = self.resolve(kind)?;
         let mut values = self.merged(overrides);
         if kind == SchedulerKind::DpmPp2MKarras {
             values.insert("use_karras_sigmas".into(), Value::Bool(true));

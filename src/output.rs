@@ -13,8 +13,12 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
+use crate::diffusion::params::GenerateRequest;
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
+
+/// What made the images, as their metadata names it.
+pub const GENERATOR: &str = concat!("sdserve ", env!("CARGO_PKG_VERSION"));
 
 /// The PNG chunk keyword holding sdserve's JSON metadata.
 pub const JSON_KEYWORD: &str = "sdserve";
@@ -41,6 +45,29 @@ pub struct ImageMetadata {
 }
 
 impl ImageMetadata {
+    /// The metadata of the image made with `seed` by `request`, run with
+    /// `scheduler` (the model's default resolved) on the model called `model`.
+    pub fn new(
+        request: &GenerateRequest,
+        scheduler: SchedulerKind,
+        seed: u64,
+        model: &str,
+    ) -> Self {
+        Self {
+            prompt: request.prompt.clone(),
+            negative_prompt: request.negative_prompt.clone(),
+            steps: request.steps,
+            guidance: request.guidance,
+            scheduler: scheduler.name().to_string(),
+            scheduler_options: request.scheduler_options.clone(),
+            seed,
+            width: request.width,
+            height: request.height,
+            model: model.to_string(),
+            generator: GENERATOR.to_string(),
+        }
+    }
+
     /// The AUTOMATIC1111 "parameters" text.
     pub fn a1111_parameters(&self) -> String {
         let sampler = match SchedulerKind::parse(&self.scheduler) {
