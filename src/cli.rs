@@ -465,12 +465,12 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| Error::io("tokio runtime", e))?;
+        .map_err(|e| Error::Startup(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async move {
         let addr = format!("{}:{port}", args.host);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .map_err(|e| Error::invalid("port", format!("cannot listen on {addr}: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+            Error::Startup(format!("cannot listen on {addr} (--host, --port): {e}"))
+        })?;
         tracing::info!("images and job records in {storage:?}");
         tracing::info!(
             "listening on http://{}",

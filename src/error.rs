@@ -38,6 +38,15 @@ pub enum Error {
     #[error("storage {location}: {message}")]
     Storage { location: String, message: String },
 
+    /// The server could not start: its address can't be bound, or its async
+    /// runtime can't be made (not a usage error: the flags were valid).
+    #[error("{0}")]
+    Startup(String),
+
+    /// A broken invariant between sdserve's own parts (a bug, not bad input).
+    #[error("internal error: {0}")]
+    Internal(String),
+
     /// A generation was cancelled before it finished.
     #[error("cancelled")]
     Cancelled,

@@ -558,3 +558,31 @@ fn estimates_and_retry_after_come_from_measured_step_times() {
         ));
     });
 }
+
+#[test]
+fn a_taken_port_is_a_startup_error_not_a_usage_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let o = Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        .args([
+            "serve",
+            "--model",
+            &tiny(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+        ])
+        .env("SDSERVE_SAGEMAKER_MODEL_DIR", "/nonexistent")
+        .env_remove("SAGEMAKER_BIND_TO_PORT")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    // Exit 1 (it failed), not 2 (the flags were fine).
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot listen on 127.0.0.1:") && err.contains("--port"),
+        "{err}"
+    );
+    drop(taken);
+}

@@ -507,9 +507,9 @@ impl StableDiffusion {
             return Ok(Vec::new());
         };
         if reqs.len() > 1 && reqs.iter().any(|r| !first.batches_with(r)) {
-            return Err(Error::invalid(
-                "batch",
-                "requests in one batch need the same size, steps, scheduler, guidance and no given latents",
+            return Err(Error::Internal(
+                "requests in one batch need the same size, steps, scheduler, guidance and no given latents"
+                    .into(),
             ));
         }
         let mut timings = Timings::default();
