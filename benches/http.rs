@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 fn serve() -> String {
     let dir = common::tiny_model_dir();
     let base = in_process::serve_in_process(move || {
-        sdserve::diffusion::pipeline::StableDiffusion::load(&dir, &Default::default())
+        sdserve::diffusion::pipelines::StableDiffusion::load(&dir, &Default::default())
     });
     let client = Client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::diffusion::params::{GenerateRequest, GivenLatents};
-use crate::diffusion::pipeline::ModelInfo;
+use crate::diffusion::pipelines::ModelInfo;
 use crate::diffusion::schedulers::{SchedulerKind, check_overrides};
 use crate::error::{Error, Result};
 

@@ -15,7 +15,7 @@ use sdserve::request::{GenerateParams, GenerateRequest};
 fn engine(max_batch_images: usize) -> Engine {
     Engine::start(
         || {
-            sdserve::diffusion::pipeline::StableDiffusion::load(
+            sdserve::diffusion::pipelines::StableDiffusion::load(
                 &common::model_dir("tiny-sd1"),
                 &Default::default(),
             )
@@ -28,7 +28,7 @@ fn engine(max_batch_images: usize) -> Engine {
     )
 }
 
-async fn ready(e: &Engine) -> Arc<sdserve::diffusion::pipeline::ModelInfo> {
+async fn ready(e: &Engine) -> Arc<sdserve::diffusion::pipelines::ModelInfo> {
     match e.ready().await {
         EngineState::Ready(info) => info,
         other => panic!("{other:?}"),
@@ -36,7 +36,7 @@ async fn ready(e: &Engine) -> Arc<sdserve::diffusion::pipeline::ModelInfo> {
 }
 
 fn request(
-    info: &sdserve::diffusion::pipeline::ModelInfo,
+    info: &sdserve::diffusion::pipelines::ModelInfo,
     prompt: &str,
     seed: u64,
     num_images: usize,

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{copy_model, model_dir};
-use sdserve::diffusion::pipeline::{LoadOptions, StableDiffusion};
+use sdserve::diffusion::pipelines::{LoadOptions, StableDiffusion};
 
 fn load_err(dir: &Path) -> String {
     match StableDiffusion::load(dir, &LoadOptions::default()) {

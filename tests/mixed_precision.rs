@@ -12,7 +12,7 @@ mod common;
 
 use candle_core::DType;
 use common::{Reference, max_abs, max_abs_diff};
-use sdserve::diffusion::pipeline::{LoadOptions, StableDiffusion};
+use sdserve::diffusion::pipelines::{LoadOptions, StableDiffusion};
 use sdserve::diffusion::schedulers::SchedulerKind;
 
 fn load_bf16(name: &str) -> StableDiffusion {

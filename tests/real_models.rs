@@ -16,7 +16,7 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use sdserve::diffusion::clip::ClipTextModel;
 use sdserve::diffusion::config::{ClipTextConfig, UNetConfig, VaeConfig, read_json};
-use sdserve::diffusion::pipeline::{build_unet, build_vae};
+use sdserve::diffusion::pipelines::{build_unet, build_vae};
 use sdserve::diffusion::schedulers::{SchedulerConfig, SchedulerKind};
 use sdserve::diffusion::tokenizer::ClipTokenizer;
 

@@ -422,7 +422,7 @@ fn ping_is_503_until_the_model_is_loaded_and_names_a_load_failure() {
     let (go, wait) = std::sync::mpsc::channel::<()>();
     let base = serve_in_process(move || {
         wait.recv().unwrap();
-        sdserve::diffusion::pipeline::StableDiffusion::load(
+        sdserve::diffusion::pipelines::StableDiffusion::load(
             &common::model_dir("tiny-sd1"),
             &Default::default(),
         )
@@ -455,7 +455,7 @@ fn ping_is_503_until_the_model_is_loaded_and_names_a_load_failure() {
     }
 
     let broken = serve_in_process(|| {
-        sdserve::diffusion::pipeline::StableDiffusion::load(
+        sdserve::diffusion::pipelines::StableDiffusion::load(
             Path::new("/nonexistent/model"),
             &Default::default(),
         )
@@ -483,7 +483,7 @@ fn ping_is_503_until_the_model_is_loaded_and_names_a_load_failure() {
 #[test]
 fn estimates_and_retry_after_come_from_measured_step_times() {
     let load = || {
-        sdserve::diffusion::pipeline::StableDiffusion::load(
+        sdserve::diffusion::pipelines::StableDiffusion::load(
             &common::model_dir("tiny-sd1"),
             &Default::default(),
         )

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkGroup, SamplingMode, measurement::WallTime};
-use sdserve::diffusion::pipeline::{LoadOptions, StableDiffusion};
+use sdserve::diffusion::pipelines::{LoadOptions, StableDiffusion};
 use sdserve::request::{GenerateParams, GenerateRequest, Limits};
 
 pub mod stages;

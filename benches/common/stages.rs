@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion};
-use sdserve::diffusion::pipeline::StableDiffusion;
+use sdserve::diffusion::pipelines::StableDiffusion;
 
 use super::{NEGATIVE, PROMPT, latents, quick, request, slow};
 

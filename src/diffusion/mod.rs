@@ -9,7 +9,7 @@ pub mod hub;
 pub mod latents;
 pub mod layers;
 pub mod params;
-pub mod pipeline;
+pub mod pipelines;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod unet;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::diffusion::pipeline::{ModelInfo, StableDiffusion, Timings};
+use crate::diffusion::pipelines::{ModelInfo, StableDiffusion, Timings};
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::request::GenerateRequest;

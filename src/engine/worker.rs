@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::cost::{CostModel, JobShape};
 use super::queue::JobQueue;
 use super::{EngineState, Job, JobOutput, JobStatus, RunningBatch, Shared, lock};
-use crate::diffusion::pipeline::{Generated, StableDiffusion};
+use crate::diffusion::pipelines::{Generated, StableDiffusion};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;

@@ -245,7 +245,7 @@ impl IntoResponse for ApiError {
 /// The model's info when the engine is ready, else a 503.
 pub fn ready_model(
     engine: &Engine,
-) -> Result<Arc<crate::diffusion::pipeline::ModelInfo>, ApiError> {
+) -> Result<Arc<crate::diffusion::pipelines::ModelInfo>, ApiError> {
     engine.ready_info().map_err(ApiError::NotReady)
 }
 

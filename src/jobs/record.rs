@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion::pipeline::ModelInfo;
+use crate::diffusion::pipelines::ModelInfo;
 use crate::error::{Error, Result};
 use crate::request::{GenerateParams, GenerateRequest, Limits};
 use crate::styles;

@@ -100,7 +100,7 @@ impl Jobs {
     /// failed with the reason when it can't run.
     pub(super) async fn requeue(
         &self,
-        info: &crate::diffusion::pipeline::ModelInfo,
+        info: &crate::diffusion::pipelines::ModelInfo,
         mut record: JobRecord,
     ) -> bool {
         {

@@ -6,7 +6,7 @@
 /// folder; returns the base URL at once (the model may still be loading).
 pub fn serve_in_process<F>(load: F) -> String
 where
-    F: FnOnce() -> sdserve::Result<sdserve::diffusion::pipeline::StableDiffusion> + Send + 'static,
+    F: FnOnce() -> sdserve::Result<sdserve::diffusion::pipelines::StableDiffusion> + Send + 'static,
 {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
-use sdserve::diffusion::pipeline::{LoadOptions, StableDiffusion};
+use sdserve::diffusion::pipelines::{LoadOptions, StableDiffusion};
 
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {

@@ -19,7 +19,7 @@ use axum::extract::State;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
-use crate::diffusion::pipeline::ModelInfo;
+use crate::diffusion::pipelines::ModelInfo;
 use crate::engine::EngineState;
 use crate::fields::NO_NUL;
 use crate::request::Limits;

@@ -1,21 +1,16 @@
-//! The text-to-image pipeline: diffusers' `StableDiffusionPipeline.__call__`
-//! (`pipelines/stable_diffusion/pipeline_stable_diffusion.py`) on candle.
-//!
-//! Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
-//! Models"; classifier-free guidance after Ho & Salimans 2022. Components load
-//! once from an unmodified diffusers folder and stay loaded between requests.
+//! What a Stable Diffusion 1.x/2.x model is made of once loaded from an
+//! unmodified diffusers folder (tokenizer, CLIP text encoder, UNet, VAE
+//! decoder, scheduler config), and the steps a pipeline composes: encode the
+//! prompt, predict the noise, decode the latents.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
-use crate::diffusion::latents::{NoiseSource, ReplayNoise, SeededNoise};
 use crate::diffusion::layers::activation_dtype;
-use crate::diffusion::params::GenerateRequest;
 use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::unet::UNet2DConditionModel;
@@ -23,97 +18,10 @@ use crate::diffusion::vae::VaeDecoder;
 use crate::diffusion::weights::WeightFiles;
 use crate::error::{Error, Result};
 
+use super::{MemoryProfile, ModelInfo};
+
 /// Pipeline classes whose components this module runs.
 const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline"];
-
-/// What the loaded model is and accepts; front ends validate requests with it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ModelInfo {
-    /// The folder or hub id the model was loaded from (logs only: a folder's
-    /// path is not shown to callers).
-    pub source: String,
-    /// What callers are shown: the hub id, or the folder's last component.
-    pub name: String,
-    pub pipeline_class: String,
-    /// `unet.sample_size * vae_scale_factor`: the size the model was trained at.
-    pub default_size: usize,
-    pub vae_scale_factor: usize,
-    pub latent_channels: usize,
-    pub prediction_type: String,
-    pub default_scheduler: String,
-    pub dtype: String,
-    pub device: String,
-    /// The model's scheduler config, so requests are checked against the
-    /// scheduler they will run with before they are accepted.
-    #[serde(skip)]
-    pub scheduler_config: SchedulerConfig,
-    /// Sizes of the largest activations, to bound what one request allocates.
-    pub memory: MemoryProfile,
-}
-
-/// Working memory of one generation, from the architecture's widths: the UNet
-/// keeps every down block's output for its skip connections (at most a few
-/// tensors of `block_out_channels[0]` channels per latent cell per batch row),
-/// and the VAE decoder, run one image at a time, keeps a few full-resolution
-/// tensors of its widest full-resolution level.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct MemoryProfile {
-    /// Bytes per latent cell per UNet batch row.
-    pub latent_cell_bytes: u64,
-    /// Bytes per output pixel of the image being decoded.
-    pub decode_pixel_bytes: u64,
-}
-
-/// Live f32 tensors of the widest width the UNet holds at once per row (its
-/// skip connections, a resnet's input, hidden state and output, attention
-/// projections), rounded up.
-const UNET_LIVE_TENSORS: u64 = 24;
-/// The same for the VAE decoder at full resolution (input, normalised copy,
-/// conv output, residual, plus the convolution's working buffers).
-const VAE_LIVE_TENSORS: u64 = 8;
-
-impl MemoryProfile {
-    fn of(unet: &UNetConfig, vae: &VaeConfig) -> Self {
-        let f32_bytes = 4;
-        let unet_width = unet.block_out_channels.iter().copied().max().unwrap_or(0) as u64;
-        let vae_width = vae.block_out_channels.first().copied().unwrap_or(0) as u64;
-        Self {
-            // The widest level has a quarter (or less) of the cells of level 0
-            // per halving, so level 0's width bounds the count well.
-            latent_cell_bytes: unet.block_out_channels.first().copied().unwrap_or(0) as u64
-                * f32_bytes
-                * UNET_LIVE_TENSORS
-                + unet_width * f32_bytes,
-            decode_pixel_bytes: vae_width * f32_bytes * VAE_LIVE_TENSORS,
-        }
-    }
-}
-
-impl ModelInfo {
-    /// Bytes one generation of `images` images of `width`x`height` may need
-    /// beyond the loaded weights (`rows_per_image`: 2 under guidance), or `None`
-    /// when the arithmetic would overflow (certainly too much).
-    pub fn working_bytes(
-        &self,
-        width: usize,
-        height: usize,
-        images: usize,
-        rows_per_image: usize,
-    ) -> Option<u64> {
-        let f = self.vae_scale_factor.max(1) as u64;
-        let (w, h) = (width as u64, height as u64);
-        let pixels = w.checked_mul(h)?;
-        let cells = (w / f).checked_mul(h / f)?;
-        let rows = (images as u64).checked_mul(rows_per_image as u64)?;
-        let unet = cells
-            .checked_mul(rows)?
-            .checked_mul(self.memory.latent_cell_bytes)?;
-        let decode = pixels.checked_mul(self.memory.decode_pixel_bytes)?;
-        // The finished images, f32 RGB, kept until they are encoded.
-        let outputs = pixels.checked_mul(images as u64)?.checked_mul(3 * 4)?;
-        unet.checked_add(decode)?.checked_add(outputs)
-    }
-}
 
 /// Where and in what precision to compute.
 #[derive(Debug, Clone)]
@@ -132,47 +40,20 @@ impl Default for LoadOptions {
     }
 }
 
-/// Called after every denoising step; returning `false` cancels the job.
-pub struct StepProgress<'a> {
-    /// 1-based index of the step just finished.
-    pub step: usize,
-    pub total: usize,
-    /// Latents after this step (diffusers' `callback_on_step_end` sees the same).
-    pub latents: &'a Tensor,
-}
-
-/// Wall-clock seconds spent in each stage of one generation.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Timings {
-    pub text_encoder: f64,
-    pub denoise: f64,
-    pub steps: usize,
-    pub vae_decode: f64,
-}
-
-/// The result of one request.
-#[derive(Debug)]
-pub struct Generated {
-    /// `[n, 3, H, W]` f32 in [0, 1] on the CPU (diffusers `output_type="np"`, channel-first).
-    pub images: Tensor,
-    pub seeds: Vec<u64>,
-    pub timings: Timings,
-}
-
 /// A loaded Stable Diffusion 1.x/2.x model.
 pub struct StableDiffusion {
-    info: ModelInfo,
-    tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    unet: UNet2DConditionModel,
-    vae: VaeDecoder,
+    pub(super) info: ModelInfo,
+    pub(super) tokenizer: ClipTokenizer,
+    pub(super) text_encoder: ClipTextModel,
+    pub(super) unet: UNet2DConditionModel,
+    pub(super) vae: VaeDecoder,
     /// The dtype the VAE decoder takes.
-    vae_dtype: DType,
-    vae_scaling_factor: f64,
-    scheduler_config: SchedulerConfig,
-    device: Device,
+    pub(super) vae_dtype: DType,
+    pub(super) vae_scaling_factor: f64,
+    pub(super) scheduler_config: SchedulerConfig,
+    pub(super) device: Device,
     /// The dtype of the UNet's activations (f32 in the CPU's mixed precision).
-    dtype: DType,
+    pub(super) dtype: DType,
 }
 
 impl std::fmt::Debug for StableDiffusion {
@@ -421,53 +302,6 @@ impl StableDiffusion {
         self.scheduler_config.build(kind, overrides, steps)
     }
 
-    /// The denoising loop. `latents` are the unit-variance initial latents
-    /// (scaled by `init_noise_sigma` here, as diffusers' `prepare_latents` does);
-    /// `embeddings` come from [`Self::prompt_embeddings`]. `guidance <= 1` runs
-    /// the conditional pass only.
-    pub fn denoise(
-        &self,
-        embeddings: &Tensor,
-        latents: &Tensor,
-        scheduler: &mut dyn Scheduler,
-        guidance: f64,
-        noise: &mut dyn NoiseSource,
-        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
-    ) -> Result<Tensor> {
-        let guided = guidance > 1.0;
-        let embeddings = embeddings.to_dtype(self.dtype)?;
-        let mut latents = (latents.to_device(&self.device)?.to_dtype(self.dtype)?
-            * scheduler.init_noise_sigma())?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let input = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let input = scheduler.scale_model_input(&input, i)?;
-            let pred = self.predict(&input, t, &embeddings)?;
-            let pred = if guided {
-                let n = latents.dim(0)?;
-                let uncond = pred.narrow(0, 0, n)?;
-                let cond = pred.narrow(0, n, n)?;
-                (&uncond + ((cond - &uncond)? * guidance)?)?
-            } else {
-                pred
-            };
-            latents = scheduler.step(&pred, i, &latents, noise)?;
-            if !progress(StepProgress {
-                step: i + 1,
-                total,
-                latents: &latents,
-            }) {
-                return Err(Error::Cancelled);
-            }
-        }
-        Ok(latents)
-    }
-
     /// Decodes final latents to images `[n, 3, H, W]` in [0, 1] on the CPU
     /// (`vae.decode(latents / scaling_factor)`, then `VaeImageProcessor.denormalize`).
     /// Images are decoded one at a time to bound peak memory.
@@ -481,116 +315,6 @@ impl StableDiffusion {
             images.push(img.to_device(&Device::Cpu)?);
         }
         Ok(Tensor::cat(&images, 0)?)
-    }
-
-    /// Runs one validated request end to end.
-    pub fn generate(
-        &self,
-        req: &GenerateRequest,
-        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
-    ) -> Result<Generated> {
-        let mut out = self.generate_batch(&[req], progress)?;
-        Ok(out.remove(0))
-    }
-
-    /// Runs requests that [`GenerateRequest::batches_with`] each other as one
-    /// UNet batch (rows: every request's images, uncond halves first under
-    /// guidance). Each image comes from its own seed, so it is the same as when
-    /// its request runs alone. Returns one result per request, in order; the
-    /// timings are the batch's.
-    pub fn generate_batch(
-        &self,
-        reqs: &[&GenerateRequest],
-        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
-    ) -> Result<Vec<Generated>> {
-        let Some(&first) = reqs.first() else {
-            return Ok(Vec::new());
-        };
-        if reqs.len() > 1 && reqs.iter().any(|r| !first.batches_with(r)) {
-            return Err(Error::Internal(
-                "requests in one batch need the same size, steps, scheduler, guidance and no given latents"
-                    .into(),
-            ));
-        }
-        let mut timings = Timings::default();
-        let guided = first.guidance > 1.0;
-        let t0 = Instant::now();
-        let per_request = reqs
-            .iter()
-            .map(|r| self.prompt_embeddings(&r.prompt, &r.negative_prompt, r.num_images, guided))
-            .collect::<Result<Vec<_>>>()?;
-        let embeddings = if per_request.len() == 1 {
-            per_request[0].clone()
-        } else if guided {
-            // [uncond of every request..., cond of every request...], as denoise expects.
-            let halves = |second: bool| {
-                reqs.iter().zip(&per_request).map(move |(r, e)| {
-                    e.narrow(0, if second { r.num_images } else { 0 }, r.num_images)
-                })
-            };
-            let rows = halves(false)
-                .chain(halves(true))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&rows, 0)?
-        } else {
-            Tensor::cat(&per_request, 0)?
-        };
-        timings.text_encoder = t0.elapsed().as_secs_f64();
-
-        let seeds: Vec<u64> = reqs.iter().flat_map(|r| r.seeds()).collect();
-        let mut seeded = SeededNoise::new(&seeds);
-        let f = self.info.vae_scale_factor;
-        let latents = match &first.latents {
-            Some(given) => given.latents.clone(),
-            None => seeded.initial_latents(
-                self.info.latent_channels,
-                first.height / f,
-                first.width / f,
-                &Device::Cpu,
-            )?,
-        };
-        let mut replay;
-        let noise: &mut dyn NoiseSource =
-            match first.latents.as_ref().and_then(|g| g.step_noise.as_ref()) {
-                Some(steps) => {
-                    replay = ReplayNoise::new(
-                        steps
-                            .chunk(steps.dim(0)?, 0)?
-                            .into_iter()
-                            .map(|t| t.squeeze(0))
-                            .collect::<candle_core::Result<Vec<_>>>()?,
-                    );
-                    &mut replay
-                }
-                None => &mut seeded,
-            };
-        let mut scheduler =
-            self.scheduler(first.scheduler, &first.scheduler_options, first.steps)?;
-        timings.steps = scheduler.timesteps().len();
-        let t1 = Instant::now();
-        let latents = self.denoise(
-            &embeddings,
-            &latents,
-            scheduler.as_mut(),
-            first.guidance,
-            noise,
-            progress,
-        )?;
-        timings.denoise = t1.elapsed().as_secs_f64();
-        let t2 = Instant::now();
-        let images = self.decode(&latents)?;
-        timings.vae_decode = t2.elapsed().as_secs_f64();
-        let mut offset = 0;
-        let mut out = Vec::with_capacity(reqs.len());
-        for r in reqs {
-            out.push(Generated {
-                images: images.narrow(0, offset, r.num_images)?,
-                seeds: r.seeds(),
-                timings: timings.clone(),
-            });
-            offset += r.num_images;
-        }
-        Ok(out)
     }
 }
 

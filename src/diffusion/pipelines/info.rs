@@ -1,0 +1,94 @@
+//! What the loaded model is and accepts, as the front ends validate
+//! requests with it, and what one request may cost in memory.
+
+use crate::diffusion::config::{UNetConfig, VaeConfig};
+use crate::diffusion::schedulers::SchedulerConfig;
+
+/// What the loaded model is and accepts; front ends validate requests with it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// The folder or hub id the model was loaded from (logs only: a folder's
+    /// path is not shown to callers).
+    pub source: String,
+    /// What callers are shown: the hub id, or the folder's last component.
+    pub name: String,
+    pub pipeline_class: String,
+    /// `unet.sample_size * vae_scale_factor`: the size the model was trained at.
+    pub default_size: usize,
+    pub vae_scale_factor: usize,
+    pub latent_channels: usize,
+    pub prediction_type: String,
+    pub default_scheduler: String,
+    pub dtype: String,
+    pub device: String,
+    /// The model's scheduler config, so requests are checked against the
+    /// scheduler they will run with before they are accepted.
+    #[serde(skip)]
+    pub scheduler_config: SchedulerConfig,
+    /// Sizes of the largest activations, to bound what one request allocates.
+    pub memory: MemoryProfile,
+}
+
+/// Working memory of one generation, from the architecture's widths: the UNet
+/// keeps every down block's output for its skip connections (at most a few
+/// tensors of `block_out_channels[0]` channels per latent cell per batch row),
+/// and the VAE decoder, run one image at a time, keeps a few full-resolution
+/// tensors of its widest full-resolution level.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct MemoryProfile {
+    /// Bytes per latent cell per UNet batch row.
+    pub latent_cell_bytes: u64,
+    /// Bytes per output pixel of the image being decoded.
+    pub decode_pixel_bytes: u64,
+}
+
+/// Live f32 tensors of the widest width the UNet holds at once per row (its
+/// skip connections, a resnet's input, hidden state and output, attention
+/// projections), rounded up.
+const UNET_LIVE_TENSORS: u64 = 24;
+/// The same for the VAE decoder at full resolution (input, normalised copy,
+/// conv output, residual, plus the convolution's working buffers).
+const VAE_LIVE_TENSORS: u64 = 8;
+
+impl MemoryProfile {
+    pub(super) fn of(unet: &UNetConfig, vae: &VaeConfig) -> Self {
+        let f32_bytes = 4;
+        let unet_width = unet.block_out_channels.iter().copied().max().unwrap_or(0) as u64;
+        let vae_width = vae.block_out_channels.first().copied().unwrap_or(0) as u64;
+        Self {
+            // The widest level has a quarter (or less) of the cells of level 0
+            // per halving, so level 0's width bounds the count well.
+            latent_cell_bytes: unet.block_out_channels.first().copied().unwrap_or(0) as u64
+                * f32_bytes
+                * UNET_LIVE_TENSORS
+                + unet_width * f32_bytes,
+            decode_pixel_bytes: vae_width * f32_bytes * VAE_LIVE_TENSORS,
+        }
+    }
+}
+
+impl ModelInfo {
+    /// Bytes one generation of `images` images of `width`x`height` may need
+    /// beyond the loaded weights (`rows_per_image`: 2 under guidance), or `None`
+    /// when the arithmetic would overflow (certainly too much).
+    pub fn working_bytes(
+        &self,
+        width: usize,
+        height: usize,
+        images: usize,
+        rows_per_image: usize,
+    ) -> Option<u64> {
+        let f = self.vae_scale_factor.max(1) as u64;
+        let (w, h) = (width as u64, height as u64);
+        let pixels = w.checked_mul(h)?;
+        let cells = (w / f).checked_mul(h / f)?;
+        let rows = (images as u64).checked_mul(rows_per_image as u64)?;
+        let unet = cells
+            .checked_mul(rows)?
+            .checked_mul(self.memory.latent_cell_bytes)?;
+        let decode = pixels.checked_mul(self.memory.decode_pixel_bytes)?;
+        // The finished images, f32 RGB, kept until they are encoded.
+        let outputs = pixels.checked_mul(images as u64)?.checked_mul(3 * 4)?;
+        unet.checked_add(decode)?.checked_add(outputs)
+    }
+}

@@ -1,0 +1,47 @@
+//! Pipelines, as diffusers' `pipelines/stable_diffusion/` has them: the loaded
+//! model's components ([`components`]), one denoising loop every task shares
+//! ([`denoise`]), and one file per task over them ([`txt2img`]: diffusers'
+//! `StableDiffusionPipeline.__call__`), plus what the model accepts ([`info`]).
+//!
+//! Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
+//! Models"; classifier-free guidance after Ho & Salimans 2022. Components load
+//! once from an unmodified diffusers folder and stay loaded between requests.
+
+mod components;
+mod denoise;
+mod info;
+mod txt2img;
+
+use candle_core::Tensor;
+
+pub use components::{
+    LoadOptions, StableDiffusion, build_unet, build_vae, device_from_name, load_model,
+};
+pub use info::{MemoryProfile, ModelInfo};
+
+/// Called after every denoising step; returning `false` cancels the job.
+pub struct StepProgress<'a> {
+    /// 1-based index of the step just finished.
+    pub step: usize,
+    pub total: usize,
+    /// Latents after this step (diffusers' `callback_on_step_end` sees the same).
+    pub latents: &'a Tensor,
+}
+
+/// Wall-clock seconds spent in each stage of one generation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub text_encoder: f64,
+    pub denoise: f64,
+    pub steps: usize,
+    pub vae_decode: f64,
+}
+
+/// The result of one request.
+#[derive(Debug)]
+pub struct Generated {
+    /// `[n, 3, H, W]` f32 in [0, 1] on the CPU (diffusers `output_type="np"`, channel-first).
+    pub images: Tensor,
+    pub seeds: Vec<u64>,
+    pub timings: Timings,
+}

@@ -1,0 +1,124 @@
+//! Text to image: diffusers' `StableDiffusionPipeline.__call__`
+//! (`pipelines/stable_diffusion/pipeline_stable_diffusion.py`): encode the
+//! prompts, draw the seeded noise, run the shared denoising loop, decode.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::{Generated, StableDiffusion, StepProgress, Timings};
+use crate::diffusion::latents::{NoiseSource, ReplayNoise, SeededNoise};
+use crate::diffusion::params::GenerateRequest;
+use crate::error::{Error, Result};
+
+impl StableDiffusion {
+    /// Runs one validated request end to end.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
+    ) -> Result<Generated> {
+        let mut out = self.generate_batch(&[req], progress)?;
+        Ok(out.remove(0))
+    }
+
+    /// Runs requests that [`GenerateRequest::batches_with`] each other as one
+    /// UNet batch (rows: every request's images, uncond halves first under
+    /// guidance). Each image comes from its own seed, so it is the same as when
+    /// its request runs alone. Returns one result per request, in order; the
+    /// timings are the batch's.
+    pub fn generate_batch(
+        &self,
+        reqs: &[&GenerateRequest],
+        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
+    ) -> Result<Vec<Generated>> {
+        let Some(&first) = reqs.first() else {
+            return Ok(Vec::new());
+        };
+        if reqs.len() > 1 && reqs.iter().any(|r| !first.batches_with(r)) {
+            return Err(Error::Internal(
+                "requests in one batch need the same size, steps, scheduler, guidance and no given latents"
+                    .into(),
+            ));
+        }
+        let mut timings = Timings::default();
+        let guided = first.guidance > 1.0;
+        let t0 = Instant::now();
+        let per_request = reqs
+            .iter()
+            .map(|r| self.prompt_embeddings(&r.prompt, &r.negative_prompt, r.num_images, guided))
+            .collect::<Result<Vec<_>>>()?;
+        let embeddings = if per_request.len() == 1 {
+            per_request[0].clone()
+        } else if guided {
+            // [uncond of every request..., cond of every request...], as denoise expects.
+            let halves = |second: bool| {
+                reqs.iter().zip(&per_request).map(move |(r, e)| {
+                    e.narrow(0, if second { r.num_images } else { 0 }, r.num_images)
+                })
+            };
+            let rows = halves(false)
+                .chain(halves(true))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?
+        } else {
+            Tensor::cat(&per_request, 0)?
+        };
+        timings.text_encoder = t0.elapsed().as_secs_f64();
+
+        let seeds: Vec<u64> = reqs.iter().flat_map(|r| r.seeds()).collect();
+        let mut seeded = SeededNoise::new(&seeds);
+        let f = self.info.vae_scale_factor;
+        let latents = match &first.latents {
+            Some(given) => given.latents.clone(),
+            None => seeded.initial_latents(
+                self.info.latent_channels,
+                first.height / f,
+                first.width / f,
+                &Device::Cpu,
+            )?,
+        };
+        let mut replay;
+        let noise: &mut dyn NoiseSource =
+            match first.latents.as_ref().and_then(|g| g.step_noise.as_ref()) {
+                Some(steps) => {
+                    replay = ReplayNoise::new(
+                        steps
+                            .chunk(steps.dim(0)?, 0)?
+                            .into_iter()
+                            .map(|t| t.squeeze(0))
+                            .collect::<candle_core::Result<Vec<_>>>()?,
+                    );
+                    &mut replay
+                }
+                None => &mut seeded,
+            };
+        let mut scheduler =
+            self.scheduler(first.scheduler, &first.scheduler_options, first.steps)?;
+        timings.steps = scheduler.timesteps().len();
+        let t1 = Instant::now();
+        let latents = self.denoise(
+            &embeddings,
+            &latents,
+            scheduler.as_mut(),
+            first.guidance,
+            noise,
+            progress,
+        )?;
+        timings.denoise = t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
+        let images = self.decode(&latents)?;
+        timings.vae_decode = t2.elapsed().as_secs_f64();
+        let mut offset = 0;
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            out.push(Generated {
+                images: images.narrow(0, offset, r.num_images)?,
+                seeds: r.seeds(),
+                timings: timings.clone(),
+            });
+            offset += r.num_images;
+        }
+        Ok(out)
+    }
+}
