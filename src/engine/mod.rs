@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::diffusion::pipelines::{ModelInfo, StableDiffusion, Timings};
+use crate::diffusion::pipelines::{ModelInfo, Pipeline, Timings};
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::request::GenerateRequest;
@@ -227,9 +227,10 @@ pub struct Engine {
 impl Engine {
     /// Starts the worker thread, which calls `load` and then serves jobs. Returns
     /// at once: [`Engine::state`] says when the model is ready.
-    pub fn start<F>(load: F, config: EngineConfig) -> Self
+    pub fn start<F, P>(load: F, config: EngineConfig) -> Self
     where
-        F: FnOnce() -> Result<StableDiffusion> + Send + 'static,
+        F: FnOnce() -> Result<P> + Send + 'static,
+        P: Pipeline + 'static,
     {
         let queue = Arc::new(queue::JobQueue::new(
             config.queue_capacity,

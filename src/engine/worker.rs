@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::cost::{CostModel, JobShape};
 use super::queue::JobQueue;
 use super::{EngineState, Job, JobOutput, JobStatus, RunningBatch, Shared, lock};
-use crate::diffusion::pipelines::{Generated, StableDiffusion};
+use crate::diffusion::pipelines::{Generated, Pipeline};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -27,9 +27,10 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    pub fn run<F>(self, load: F)
+    pub fn run<F, P>(self, load: F)
     where
-        F: FnOnce() -> Result<StableDiffusion>,
+        F: FnOnce() -> Result<P>,
+        P: Pipeline,
     {
         let model = match load() {
             Ok(m) => m,
@@ -66,7 +67,7 @@ impl Worker {
 
     /// One step of one small image (a quarter of the default area) end to end:
     /// the first measurement of the step rate.
-    fn warm_up(&self, model: &StableDiffusion) -> Result<()> {
+    fn warm_up(&self, model: &dyn Pipeline) -> Result<()> {
         let info = model.info();
         let f = info.vae_scale_factor;
         let side = (info.default_size / 2).div_ceil(f).max(1) * f;
@@ -80,7 +81,10 @@ impl Worker {
         }
         .validate(info, &Limits::default(), None)?;
         let t = Instant::now();
-        let out = model.generate(&request, &mut |_| true)?;
+        let out = model
+            .generate_batch(&[&request], &mut |_| true)?
+            .pop()
+            .ok_or_else(|| Error::Internal("no result for the warm-up request".into()))?;
         self.record_cost(&JobShape::of(&request), &out);
         tracing::info!(
             seconds = t.elapsed().as_secs_f64(),
@@ -104,7 +108,7 @@ impl Worker {
     /// Runs `jobs` (compatible, see [`crate::request::GenerateRequest::batches_with`])
     /// as one UNet batch. A job cancelled mid-way is told at once and its rows
     /// finish unseen; the batch stops early only when every job is cancelled.
-    fn run_batch(&self, model: &StableDiffusion, jobs: Vec<Job>) {
+    fn run_batch(&self, model: &dyn Pipeline, jobs: Vec<Job>) {
         let (jobs, cancelled): (Vec<Job>, Vec<Job>) = jobs
             .into_iter()
             .partition(|j| !j.cancel.load(Ordering::SeqCst));
@@ -204,7 +208,8 @@ impl Worker {
                     .observe(started.elapsed().as_secs_f64());
                 // It ran, so the model's default resolved when it was built.
                 let scheduler = model
-                    .scheduler_config()
+                    .info()
+                    .scheduler_config
                     .resolve(jobs[0].request.scheduler)
                     .unwrap_or(SchedulerKind::Default);
                 let model_name = &model.info().name;

@@ -19,6 +19,40 @@ pub use components::{
 };
 pub use info::{MemoryProfile, ModelInfo};
 
+use crate::diffusion::params::GenerateRequest;
+use crate::error::Result;
+
+/// What the engine runs: one loaded model and the generation it offers. A
+/// model family (SD 1.x/2.x today) implements it once; the engine, its queue
+/// and batching know nothing else of the model.
+pub trait Pipeline: Send {
+    /// What the model is and accepts (front ends validate requests with it).
+    fn info(&self) -> &ModelInfo;
+
+    /// Runs requests that [`GenerateRequest::batches_with`] each other as one
+    /// batch, one [`Generated`] per request; `progress` after every step
+    /// (`false` cancels).
+    fn generate_batch(
+        &self,
+        reqs: &[&GenerateRequest],
+        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
+    ) -> Result<Vec<Generated>>;
+}
+
+impl Pipeline for StableDiffusion {
+    fn info(&self) -> &ModelInfo {
+        StableDiffusion::info(self)
+    }
+
+    fn generate_batch(
+        &self,
+        reqs: &[&GenerateRequest],
+        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
+    ) -> Result<Vec<Generated>> {
+        StableDiffusion::generate_batch(self, reqs, progress)
+    }
+}
+
 /// Called after every denoising step; returning `false` cancels the job.
 pub struct StepProgress<'a> {
     /// 1-based index of the step just finished.
