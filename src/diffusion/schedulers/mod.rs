@@ -12,6 +12,7 @@ pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod pndm;
+pub mod tables;
 
 use std::path::Path;
 
