@@ -1,4 +1,5 @@
-//! Command-line interface: `sdserve generate` and `sdserve download`.
+//! Command-line interface: `sdserve serve` (assembling the engine, job
+//! service and HTTP server), `sdserve generate` and `sdserve download`.
 
 use std::path::{Path, PathBuf};
 

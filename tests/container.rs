@@ -17,11 +17,15 @@
 //! Without a Docker engine the test prints `SKIPPED: no Docker engine` and
 //! passes, unless `CI` is set (CI has Docker): then it fails.
 
+mod common;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::free_port;
+use common::server::client;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
@@ -73,21 +77,6 @@ impl Drop for Cleanup {
         }
         let _ = docker(&["rmi", "-f", &self.image]);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
 }
 
 fn run_script(script: &str, args: &[&str]) {

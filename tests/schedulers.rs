@@ -26,10 +26,13 @@
 //! 1e-4 for whole loops, leave margin over those and still catch real mistakes: a
 //! 2e-4 relative change in one DPM-Solver coefficient fails 15 cases.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
+use common::{max_abs, max_abs_diff};
 use serde_json::{Map, Value, json};
 
 use sdserve::diffusion::latents::ReplayNoise;
@@ -100,21 +103,6 @@ fn overrides(v: &Value) -> Map<String, Value> {
 fn model(x: &Tensor, t: f64) -> Tensor {
     let c = 0.05 * (t / 97.0).cos();
     (x.affine(0.3, 0.0).unwrap() + x.flip(&[3]).unwrap().affine(c, 0.0).unwrap()).unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    max_abs(&(a - b).unwrap())
 }
 
 fn rel(a: f64, b: f64) -> f64 {

@@ -15,11 +15,11 @@ the last lines give each side's distance (PSNR, mean and max |diff|) from that f
 the quality cost of bf16.
 
     cargo build --release                                     # target/release/sdserve
-    /work/venv/sd/bin/python tools/make_fullsize_model.py     # models/sd15-random (once)
-    /work/venv/sd/bin/python tools/compare_diffusers.py --size 256 --steps 4
-    /work/venv/sd/bin/python tools/compare_diffusers.py --size 256 --size 512 --steps 4 --json results.json
-    /work/venv/sd/bin/python tools/compare_diffusers.py --size 512 --steps 4 --dtype bf16
-    /work/venv/sd/bin/python tools/compare_diffusers.py --size 512 --steps 4 --repeat 3   # medians
+    .venv/bin/python tools/make_fullsize_model.py     # models/sd15-random (once)
+    .venv/bin/python tools/compare_diffusers.py --size 256 --steps 4
+    .venv/bin/python tools/compare_diffusers.py --size 256 --size 512 --steps 4 --json results.json
+    .venv/bin/python tools/compare_diffusers.py --size 512 --steps 4 --dtype bf16
+    .venv/bin/python tools/compare_diffusers.py --size 512 --steps 4 --repeat 3   # medians
 
 Timings on the sdserve side come from the `generate` log line (text_encoder_s, denoise_s,
 vae_decode_s; RUST_LOG=info, JSON log format). On the diffusers side: the pipeline runs with

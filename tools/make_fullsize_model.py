@@ -8,9 +8,9 @@ model, but the weights are torch's default random init (seeded), so pictures are
 Nothing is downloaded: the configs come from tests/fixtures/real-configs/sd15/ and the
 CLIP tokenizer files (full 49,408-token vocabulary) from tests/fixtures/tiny-sd1/tokenizer/.
 
-    /work/venv/sd/bin/python tools/make_fullsize_model.py              # -> models/sd15-random/ (f32, ~4.3 GB)
-    /work/venv/sd/bin/python tools/make_fullsize_model.py --fp16       # also *.fp16.safetensors variants (~2.2 GB more)
-    /work/venv/sd/bin/python tools/make_fullsize_model.py --out DIR --seed 1
+    .venv/bin/python tools/make_fullsize_model.py              # -> models/sd15-random/ (f32, ~4.3 GB)
+    .venv/bin/python tools/make_fullsize_model.py --fp16       # also *.fp16.safetensors variants (~2.2 GB more)
+    .venv/bin/python tools/make_fullsize_model.py --out DIR --seed 1
 
 Python environment: tools/requirements.txt (torch, diffusers, transformers). models/* is
 ignored by git: never commit the weights.

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Generate diffusers reference trajectories for `tests/schedulers.rs`.
 
-Run with the project's Python environment (torch + diffusers 0.42.1):
+Run with the project's Python environment (torch + diffusers 0.42.1, made with
+`python3 -m venv .venv && .venv/bin/pip install -r tools/requirements.txt`):
 
-    /work/venv/sd/bin/python tools/make_scheduler_refs.py
+    .venv/bin/python tools/make_scheduler_refs.py
 
 For every case it builds the scheduler exactly as a diffusers pipeline would,
 `Class.from_config(BASE_CONFIG, **overrides)` followed by `set_timesteps(steps)`,
