@@ -9,13 +9,10 @@
 //! memory in the process for reuse instead: no `mmap` for large blocks, no
 //! trimming, one arena (allocations are few and large, so threads don't contend).
 //!
-//! Measured (full-size SD 1.5, 512 px, 3 steps, 2 threads, alternating runs):
-//! denoise 43.2 / 42.9 s → 39.2 / 39.9 s, VAE decode 15.9 / 15.3 s → 14.2 /
-//! 14.7 s, peak RSS 4.91 → 5.08-5.11 GB. The cost: memory freed after a peak is
-//! not returned to the kernel while the process lives (RSS stays near its peak,
-//! which a model server reaches on its first large job anyway). Nor does it
-//! creep: one server given 512, 256, 384, 512, 320, 512, 448 and 512-px jobs
-//! in turn stayed at 5.08 GB RSS after the first.
+//! What it gains and costs, measured, is in benches/README.md ("Figures behind
+//! constants in the code"). The cost: memory freed after a peak is not returned
+//! to the kernel while the process lives (RSS stays near its peak, which a
+//! model server reaches on its first large job anyway); it does not creep.
 //!
 //! `SDSERVE_MALLOC=default`, or any `GLIBC_TUNABLES` in the environment, leaves
 //! glibc's own settings alone.

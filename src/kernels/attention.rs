@@ -38,15 +38,13 @@ const OP: &str = "attention";
 pub const SCORE_BLOCK_BYTES: usize = 64 << 20;
 
 /// The same bound for [`chunked_attention`] on the CPU, where the block is written by
-/// `q·kᵀ`, rewritten by the softmax and read by `probs·v`: a block that stays in cache
-/// made a 4096-token attention about twice as fast as a 64 MB one (2-core EPYC, 32 MB L3).
+/// `q·kᵀ`, rewritten by the softmax and read by `probs·v`: a block that stays in
+/// cache (benches/README.md, "Figures behind constants in the code").
 pub const CPU_SCORE_BLOCK_BYTES: usize = 8 << 20;
 
 /// Target size of the fused CPU kernel's per-thread score buffer (one head, one tile of
-/// query rows × all keys). Bigger tiles amortise gemm's per-call packing of k and v:
-/// SD 1.5's 4096-token self-attention (CFG batch, 2 threads, Zen 5) took 0.85 s with
-/// 256 KB tiles, 0.40 s with 1 MB, 0.31-0.33 s with 3-6 MB (the softmax: 0.11
-/// thread-seconds of it throughout).
+/// query rows × all keys). Bigger tiles amortise gemm's per-call packing of k and v
+/// (the tile sizes tried: benches/README.md, "Figures behind constants in the code").
 const TILE_SCORE_BYTES: usize = 4 << 20;
 
 /// The same for the bf16 kernel, whose packed operands need no amortising: a tile

@@ -2,9 +2,9 @@
 //! multiply speed on the CPU.
 //!
 //! candle 0.11's CPU conv2d unfolds the whole input (im2col) before one big
-//! matmul: at 512 px that buffer is 0.6-1.2 GB for the VAE's convolutions and
-//! the convolution reaches 45-155 GFLOP/s where a matmul of the same size
-//! reaches ~220 on this project's 2-core machine. Here the unfolding is done
+//! matmul: at 512 px that buffer is 0.6-1.2 GB for the VAE's convolutions, and
+//! the convolution runs well below a matmul of the same size (benches/README.md,
+//! "Figures behind constants in the code"). Here the unfolding is done
 //! one tile of output rows at a time (a few MB, cache-resident), each tile
 //! multiplied by the weights with the `gemm` crate straight into the output,
 //! bias pre-loaded; 1x1 convolutions multiply the input in place. Tiles run on
