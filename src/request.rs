@@ -144,7 +144,8 @@ fn mib(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 20)
 }
 
-fn check_text(field: &str, text: &str, limits: &Limits) -> Result<()> {
+/// `text` within the prompt limit and free of NUL characters; errors name `field`.
+pub fn check_text(field: &str, text: &str, limits: &Limits) -> Result<()> {
     let n = text.chars().count();
     if n > limits.max_prompt_chars {
         return Err(Error::invalid(

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::diffusion::pipelines::ModelInfo;
 use crate::error::{Error, Result};
-use crate::request::{GenerateParams, GenerateRequest, Limits};
+use crate::request::{GenerateParams, GenerateRequest, Limits, check_text};
 use crate::styles;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,16 +109,7 @@ impl JobRequest {
             ("text", &self.text),
             ("negative_prompt", &self.negative_prompt),
         ] {
-            let n = value.as_deref().map_or(0, |v| v.chars().count());
-            if n > limits.max_prompt_chars {
-                return Err(Error::invalid(
-                    field,
-                    format!(
-                        "{n} characters is over the limit of {}",
-                        limits.max_prompt_chars
-                    ),
-                ));
-            }
+            check_text(field, value.as_deref().unwrap_or(""), limits)?;
         }
         let styled = limits.with_prompt_room(styles::overheads());
         self.to_params()?.validate(model, &styled, None)
