@@ -13,6 +13,5 @@ pub mod pipelines;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod unet;
-pub mod unet_blocks;
 pub mod vae;
 pub mod weights;

@@ -1,5 +1,7 @@
-//! The layers the models are built from (Linear, Conv2d, GroupNorm), each
-//! choosing between candle's op and a CPU kernel of [`crate::kernels`], and
+//! The layers the models are built from: Linear, Conv2d and GroupNorm, each
+//! choosing between candle's op and a CPU kernel of [`crate::kernels`]; the
+//! blocks made of them (resnet, down/upsampling, attention and transformer
+//! blocks) that the UNet, and in time the VAE, share; and
 //! the rule that decides how the UNet and VAE store their matmul weights.
 //!
 //! On the CPU with the `bf16` dtype, models run in mixed precision, the way PyTorch's
@@ -15,6 +17,8 @@ use candle_nn::VarBuilder;
 pub mod conv;
 pub mod linear;
 pub mod norm;
+pub mod resnet;
+pub mod transformer;
 
 pub use crate::kernels::plain_kernels;
 // The attention and GEGLU kernels pick their own path (fused CPU kernel,

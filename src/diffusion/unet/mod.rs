@@ -8,7 +8,7 @@
 //! 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models"). Every
 //! architecture number comes from `unet/config.json` ([`UNetConfig`]); configurations this
 //! module cannot run are refused with the offending key named. The layers themselves are
-//! in [`crate::diffusion::unet_blocks`].
+//! in [`crate::diffusion::layers`].
 
 use std::path::Path;
 
@@ -20,9 +20,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::diffusion::config::UNetConfig;
-use crate::diffusion::unet_blocks::{
-    Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, Upsample2D,
-};
+use crate::diffusion::layers::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::diffusion::layers::transformer::Transformer2D;
 mod plan;
 use plan::Plan;
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::diffusion::config::{PerBlock, UNetConfig, require, require_groups_divide};
-use crate::diffusion::unet_blocks::TransformerConfig;
+use crate::diffusion::layers::transformer::TransformerConfig;
 use crate::error::Error;
 
 /// The config resolved to one value per down block (index `i` of `block_out_channels`),
