@@ -182,11 +182,18 @@ impl Jobs {
             .send_modify(|v| v.record.heartbeat_at = record.heartbeat_at);
     }
 
+    /// The stored record of job `id` as storage has it now; `None` when it
+    /// can't be read (missing, unreadable, storage down): best effort.
+    pub(super) async fn stored_record(&self, id: &str) -> Option<JobRecord> {
+        let bytes = self.inner.storage.get(&JobRecord::key(id)).await.ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     /// The stored record of job `id` if it is final (another server finished it).
     pub(super) async fn finished_elsewhere(&self, id: &str) -> Option<JobRecord> {
-        let bytes = self.inner.storage.get(&JobRecord::key(id)).await.ok()??;
-        let stored: JobRecord = serde_json::from_slice(&bytes).ok()?;
-        stored.status.is_final().then_some(stored)
+        self.stored_record(id)
+            .await
+            .filter(|stored| stored.status.is_final())
     }
 
     /// Stores the outcome (images first, then the record) and returns the

@@ -62,11 +62,7 @@ impl Jobs {
         }
         for mut record in suspects {
             let id = record.image_id.clone();
-            let now = match storage.get(&JobRecord::key(&id)).await {
-                Ok(Some(bytes)) => serde_json::from_slice::<JobRecord>(&bytes).ok(),
-                _ => None,
-            };
-            if let Some(now) = now {
+            if let Some(now) = self.stored_record(&id).await {
                 if now.status.is_final() {
                     self.insert(JobView::new(now));
                     continue;
@@ -103,32 +99,30 @@ impl Jobs {
         info: &crate::diffusion::pipelines::ModelInfo,
         mut record: JobRecord,
     ) -> bool {
-        {
-            let id = record.image_id.clone();
-            let validated = record.request.validate(info, &self.inner.limits);
-            let result = match validated {
-                Ok(req) => self.inner.engine.resubmit(req).map_err(|e| e.to_string()),
-                Err(Error::InvalidRequest { field, message }) => Err(format!(
-                    "cannot run after restart: invalid value for `{}`: {message}",
-                    record::caller_name(&field)
-                )),
-                Err(e) => Err(format!("cannot run after restart: {e}")),
-            };
-            match result {
-                Ok(ticket) => {
-                    tracing::info!(image_id = id, "re-queued an unfinished job");
-                    record.status = JobState::Queued;
-                    self.watch(record, ticket, true);
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!(image_id = id, "a stored job cannot run: {e}");
-                    record.status = JobState::Failed;
-                    record.error = Some(e);
-                    self.persist(&record).await;
-                    self.insert(JobView::new(record));
-                    false
-                }
+        let id = record.image_id.clone();
+        let validated = record.request.validate(info, &self.inner.limits);
+        let result = match validated {
+            Ok(req) => self.inner.engine.resubmit(req).map_err(|e| e.to_string()),
+            // Named as the job API names it, as a submit's 400 would.
+            Err(e) => Err(format!(
+                "cannot run after restart: {}",
+                JobError::invalid(e)
+            )),
+        };
+        match result {
+            Ok(ticket) => {
+                tracing::info!(image_id = id, "re-queued an unfinished job");
+                record.status = JobState::Queued;
+                self.watch(record, ticket, true);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(image_id = id, "a stored job cannot run: {e}");
+                record.status = JobState::Failed;
+                record.error = Some(e);
+                self.persist(&record).await;
+                self.insert(JobView::new(record));
+                false
             }
         }
     }
