@@ -1,7 +1,8 @@
 """Deploy sdserve to Amazon SageMaker as a real-time or asynchronous endpoint.
 
-Run it as `python deploy/sagemaker/sdserve_sagemaker.py COMMAND ...` (the script
-beside this package). Subcommands:
+Run it as `python -m sdserve_sagemaker COMMAND ...` (__main__.py), with the
+package installed (`pip install -e ./deploy`: deploy/pyproject.toml) or on the
+path (`PYTHONPATH=deploy/sagemaker`). Subcommands:
 
   package   build model.tar.gz from a diffusers folder (files at the archive
             root: SageMaker extracts it to /opt/ml/model, where `sdserve serve`
@@ -12,14 +13,15 @@ beside this package). Subcommands:
   teardown  delete everything `deploy` created for a --name (idempotent)
   policy    print the least-privilege IAM policy for the execution role
 
-Every AWS client honours --endpoint-url (or AWS_ENDPOINT_URL), so the script can
+Every AWS client honours --endpoint-url (or AWS_ENDPOINT_URL), so the tool can
 be pointed at a stand-in such as moto_server. Exit codes: 0 success, 1 an AWS
 call or the endpoint failed, 2 a usage mistake (bad argument, missing file...).
 See README.md beside this package.
 
-Modules: cli (arguments, dispatch, exit codes), plan (deploy's argument checks),
-deploy (deploy and teardown in order), package, endpoint, scaling, alarms,
-invoke, iam (the policy), names, checks, aws (clients and calls), errors.
+Modules: __main__ (`python -m`), cli (arguments, dispatch, exit codes), plan
+(deploy's argument checks), deploy (deploy and teardown in order), package,
+endpoint, scaling, alarms, invoke, iam (the policy), names, checks, aws (clients
+and calls), errors.
 """
 
 from .cli import main

@@ -26,7 +26,7 @@ class Aws:
             from botocore.config import Config
         except ImportError:
             raise UserError(
-                "boto3 is not installed: pip install -r deploy/sagemaker/requirements.txt"
+                "boto3 is not installed: pip install -e ./deploy (deploy/pyproject.toml)"
             ) from None
         region = region or region_from_env()
         self.session = boto3.Session(region_name=region) if region else boto3.Session()

@@ -12,7 +12,7 @@ from pathlib import Path
 from .aws import Aws, region_from_env
 from .checks import check_image, s3_prefix
 from .deploy import deploy, teardown
-from .errors import Failure, UserError, log
+from .errors import COMMAND, Failure, UserError, log
 from .iam import render_policy
 from .invoke import ACCEPT, invoke
 from .names import check_name
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send every AWS call here (a stand-in such as moto_server); default AWS_ENDPOINT_URL")
 
     p = argparse.ArgumentParser(
-        prog="sdserve_sagemaker.py",
+        prog=COMMAND,
         description="Deploy sdserve to Amazon SageMaker (real-time or asynchronous inference).",
         parents=[common],
     )

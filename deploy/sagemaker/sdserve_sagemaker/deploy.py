@@ -12,7 +12,7 @@ from .alarms import delete_alarms, put_alarms
 from .aws import Aws, aws_call, check_reachable
 from .checks import check_image, parse_s3_uri
 from .endpoint import create_endpoint, delete_endpoint, existing_resources, wait_in_service
-from .errors import Failure, UserError, log
+from .errors import COMMAND, Failure, UserError, log
 from .names import Names
 from .package import package_model
 from .plan import DeployPlan
@@ -41,10 +41,9 @@ def deploy(aws: Aws, plan: DeployPlan) -> dict[str, Any]:
         create_resources(aws, plan, model_data)
     except Failure as e:
         raise Failure(f"{e}\nsome resources may exist now: `teardown --name {n.name}` removes them") from None
-    script = Path(sys.argv[0]).name
     log(f"\nendpoint {n.endpoint} is InService ({plan.mode}).")
-    log(f"  invoke:   python {script} invoke --name {n.name} --prompt 'a lighthouse at dusk' --output out.png")
-    log(f"  teardown: python {script} teardown --name {n.name}")
+    log(f"  invoke:   {COMMAND} invoke --name {n.name} --prompt 'a lighthouse at dusk' --output out.png")
+    log(f"  teardown: {COMMAND} teardown --name {n.name}")
     return {"model_data": model_data}
 
 

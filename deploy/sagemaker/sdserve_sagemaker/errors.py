@@ -1,7 +1,10 @@
-"""How the script reports: progress lines on stdout, the two error kinds that
+"""How the tool reports: progress lines on stdout, the two error kinds that
 become exit codes (UserError 2, Failure 1), and reading AWS error responses."""
 
 from __future__ import annotations
+
+# How the tool is run (`__main__.py`), for the usage line and the hints it prints.
+COMMAND = "python -m sdserve_sagemaker"
 
 
 class UserError(Exception):

@@ -11,6 +11,8 @@ from typing import Any
 from .checks import check_topic, s3_prefix
 from .errors import Failure, UserError
 
+# Read from the checkout, so the package runs from there (pip install -e ./deploy,
+# or PYTHONPATH=deploy/sagemaker): a non-editable install copies the package only.
 POLICY_TEMPLATE = Path(__file__).resolve().parent.parent / "iam-policy.json"
 PLACEHOLDER_RE = re.compile(r"\$\{([A-Z_]+)\}")
 
@@ -51,7 +53,9 @@ def render_policy(
     try:
         doc = json.loads(template.read_text())
     except (OSError, ValueError) as e:
-        raise Failure(f"cannot read the policy template {template}: {e}") from None
+        hint = (" (it is read from the checkout: pip install -e ./deploy, not a copy)"
+                if isinstance(e, FileNotFoundError) and template == POLICY_TEMPLATE else "")
+        raise Failure(f"cannot read the policy template {template}: {e}{hint}") from None
 
     def sub(value: Any) -> Any:
         if isinstance(value, str):

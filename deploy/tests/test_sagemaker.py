@@ -1,12 +1,16 @@
-"""Tests for sdserve_sagemaker.py against a real moto_server on loopback.
+"""Tests for the SageMaker tool (`python -m sdserve_sagemaker`) against a real
+moto_server on loopback.
 
 moto stands in for SageMaker, S3, Application Auto Scaling, CloudWatch and SNS.
 It runs no container, so endpoints are InService at once and `invoke` gets the
 canned answers queued through moto's /moto-api/static/sagemaker/* routes: that
-tests the script's side of invoke (request upload, async S3 polling, decoding,
+tests the tool's side of invoke (request upload, async S3 polling, decoding,
 files written), not sdserve itself.
 
-Run: python -m pytest deploy/sagemaker -q
+The package is imported as installed (`pip install -e './deploy[test]'`, which
+tools/test does) or from PYTHONPATH=deploy/sagemaker; it must be this checkout's.
+
+Run: python -m pytest -q deploy/tests/test_sagemaker.py
 """
 
 from __future__ import annotations
@@ -25,12 +29,22 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-SCRIPT = HERE / "sdserve_sagemaker.py"
-TINY_SD = HERE.parent.parent / "tests" / "fixtures" / "tiny-sd1"
+DEPLOY = Path(__file__).resolve().parent.parent
+SAGEMAKER = DEPLOY / "sagemaker"
+TINY_SD = DEPLOY.parent / "tests" / "fixtures" / "tiny-sd1"
+# The tool as a user runs it, in its own process (same interpreter and environment).
+COMMAND = [sys.executable, "-m", "sdserve_sagemaker"]
 
-sys.path.insert(0, str(HERE))
-import sdserve_sagemaker as sm_cli  # noqa: E402  (the package beside SCRIPT)
+try:
+    import sdserve_sagemaker as sm_cli
+except ModuleNotFoundError as e:
+    if e.name != "sdserve_sagemaker":
+        raise
+    raise ImportError("sdserve_sagemaker is not importable: pip install -e './deploy[test]' "
+                      "(or PYTHONPATH=deploy/sagemaker)") from e
+if Path(sm_cli.__file__).resolve().parent != SAGEMAKER / "sdserve_sagemaker":
+    raise ImportError(f"sdserve_sagemaker comes from {sm_cli.__file__}, not from this checkout's "
+                      f"{SAGEMAKER / 'sdserve_sagemaker'}: pip install -e './deploy[test]' (editable)")
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
@@ -156,8 +170,8 @@ def cli(*argv: str) -> int:
 
 
 def run_script(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The script as a user runs it, in its own process."""
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], capture_output=True,
+    """The tool as a user runs it, in its own process."""
+    return subprocess.run([*COMMAND, *map(str, argv)], capture_output=True,
                           text=True, timeout=60, env={**os.environ, **(env or {})})
 
 
@@ -553,7 +567,7 @@ def test_no_credentials_is_a_clean_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_REGION=REGION, AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
                AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL="http://127.0.0.1:9")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "teardown", "--name", "sd"], capture_output=True,
+    proc = subprocess.run([*COMMAND, "teardown", "--name", "sd"], capture_output=True,
                           text=True, timeout=60, env=env)
     assert proc.returncode == 2 and "no AWS credentials" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -570,7 +584,7 @@ def walk_statements(doc):
 
 
 def test_policy_template_is_valid_json_with_placeholders():
-    doc = json.loads((HERE / "iam-policy.json").read_text())
+    doc = json.loads((SAGEMAKER / "iam-policy.json").read_text())
     text = json.dumps(doc)
     for placeholder in ("${ACCOUNT_ID}", "${BUCKET}", "${PREFIX}", "${REGION}", "${ECR_REPOSITORY}"):
         assert placeholder in text

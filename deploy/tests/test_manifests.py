@@ -1,8 +1,8 @@
 """Static checks of the deployment files: deploy/kubernetes, deploy/Dockerfile and
 deploy/sagemaker/iam-policy.json.
 
-    python3 -m pip install -r deploy/requirements.txt
-    python3 -m pytest -q deploy/test_manifests.py
+    python3 -m pip install -e './deploy[test]'
+    python3 -m pytest -q deploy/tests/test_manifests.py
 
 - Every Kubernetes manifest validates, strictly (unknown fields are errors),
   against the Kubernetes API schemas of kubernetes-validate for the oldest and
@@ -13,13 +13,13 @@ deploy/sagemaker/iam-policy.json.
   SDSERVE_SHUTDOWN_GRACE, the image's non-root UID, writable scratch on a
   read-only root filesystem, shared S3 storage, the HPA's metric.
 - checkov (pinned, in its own virtual environment: its pins conflict with
-  boto3 1.43.11 and pytest 9.2.0, see requirements.txt) runs every check of its
+  boto3 1.43.11 and pytest 9.2.0, see pyproject.toml) runs every check of its
   dockerfile, kubernetes and cloudformation frameworks. No check may fail, and
   the checks skipped by inline comments (each with its reason) must be exactly
   EXPECTED_SKIPS, so a new skip is a reviewed change of this file. checkov has no
   checks for a bare IAM policy document, so the policy (as rendered by
-  sdserve_sagemaker.py, and the raw template) is wrapped in a CloudFormation
-  template for its IAM checks.
+  `python -m sdserve_sagemaker policy`, and the raw template) is wrapped in a
+  CloudFormation template for its IAM checks.
 
 The checkov environment is created on first use (about 30 s and 300 MB, needs
 PyPI) under ~/.cache/sdserve/ (or $SDSERVE_CHECKOV_VENV) and reused.
@@ -42,7 +42,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-DEPLOY = Path(__file__).resolve().parent
+DEPLOY = Path(__file__).resolve().parent.parent
 REPO = DEPLOY.parent
 K8S = DEPLOY / "kubernetes"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -334,13 +334,14 @@ def run_checkov(exe: Path, framework: str, args: list[str]) -> dict:
 
 
 def iam_template(tmp_path: Path) -> Path:
-    """The execution-role policy, rendered by sdserve_sagemaker.py and as the raw
-    template, attached to a role in a CloudFormation template."""
+    """The execution-role policy, rendered by `python -m sdserve_sagemaker policy`
+    and as the raw template, attached to a role in a CloudFormation template."""
     rendered = tmp_path / "policy.json"
     subprocess.run(
         [
             sys.executable,
-            str(DEPLOY / "sagemaker" / "sdserve_sagemaker.py"),
+            "-m",
+            "sdserve_sagemaker",
             "policy",
             "--image", "123456789012.dkr.ecr.us-east-1.amazonaws.com/sdserve:0.1.0",
             "--bucket", "my-bucket",
