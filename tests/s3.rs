@@ -47,7 +47,7 @@ impl Moto {
             if let Ok(Some(status)) = moto.child.try_wait() {
                 panic!(
                     "moto_server exited ({status}); tools/test installs it (into .venv-test/, \
-                     put on PATH), from deploy/sagemaker/requirements.txt"
+                     put on PATH), from deploy/pyproject.toml (its test extra)"
                 );
             }
             assert!(Instant::now() < deadline, "moto_server never answered");

@@ -8,18 +8,19 @@
 //! and `attention_processor.py::AttnProcessor2_0`.
 //!
 //! Text-to-image only decodes, so the encoder is not loaded (a third of the
-//! VAE's weights). Convolutions use [`super::layers::conv`].
+//! VAE's weights). The blocks are the UNet's ([`super::layers`]): resnets
+//! without a time embedding, spatial self-attention, `Upsample2D`.
 
 use std::path::Path;
 
-use crate::diffusion::layers::linear::{Linear, linear};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::config::{VaeConfig, require, require_groups_divide};
-use super::layers::attention;
 use super::layers::conv::{Conv2d, conv2d};
 use super::layers::norm::{GroupNorm, group_norm};
+use super::layers::resnet::{ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::layers::transformer::SpatialSelfAttention;
 
 /// diffusers builds every VAE norm with eps 1e-6.
 const EPS: f64 = 1e-6;
@@ -32,103 +33,34 @@ fn conv3(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> {
     conv2d(c_in, c_out, 3, cfg, vb)
 }
 
-/// `ResnetBlock2D(temb_channels=None)`.
-#[derive(Debug)]
-struct Resnet {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+/// `ResnetBlock2D(temb_channels=None)` with the VAE's groups and eps.
+fn resnet(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<ResnetBlock2D> {
+    let cfg = ResnetConfig {
+        groups,
+        eps: EPS,
+        temb_channels: None,
+        output_scale_factor: 1.0,
+    };
+    ResnetBlock2D::new(vb, c_in, c_out, &cfg)
 }
 
-impl Resnet {
-    fn new(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<Self> {
-        Ok(Self {
-            norm1: group_norm(groups, c_in, EPS, vb.pp("norm1"))?,
-            conv1: conv3(c_in, c_out, vb.pp("conv1"))?,
-            norm2: group_norm(groups, c_out, EPS, vb.pp("norm2"))?,
-            conv2: conv3(c_out, c_out, vb.pp("conv2"))?,
-            shortcut: if c_in == c_out {
-                None
-            } else {
-                Some(conv2d(
-                    c_in,
-                    c_out,
-                    1,
-                    Default::default(),
-                    vb.pp("conv_shortcut"),
-                )?)
-            },
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
-        match &self.shortcut {
-            Some(c) => c.forward(xs)? + h,
-            None => xs + h,
-        }
-    }
-}
-
-/// `Attention(heads = channels / attention_head_dim = 1, residual_connection=True)`.
-#[derive(Debug)]
-struct SelfAttention {
-    norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
-    channels: usize,
-}
-
-impl SelfAttention {
-    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
-        let lin = |name: &str| linear(channels, channels, vb.pp(name));
-        Ok(Self {
-            norm: group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
-            to_q: lin("to_q")?,
-            to_k: lin("to_k")?,
-            to_v: lin("to_v")?,
-            to_out: lin("to_out.0")?,
-            channels,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
-        let tokens = self.norm.forward_tokens(xs)?;
-        let scale = 1.0 / (self.channels as f64).sqrt();
-        let q = self.to_q.forward(&tokens)?;
-        let k = self.to_k.forward(&tokens)?;
-        let v = self.to_v.forward(&tokens)?;
-        let out = attention(&q, &k, &v, 1, scale, false, self.to_q.is_bf16())?;
-        let out = self.to_out.forward(&out)?;
-        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
-        xs + out
-    }
-}
-
-/// `UpDecoderBlock2D`: resnets, then (except the last block) 2x nearest upsampling + conv.
+/// `UpDecoderBlock2D`: resnets, then (except the last block) `Upsample2D`.
 #[derive(Debug)]
 struct UpBlock {
-    resnets: Vec<Resnet>,
-    upsample: Option<Conv2d>,
+    resnets: Vec<ResnetBlock2D>,
+    upsample: Option<Upsample2D>,
 }
 
 impl UpBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut xs = xs.clone();
         for r in &self.resnets {
-            xs = r.forward(&xs)?;
+            xs = r.forward(&xs, None)?;
         }
-        if let Some(conv) = &self.upsample {
-            let (_, _, h, w) = xs.dims4()?;
-            xs = conv.forward(&xs.upsample_nearest2d(h * 2, w * 2)?)?;
+        match &self.upsample {
+            Some(up) => up.forward(&xs, None),
+            None => Ok(xs),
         }
-        Ok(xs)
     }
 }
 
@@ -137,8 +69,8 @@ impl UpBlock {
 pub struct VaeDecoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnets: [Resnet; 2],
-    mid_attention: Option<SelfAttention>,
+    mid_resnets: [ResnetBlock2D; 2],
+    mid_attention: Option<SpatialSelfAttention>,
     up_blocks: Vec<UpBlock>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -194,11 +126,16 @@ impl VaeDecoder {
         let vb = vb.pp("decoder");
         let mid = vb.pp("mid_block");
         let mid_resnets = [
-            Resnet::new(mid.pp("resnets.0"), top, top, groups)?,
-            Resnet::new(mid.pp("resnets.1"), top, top, groups)?,
+            resnet(mid.pp("resnets.0"), top, top, groups)?,
+            resnet(mid.pp("resnets.1"), top, top, groups)?,
         ];
         let mid_attention = if cfg.mid_block_add_attention {
-            Some(SelfAttention::new(mid.pp("attentions.0"), top, groups)?)
+            Some(SpatialSelfAttention::new(
+                mid.pp("attentions.0"),
+                top,
+                groups,
+                EPS,
+            )?)
         } else {
             None
         };
@@ -210,11 +147,11 @@ impl VaeDecoder {
             let resnets = (0..=cfg.layers_per_block)
                 .map(|j| {
                     let c_in = if j == 0 { prev } else { out };
-                    Resnet::new(b.pp(format!("resnets.{j}")), c_in, out, groups)
+                    resnet(b.pp(format!("resnets.{j}")), c_in, out, groups)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let upsample = if i + 1 < reversed.len() {
-                Some(conv3(out, out, b.pp("upsamplers.0.conv"))?)
+                Some(Upsample2D::new(b.pp("upsamplers.0"), out)?)
             } else {
                 None
             };
@@ -240,11 +177,11 @@ impl VaeDecoder {
             None => z.clone(),
         };
         xs = self.conv_in.forward(&xs)?;
-        xs = self.mid_resnets[0].forward(&xs)?;
+        xs = self.mid_resnets[0].forward(&xs, None)?;
         if let Some(a) = &self.mid_attention {
             xs = a.forward(&xs)?;
         }
-        xs = self.mid_resnets[1].forward(&xs)?;
+        xs = self.mid_resnets[1].forward(&xs, None)?;
         for b in &self.up_blocks {
             xs = b.forward(&xs)?;
         }

@@ -38,9 +38,21 @@ impl Linear {
         Ok(Self::Bf16(Bf16Linear::new(&weight, bias.as_ref())?))
     }
 
-    /// Whether this layer is mixed precision (the layers around it then are too).
-    pub fn is_bf16(&self) -> bool {
-        matches!(self, Self::Bf16(_))
+    /// `(xs Wᵀ + b)ᵀ` for `xs` `[batch, tokens, in]`: `[batch, out, tokens]`, for a
+    /// projection back to a channel-first feature map. In f32 it is computed as
+    /// `W · xsᵀ`, whose output needs no transpose copy; in mixed precision it is the
+    /// bf16 product, transposed.
+    pub fn forward_channel_first(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(l) => {
+                let out = l.weight().broadcast_left(xs.dim(0)?)?.matmul(&xs.t()?)?;
+                match l.bias() {
+                    Some(b) => out.broadcast_add(&b.reshape((b.dim(0)?, 1))?),
+                    None => Ok(out),
+                }
+            }
+            Self::Bf16(_) => self.forward(xs)?.t()?.contiguous(),
+        }
     }
 }
 
@@ -58,6 +70,21 @@ mod tests {
     use super::*;
     use crate::kernels::test_util::max_diff;
     use candle_core::Device;
+
+    #[test]
+    fn channel_first_equals_the_token_major_product_transposed() {
+        let dev = Device::Cpu;
+        let tokens = Tensor::randn(0f32, 1f32, (2, 6, 4), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1f32, (3, 4), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1f32, 3, &dev).unwrap();
+        for bf16 in [false, true] {
+            let lin = Linear::new(w.clone(), Some(bias.clone()), bf16).unwrap();
+            let want = lin.forward(&tokens).unwrap().transpose(1, 2).unwrap();
+            let got = lin.forward_channel_first(&tokens).unwrap();
+            assert_eq!(got.dims(), &[2, 3, 6]);
+            assert!(max_diff(&got, &want) < 1e-6, "bf16 {bf16}");
+        }
+    }
 
     #[test]
     fn bf16_linear_matches_f32_within_bf16_rounding() {

@@ -1,8 +1,8 @@
 //! The layers the models are built from: Linear, Conv2d and GroupNorm, each
 //! choosing between candle's op and a CPU kernel of [`crate::kernels`]; the
 //! blocks made of them (resnet, down/upsampling, attention and transformer
-//! blocks) that the UNet, and in time the VAE, share; and
-//! the rule that decides how the UNet and VAE store their matmul weights.
+//! blocks) that the UNet and the VAE share; and the rule that decides how
+//! the models store their matmul weights (the precision choice lives here only).
 //!
 //! On the CPU with the `bf16` dtype, models run in mixed precision, the way PyTorch's
 //! CPU autocast runs them: linear and convolution weights are packed once into bf16

@@ -19,19 +19,21 @@ pub struct ResnetConfig {
     pub groups: usize,
     /// `resnet_eps` (the UNet's `norm_eps`).
     pub eps: f64,
-    /// `temb_channels`: width of the time embedding.
-    pub temb_channels: usize,
+    /// `temb_channels`: width of the time embedding; `None` for blocks without one
+    /// (the VAE's, `temb_channels=None`).
+    pub temb_channels: Option<usize>,
     /// `output_scale_factor` (the UNet's `mid_block_scale_factor` in the mid block, else 1).
     pub output_scale_factor: f64,
 }
 
 /// diffusers `ResnetBlock2D`: `norm1 → SiLU → conv1 → + time_emb_proj(SiLU(temb)) →
-/// norm2 → SiLU → conv2`, plus the (1×1-projected when channels change) input.
+/// norm2 → SiLU → conv2`, plus the (1×1-projected when channels change) input; without
+/// a time embedding the `+ time_emb_proj` step is left out.
 #[derive(Debug)]
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -51,7 +53,10 @@ impl ResnetBlock2D {
         };
         let norm1 = group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
         let conv1 = conv2d(in_channels, out_channels, 3, conv3, vb.pp("conv1"))?;
-        let time_emb_proj = linear(cfg.temb_channels, out_channels, vb.pp("time_emb_proj"))?;
+        let time_emb_proj = cfg
+            .temb_channels
+            .map(|c| linear(c, out_channels, vb.pp("time_emb_proj")))
+            .transpose()?;
         let norm2 = group_norm(cfg.groups, out_channels, cfg.eps, vb.pp("norm2"))?;
         let conv2 = conv2d(out_channels, out_channels, 3, conv3, vb.pp("conv2"))?;
         // `use_in_shortcut = in_channels != conv_2d_out_channels`, 1x1 with bias.
@@ -78,12 +83,20 @@ impl ResnetBlock2D {
     }
 
     /// `temb_act` is `SiLU(temb)` (`[1 or batch, temb_channels]`): every resnet applies
-    /// the same nonlinearity to the same embedding, so the UNet does it once.
-    pub fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let t = self.time_emb_proj.forward(temb_act)?;
-        let (tb, tc) = t.dims2()?;
-        let h = h.broadcast_add(&t.reshape((tb, tc, 1, 1))?)?;
+    /// the same nonlinearity to the same embedding, so the UNet does it once. `None`
+    /// for a block built without a time embedding.
+    pub fn forward(&self, xs: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        match (&self.time_emb_proj, temb_act) {
+            (Some(proj), Some(temb_act)) => {
+                let t = proj.forward(temb_act)?;
+                let (tb, tc) = t.dims2()?;
+                h = h.broadcast_add(&t.reshape((tb, tc, 1, 1))?)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => candle_core::bail!("ResnetBlock2D: time embedding missing"),
+            (None, Some(_)) => candle_core::bail!("ResnetBlock2D: built without a time embedding"),
+        }
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,

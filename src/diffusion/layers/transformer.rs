@@ -16,8 +16,23 @@ use super::linear::{Linear, linear, linear_no_bias};
 use super::norm::{GroupNorm, group_norm};
 use super::{attention, geglu, packs_bf16, parameters};
 
-/// diffusers `Attention` (no bias on q/k/v, bias on `to_out.0`) run the way
-/// `AttnProcessor2_0` runs it: `softmax(q kᵀ / √d) v` per head, then `to_out`.
+/// The shape of one diffusers `Attention`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionConfig {
+    pub query_dim: usize,
+    /// `cross_attention_dim`: `None` is self-attention.
+    pub context_dim: Option<usize>,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// diffusers' `upcast_attention`: in f16/bf16, `q kᵀ` is computed in f32 (as
+    /// diffusers' `Attention.get_attention_scores` does). The softmax is always f32.
+    pub upcast: bool,
+    /// `bias`: q/k/v carry biases (the VAE's attention); `to_out.0` always does.
+    pub qkv_bias: bool,
+}
+
+/// diffusers `Attention` run the way `AttnProcessor2_0` runs it:
+/// `softmax(q kᵀ / √d) v` per head, then `to_out`.
 #[derive(Debug)]
 pub struct Attention {
     to_q: Linear,
@@ -27,30 +42,30 @@ pub struct Attention {
     heads: usize,
     head_dim: usize,
     upcast: bool,
+    /// Mixed precision: the attention kernel takes bf16 products too.
+    mixed: bool,
 }
 
 impl Attention {
-    /// `cross_attention_dim: None` is self-attention. `upcast` is diffusers'
-    /// `upcast_attention`: in f16/bf16, `q kᵀ` is computed in f32 (as diffusers'
-    /// `Attention.get_attention_scores` does). The softmax is always computed in f32.
-    pub fn new(
-        vb: VarBuilder,
-        query_dim: usize,
-        cross_attention_dim: Option<usize>,
-        heads: usize,
-        head_dim: usize,
-        upcast: bool,
-    ) -> Result<Self> {
-        let inner = heads * head_dim;
-        let context_dim = cross_attention_dim.unwrap_or(query_dim);
+    pub fn new(vb: VarBuilder, cfg: &AttentionConfig) -> Result<Self> {
+        let inner = cfg.heads * cfg.head_dim;
+        let context_dim = cfg.context_dim.unwrap_or(cfg.query_dim);
+        let qkv = |dim: usize, name: &str| {
+            if cfg.qkv_bias {
+                linear(dim, inner, vb.pp(name))
+            } else {
+                linear_no_bias(dim, inner, vb.pp(name))
+            }
+        };
         Ok(Self {
-            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
-            heads,
-            head_dim,
-            upcast,
+            to_q: qkv(cfg.query_dim, "to_q")?,
+            to_k: qkv(context_dim, "to_k")?,
+            to_v: qkv(context_dim, "to_v")?,
+            to_out: linear(inner, cfg.query_dim, vb.pp("to_out.0"))?,
+            heads: cfg.heads,
+            head_dim: cfg.head_dim,
+            upcast: cfg.upcast,
+            mixed: packs_bf16(&vb),
         })
     }
 
@@ -66,9 +81,43 @@ impl Attention {
             self.heads,
             scale,
             self.upcast,
-            self.to_q.is_bf16(),
+            self.mixed,
         )?;
         self.to_out.forward(&out)
+    }
+}
+
+/// diffusers `Attention` over the pixels of a feature map, with its own `group_norm` and
+/// `residual_connection=True`: the VAE's mid-block attention (one head as wide as the
+/// channels, q/k/v with biases). `[b, c, h, w]` in and out.
+#[derive(Debug)]
+pub struct SpatialSelfAttention {
+    norm: GroupNorm,
+    attention: Attention,
+}
+
+impl SpatialSelfAttention {
+    pub fn new(vb: VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        let cfg = AttentionConfig {
+            query_dim: channels,
+            context_dim: None,
+            heads: 1,
+            head_dim: channels,
+            upcast: false,
+            qkv_bias: true,
+        };
+        Ok(Self {
+            norm: group_norm(groups, channels, eps, vb.pp("group_norm"))?,
+            attention: Attention::new(vb, &cfg)?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let out = self
+            .attention
+            .forward(&self.norm.forward_tokens(xs)?, None)?;
+        xs + out.transpose(1, 2)?.reshape((b, c, h, w))?
     }
 }
 
@@ -153,18 +202,19 @@ impl BasicTransformerBlock {
         upcast: bool,
     ) -> Result<Self> {
         let ln = |name: &str| candle_nn::layer_norm(dim, LAYER_NORM_EPS, parameters(&vb.pp(name)));
+        let attn = |context_dim| AttentionConfig {
+            query_dim: dim,
+            context_dim,
+            heads,
+            head_dim,
+            upcast,
+            qkv_bias: false,
+        };
         Ok(Self {
             norm1: ln("norm1")?,
-            attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim, upcast)?,
+            attn1: Attention::new(vb.pp("attn1"), &attn(None))?,
             norm2: ln("norm2")?,
-            attn2: Attention::new(
-                vb.pp("attn2"),
-                dim,
-                Some(cross_attention_dim),
-                heads,
-                head_dim,
-                upcast,
-            )?,
+            attn2: Attention::new(vb.pp("attn2"), &attn(Some(cross_attention_dim)))?,
             norm3: ln("norm3")?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -197,40 +247,28 @@ pub struct TransformerConfig {
 /// diffusers `Transformer2DModel` on continuous input: GroupNorm (eps 1e-6), `proj_in`,
 /// the transformer blocks over the `h·w` tokens, `proj_out`, plus the input.
 ///
-/// A 1×1 conv and a linear are the same per-pixel map, so both projections are held as a
-/// `[out, in]` matrix (the conv weight viewed without its 1×1 dims); `proj_out` is computed
-/// channel-first (`W · hᵀ`) so its output needs no transpose copy (in mixed precision
-/// it is a bf16 linear followed by a transpose).
+/// A 1×1 conv and a linear are the same per-pixel map, so both projections are held as
+/// linears (the conv weight viewed without its 1×1 dims); `proj_out` goes straight back
+/// to channel-first ([`Linear::forward_channel_first`]).
 #[derive(Debug)]
 pub struct Transformer2D {
     norm: GroupNorm,
     proj_in: Linear,
     blocks: Vec<BasicTransformerBlock>,
-    proj_out: ProjOut,
-}
-
-#[derive(Debug)]
-enum ProjOut {
-    ChannelFirst { weight: Tensor, bias: Tensor },
-    Linear(Linear),
+    proj_out: Linear,
 }
 
 /// A `[out, in]` projection stored as a linear (`[out, in]`) or a 1×1 conv (`[out, in, 1, 1]`).
-fn pointwise(
-    vb: VarBuilder,
-    in_dim: usize,
-    out_dim: usize,
-    linear: bool,
-) -> Result<(Tensor, Tensor)> {
-    let vb = parameters(&vb);
-    let weight = if linear {
-        vb.get((out_dim, in_dim), "weight")?
-    } else {
-        vb.get((out_dim, in_dim, 1, 1), "weight")?
-            .squeeze(3)?
-            .squeeze(2)?
-    };
-    Ok((weight, vb.get(out_dim, "bias")?))
+fn pointwise(vb: VarBuilder, in_dim: usize, out_dim: usize, is_linear: bool) -> Result<Linear> {
+    if is_linear {
+        return linear(in_dim, out_dim, vb);
+    }
+    let p = parameters(&vb);
+    let weight = p
+        .get((out_dim, in_dim, 1, 1), "weight")?
+        .squeeze(3)?
+        .squeeze(2)?;
+    Linear::new(weight, Some(p.get(out_dim, "bias")?), packs_bf16(&vb))
 }
 
 impl Transformer2D {
@@ -239,8 +277,7 @@ impl Transformer2D {
         let head_dim = channels / cfg.heads;
         let inner = cfg.heads * head_dim;
         let norm = group_norm(cfg.groups, channels, 1e-6, vb.pp("norm"))?;
-        let (w, b) = pointwise(vb.pp("proj_in"), channels, inner, cfg.linear_projection)?;
-        let proj_in = Linear::new(w, Some(b), packs_bf16(&vb))?;
+        let proj_in = pointwise(vb.pp("proj_in"), channels, inner, cfg.linear_projection)?;
         let blocks = (0..cfg.layers)
             .map(|i| {
                 BasicTransformerBlock::new(
@@ -253,12 +290,7 @@ impl Transformer2D {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let (weight, bias) = pointwise(vb.pp("proj_out"), inner, channels, cfg.linear_projection)?;
-        let proj_out = if packs_bf16(&vb) {
-            ProjOut::Linear(Linear::new(weight, Some(bias), true)?)
-        } else {
-            ProjOut::ChannelFirst { weight, bias }
-        };
+        let proj_out = pointwise(vb.pp("proj_out"), inner, channels, cfg.linear_projection)?;
         Ok(Self {
             norm,
             proj_in,
@@ -275,44 +307,7 @@ impl Transformer2D {
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let out = match &self.proj_out {
-            // [b, c, h*w] = W[c, inner] · tokensᵀ[b, inner, h*w] + bias
-            ProjOut::ChannelFirst { weight, bias } => weight
-                .broadcast_left(b)?
-                .matmul(&tokens.t()?)?
-                .broadcast_add(&bias.reshape((c, 1))?)?,
-            ProjOut::Linear(l) => l.forward(&tokens)?.t()?.contiguous()?,
-        };
+        let out = self.proj_out.forward_channel_first(&tokens)?;
         out.reshape((b, c, h, w))? + xs
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::test_util::max_diff;
-    use candle_core::Device;
-
-    #[test]
-    fn projection_paths_match_a_plain_linear() {
-        // proj_out's channel-first matmul equals the token-major linear, transposed.
-        let dev = Device::Cpu;
-        let tokens = Tensor::randn(0f32, 1f32, (2, 6, 4), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1f32, (3, 4), &dev).unwrap();
-        let bias = Tensor::randn(0f32, 1f32, 3, &dev).unwrap();
-        let lin = Linear::new(w.clone(), Some(bias.clone()), false)
-            .unwrap()
-            .forward(&tokens)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap();
-        let cf = w
-            .broadcast_left(2)
-            .unwrap()
-            .matmul(&tokens.t().unwrap())
-            .unwrap()
-            .broadcast_add(&bias.reshape((3, 1)).unwrap())
-            .unwrap();
-        assert!(max_diff(&lin, &cf) < 1e-6);
     }
 }

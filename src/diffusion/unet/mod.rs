@@ -44,7 +44,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, temb_act)?;
+            xs = resnet.forward(&xs, Some(temb_act))?;
             if let Some(attn) = self.attentions.get(j) {
                 xs = attn.forward(&xs, context)?;
             }
@@ -89,7 +89,7 @@ impl UpBlock {
             let skip = skips.pop().ok_or_else(|| {
                 candle_core::Error::Msg("UNet: skip connections exhausted".into())
             })?;
-            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb_act)?;
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb_act))?;
             if let Some(attn) = self.attentions.get(j) {
                 xs = attn.forward(&xs, context)?;
             }
@@ -132,7 +132,7 @@ impl UNet2DConditionModel {
         let resnet = |output_scale_factor| ResnetConfig {
             groups: plan.groups,
             eps: cfg.norm_eps,
-            temb_channels: temb_dim,
+            temb_channels: Some(temb_dim),
             output_scale_factor,
         };
         let pad = |k: usize| Conv2dConfig {
@@ -313,9 +313,9 @@ impl UNet2DConditionModel {
         }
         // 4. mid
         let mid = &self.mid_block;
-        xs = mid.resnet_in.forward(&xs, &temb_act)?;
+        xs = mid.resnet_in.forward(&xs, Some(&temb_act))?;
         xs = mid.attention.forward(&xs, &context)?;
-        xs = mid.resnet_out.forward(&xs, &temb_act)?;
+        xs = mid.resnet_out.forward(&xs, Some(&temb_act))?;
         // 5. up
         for (i, block) in self.up_blocks.iter().enumerate() {
             let take = block.resnets.len();
