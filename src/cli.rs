@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
-use crate::diffusion::hub::ModelSource;
+use crate::diffusion::loading::hub::ModelSource;
 use crate::diffusion::pipelines::{LoadOptions, StableDiffusion, device_from_name, load_model};
 use crate::error::{Error, Result};
 use crate::output::{ImageMetadata, encode_png, read_png_metadata, to_rgb8};

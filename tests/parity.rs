@@ -9,7 +9,7 @@
 //! the values' magnitude). A real mistake — a missing bias, a wrong activation,
 //! an off-by-one timestep — moves results by 1e-3 or more, far outside that.
 //!
-//! The UNet is sdserve's own (`src/diffusion/unet.rs`); candle-transformers' 0.11
+//! The UNet is sdserve's own (`src/diffusion/models/unet/`); candle-transformers' 0.11
 //! UNet used the tanh-approximate GELU in GEGLU and sat ~5e-5-8e-5 off diffusers
 //! (the fixture JSON's `tanh_gelu` section still records that effect).
 

@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
-use sdserve::diffusion::clip::ClipTextModel;
-use sdserve::diffusion::config::{ClipTextConfig, UNetConfig, VaeConfig, read_json};
+use sdserve::diffusion::loading::config::{ClipTextConfig, UNetConfig, VaeConfig, read_json};
+use sdserve::diffusion::loading::tokenizer::ClipTokenizer;
+use sdserve::diffusion::models::clip::ClipTextModel;
 use sdserve::diffusion::pipelines::{build_unet, build_vae};
 use sdserve::diffusion::schedulers::{SchedulerConfig, SchedulerKind};
-use sdserve::diffusion::tokenizer::ClipTokenizer;
 
 type Layout = BTreeMap<String, Vec<usize>>;
 

@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::diffusion::clip::ClipTextModel;
-use crate::diffusion::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::diffusion::layers::activation_dtype;
+use crate::diffusion::loading::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
+use crate::diffusion::loading::tokenizer::ClipTokenizer;
+use crate::diffusion::loading::weights::WeightFiles;
+use crate::diffusion::models::clip::ClipTextModel;
+use crate::diffusion::models::unet::UNet2DConditionModel;
+use crate::diffusion::models::vae::VaeDecoder;
 use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
-use crate::diffusion::tokenizer::ClipTokenizer;
-use crate::diffusion::unet::UNet2DConditionModel;
-use crate::diffusion::vae::VaeDecoder;
-use crate::diffusion::weights::WeightFiles;
 use crate::error::{Error, Result};
 
 use super::{MemoryProfile, ModelInfo};
@@ -412,13 +412,13 @@ pub fn device_from_name(name: &str) -> Result<Device> {
 
 /// Loads a model from a local folder or hub id.
 pub fn load_model(
-    source: &crate::diffusion::hub::ModelSource,
+    source: &crate::diffusion::loading::hub::ModelSource,
     opts: &LoadOptions,
 ) -> Result<StableDiffusion> {
     let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&opts.device));
     let dir: PathBuf = source.resolve(dtype != DType::F32)?;
     let mut model = StableDiffusion::load(&dir, opts)?;
-    if let crate::diffusion::hub::ModelSource::Hub { repo, .. } = source {
+    if let crate::diffusion::loading::hub::ModelSource::Hub { repo, .. } = source {
         model.info.source = repo.clone();
         model.info.name = repo.clone();
     }

@@ -1,7 +1,7 @@
 //! What the loaded model is and accepts, as the front ends validate
 //! requests with it, and what one request may cost in memory.
 
-use crate::diffusion::config::{UNetConfig, VaeConfig};
+use crate::diffusion::loading::config::{UNetConfig, VaeConfig};
 use crate::diffusion::schedulers::SchedulerConfig;
 
 /// What the loaded model is and accepts; front ends validate requests with it.

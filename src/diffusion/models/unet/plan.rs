@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use crate::diffusion::config::{PerBlock, UNetConfig, require, require_groups_divide};
 use crate::diffusion::layers::transformer::TransformerConfig;
+use crate::diffusion::loading::config::{PerBlock, UNetConfig, require, require_groups_divide};
 use crate::error::Error;
 
 /// The config resolved to one value per down block (index `i` of `block_out_channels`),

@@ -6,7 +6,7 @@
 //! `UNet2DConditionModel`, `AutoencoderKL`; transformers `CLIPTextConfig`).
 //! Features the modules cannot run are refused, with the key named, instead of
 //! loading a model that would compute something else (the UNet's checks live with the
-//! UNet, in [`crate::diffusion::unet`]).
+//! UNet, in [`crate::diffusion::models::unet`]).
 
 use std::path::Path;
 

@@ -19,9 +19,9 @@ use crate::diffusion::layers::norm::{GroupNorm, group_norm};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::diffusion::config::UNetConfig;
 use crate::diffusion::layers::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::diffusion::layers::transformer::Transformer2D;
+use crate::diffusion::loading::config::UNetConfig;
 mod plan;
 use plan::Plan;
 
@@ -369,7 +369,7 @@ fn timestep_embedding(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::config::PerBlock;
+    use crate::diffusion::loading::config::PerBlock;
 
     fn plan_err(edit: impl FnOnce(&mut UNetConfig)) -> String {
         let mut cfg = UNetConfig::default();

@@ -8,7 +8,7 @@
 //! and `attention_processor.py::AttnProcessor2_0`.
 //!
 //! Text-to-image only decodes, so the encoder is not loaded (a third of the
-//! VAE's weights). The blocks are the UNet's ([`super::layers`]): resnets
+//! VAE's weights). The blocks are the UNet's ([`crate::diffusion::layers`]): resnets
 //! without a time embedding, spatial self-attention, `Upsample2D`.
 
 use std::path::Path;
@@ -16,11 +16,11 @@ use std::path::Path;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use super::config::{VaeConfig, require, require_groups_divide};
-use super::layers::conv::{Conv2d, conv2d};
-use super::layers::norm::{GroupNorm, group_norm};
-use super::layers::resnet::{ResnetBlock2D, ResnetConfig, Upsample2D};
-use super::layers::transformer::SpatialSelfAttention;
+use crate::diffusion::layers::conv::{Conv2d, conv2d};
+use crate::diffusion::layers::norm::{GroupNorm, group_norm};
+use crate::diffusion::layers::resnet::{ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::diffusion::layers::transformer::SpatialSelfAttention;
+use crate::diffusion::loading::config::{VaeConfig, require, require_groups_divide};
 
 /// diffusers builds every VAE norm with eps 1e-6.
 const EPS: f64 = 1e-6;

@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
-use crate::diffusion::config::{Activation, ClipTextConfig};
+use crate::diffusion::loading::config::{Activation, ClipTextConfig};
 use crate::error::Result;
 
 /// The activation `act` applied to `xs`, as transformers' `ACT2FN` computes it.
