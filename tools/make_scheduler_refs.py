@@ -32,6 +32,11 @@ Tensors (all float32):
                              the other schedulers return their input unchanged)
   <case>.prev                [n, 2, 4, 3, 5] prev_sample after every step
   <case>.noise               [n, 2, 4, 3, 5] noise drawn by EulerAncestral's step
+  add_noise_original         a second unit-variance tensor, [2, 4, 3, 5] (torch seed 1)
+  <case>.add_noise           [k, 2, 4, 3, 5] add_noise(add_noise_original, latents,
+                             timesteps[i:i+1]) after set_begin_index(i), for the step
+                             indices i listed in the case's "add_noise_steps" (first,
+                             middle, last): what image-to-image does for its first step
   sweep.<kind>.<spacing>.timesteps / .sigmas
                              timesteps (and sigmas) for many step counts, concatenated
                              in the order of `sweep_steps`
@@ -231,6 +236,16 @@ def run_case(name: str, kind: str, overrides: dict, steps: int, latents: torch.T
         assert len(recorder.drawn) == len(prevs)
         if prevs:
             put("noise", torch.stack(recorder.drawn).to(torch.float32).contiguous())
+
+    original = tensors["add_noise_original"][: latents.shape[0]]
+    noise_steps = sorted({0, len(timesteps) // 2, len(timesteps) - 1})
+    noised = []
+    for i in noise_steps:
+        s = build(kind, overrides, steps)
+        if hasattr(s, "set_begin_index"):
+            s.set_begin_index(i)
+        noised.append(s.add_noise(original, latents, s.timesteps[i : i + 1]))
+    put("add_noise", torch.stack(noised).to(torch.float32).contiguous())
     return {
         "name": name,
         "kind": kind,
@@ -238,6 +253,7 @@ def run_case(name: str, kind: str, overrides: dict, steps: int, latents: torch.T
         "overrides": {**KINDS[kind][1], **overrides},
         "steps": steps,
         "num_timesteps": len(timesteps),
+        "add_noise_steps": noise_steps,
         "keys": keys,
     }
 
@@ -247,6 +263,8 @@ def main():
     tensors = {}
     latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     tensors["latents"] = latents.contiguous()
+    original = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    tensors["add_noise_original"] = original.contiguous()
 
     tables = []
     for tname, cls, ov in [

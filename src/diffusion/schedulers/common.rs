@@ -436,6 +436,21 @@ pub fn scale(x: &Tensor, c: f32) -> Result<Tensor> {
     Ok(x.affine(c as f64, 0.0)?)
 }
 
+/// `√ᾱ · original + √(1 − ᾱ) · noise` in float32 scalars: diffusers'
+/// `DDPMScheduler.add_noise`, which `DDIMScheduler` and `PNDMScheduler` copy
+/// (ᾱ = `alphas_cumprod[t]`).
+pub fn add_noise_alpha(original: &Tensor, noise: &Tensor, alpha_prod: f32) -> Result<Tensor> {
+    let (original, noise) = promote(original, noise)?;
+    Ok((scale(&original, alpha_prod.sqrt())? + scale(&noise, (1.0 - alpha_prod).sqrt())?)?)
+}
+
+/// `original + noise · σ`: diffusers' `EulerDiscreteScheduler.add_noise` (and
+/// `EulerAncestralDiscreteScheduler`'s copy).
+pub fn add_noise_sigma(original: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
+    let (original, noise) = promote(original, noise)?;
+    Ok((original + scale(&noise, sigma)?)?)
+}
+
 /// Upcasts to float32 (`.to(torch.float32)`), leaving f64 alone.
 pub fn upcast(x: &Tensor) -> Result<Tensor> {
     Ok(match x.dtype() {

@@ -157,6 +157,13 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        common::check_step_index(CLASS, step_index, self.int_timesteps.len())?;
+        let t = self.int_timesteps[step_index];
+        let alpha = common::alpha_at(CLASS, &self.alphas_cumprod, t)?;
+        common::add_noise_alpha(original, noise, alpha)
+    }
+
     /// DDIM's update from `timesteps()[step_index]` to `t - num_train // steps` (η = 0).
     fn step(
         &mut self,

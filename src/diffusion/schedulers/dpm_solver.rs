@@ -424,6 +424,15 @@ impl Scheduler for DpmSolverMultistep {
         Some(&self.sigmas_f64)
     }
 
+    /// `α_t · original + σ_t · noise` at `sigmas[step_index]`, as diffusers'
+    /// `DPMSolverMultistepScheduler.add_noise` (`_sigma_to_alpha_sigma_t`).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
+        let (original, noise) = common::promote(original, noise)?;
+        Ok((scale(&original, alpha_t)? + scale(&noise, sigma_t)?)?)
+    }
+
     /// The model output at `timesteps()[step_index]` → the sample at the next sigma.
     fn step(
         &mut self,

@@ -242,6 +242,11 @@ impl Scheduler for Euler {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
+        common::add_noise_sigma(original, noise, self.sigmas[step_index])
+    }
+
     /// `scheduler.sigmas`: one per timestep plus the final sigma.
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas_f64)

@@ -108,6 +108,11 @@ impl Scheduler for EulerAncestral {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
+        common::add_noise_sigma(original, noise, self.sigmas[step_index])
+    }
+
     /// `scheduler.sigmas`: one per timestep plus the final 0.
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas_f64)

@@ -365,6 +365,13 @@ pub trait Scheduler: std::fmt::Debug + Send {
         Ok(sample.clone())
     }
 
+    /// `original` noised to the level of `timesteps()[step_index]`: diffusers'
+    /// `add_noise(original, noise, timesteps[step_index:step_index + 1])` after
+    /// `set_begin_index(step_index)`, as the image-to-image and inpainting
+    /// pipelines call it for the first step they run (alphas for DDIM and PNDM,
+    /// sigmas for the Euler family and DPM-Solver).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
+
     /// Advances `sample` by one step given the (guided) model output at
     /// `timesteps()[step_index]`. Ancestral schedulers draw fresh noise from `noise`.
     fn step(

@@ -321,6 +321,13 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        common::check_step_index(CLASS, step_index, self.int_timesteps.len())?;
+        let t = self.int_timesteps[step_index];
+        let alpha = common::alpha_at(CLASS, &self.alphas_cumprod, t)?;
+        common::add_noise_alpha(original, noise, alpha)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
