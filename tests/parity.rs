@@ -326,3 +326,99 @@ fn cancelling_stops_the_loop() {
     assert_eq!(seen, 2);
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }
+
+/// Records the steps the loop calls its hooks for.
+struct Recorder(Vec<usize>);
+
+impl sdserve::diffusion::pipelines::StepHooks for Recorder {
+    fn after_step(
+        &mut self,
+        step: usize,
+        latents: Tensor,
+        _scheduler: &dyn sdserve::diffusion::schedulers::Scheduler,
+    ) -> sdserve::Result<Tensor> {
+        self.0.push(step);
+        Ok(latents)
+    }
+}
+
+/// The loop's start index (what image to image's `strength` sets): a run started at
+/// step k from the latents a full run had after k steps ends where the full run
+/// ends, for schedulers whose step depends only on its index (DDIM, Euler), and the
+/// hooks and progress see only the steps it takes.
+#[test]
+fn a_run_started_later_continues_a_full_run() {
+    use sdserve::diffusion::pipelines::{Conditioning, DenoiseRun};
+    let sd = common::model("tiny-sd1");
+    let emb = sd.prompt_embeddings("a red cube", "", 1, true).unwrap();
+    let conditioning = Conditioning { text: emb.clone() };
+    let unit = SeededNoise::new(&[7])
+        .initial_latents(4, 12, 12, &Device::Cpu)
+        .unwrap();
+    for kind in [SchedulerKind::Ddim, SchedulerKind::Euler] {
+        let build = || {
+            sd.scheduler_config()
+                .build(kind, &Default::default(), 6)
+                .unwrap()
+        };
+        let mut after_two = None;
+        let full = sd
+            .denoise(
+                &emb,
+                &unit,
+                build().as_mut(),
+                5.0,
+                &mut SeededNoise::new(&[0]),
+                &mut |p| {
+                    if p.step == 2 {
+                        after_two = Some(p.latents.clone());
+                    }
+                    true
+                },
+            )
+            .unwrap();
+        let mut hooks = Recorder(Vec::new());
+        let mut seen = Vec::new();
+        let run = DenoiseRun {
+            conditioning: &conditioning,
+            latents: after_two.unwrap(),
+            start: 2,
+            guidance: 5.0,
+        };
+        let resumed = sd
+            .run_denoise(
+                run,
+                build().as_mut(),
+                &mut SeededNoise::new(&[0]),
+                &mut hooks,
+                &mut |p| {
+                    seen.push((p.step, p.total));
+                    true
+                },
+            )
+            .unwrap();
+        let d = max_abs_diff(&full, &resumed);
+        assert!(
+            d <= 1e-5 * max_abs(&full),
+            "{kind}: resumed run differs by {d}"
+        );
+        assert_eq!(hooks.0, vec![2, 3, 4, 5], "{kind}");
+        assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)], "{kind}");
+        let past_the_end = DenoiseRun {
+            conditioning: &conditioning,
+            latents: unit.clone(),
+            start: 6,
+            guidance: 5.0,
+        };
+        let err = sd
+            .run_denoise(
+                past_the_end,
+                build().as_mut(),
+                &mut SeededNoise::new(&[0]),
+                &mut hooks,
+                &mut |_| true,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("starts at step 6 of 6"), "{err}");
+    }
+}

@@ -1,7 +1,11 @@
-//! The denoising loop every pipeline shares: scale the noise, then for each
-//! timestep predict the noise (guided), and step the scheduler, as diffusers'
+//! The denoising loop every pipeline shares: for each timestep from a start
+//! index, predict the noise (guided) and step the scheduler, as diffusers'
 //! `StableDiffusionPipeline.__call__` does between `prepare_latents` and the
-//! VAE decode.
+//! VAE decode. What a task adds goes through [`StepHooks`] and [`DenoiseRun`]:
+//! a later start (image to image's `strength`, diffusers' `get_timesteps` and
+//! `set_begin_index`), extra UNet input channels per step (inpainting UNets),
+//! a change to the latents after each step (the 4-channel inpainting blend),
+//! and the conditioning the UNet gets ([`Conditioning`]).
 
 use candle_core::Tensor;
 
@@ -10,11 +14,60 @@ use crate::diffusion::latents::NoiseSource;
 use crate::diffusion::schedulers::Scheduler;
 use crate::error::{Error, Result};
 
+/// What the UNet is conditioned on, rows matching the UNet batch (every image's
+/// unconditional row first, then the conditional ones, under guidance). SD
+/// 1.x/2.x: the text encoder's hidden states; model families with more
+/// conditioning (SDXL's pooled text embedding and time ids) add it here.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// `[rows, tokens, cross_attention_dim]`.
+    pub text: Tensor,
+}
+
+/// One run of the loop.
+#[derive(Debug)]
+pub struct DenoiseRun<'a> {
+    pub conditioning: &'a Conditioning,
+    /// The latents at the noise level of `timesteps()[start]`: for text to image
+    /// the unit-variance noise times `init_noise_sigma`; for image to image the
+    /// image latents after the scheduler's `add_noise` at `start`.
+    pub latents: Tensor,
+    /// Index into the scheduler's timesteps of the first step to run.
+    pub start: usize,
+    /// Classifier-free guidance scale; `<= 1` runs the conditional pass only.
+    pub guidance: f64,
+}
+
+/// What a task adds to the loop; every method defaults to doing nothing.
+pub trait StepHooks {
+    /// Channels appended to the scaled UNet input at step `step` (the mask and
+    /// masked-image latents of a 9-channel inpainting UNet), one row per UNet row.
+    fn extra_input(&mut self, _step: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// The latents to carry on with after step `step`: inpainting with an
+    /// ordinary UNet puts the original latents, noised to the next step's
+    /// level, back outside the mask.
+    fn after_step(
+        &mut self,
+        _step: usize,
+        latents: Tensor,
+        _scheduler: &dyn Scheduler,
+    ) -> Result<Tensor> {
+        Ok(latents)
+    }
+}
+
+/// Text to image's hooks: none.
+pub struct NoHooks;
+
+impl StepHooks for NoHooks {}
+
 impl StableDiffusion {
-    /// The denoising loop. `latents` are the unit-variance initial latents
-    /// (scaled by `init_noise_sigma` here, as diffusers' `prepare_latents` does);
-    /// `embeddings` come from [`Self::prompt_embeddings`]. `guidance <= 1` runs
-    /// the conditional pass only.
+    /// Text to image's loop: `latents` are the unit-variance initial latents,
+    /// scaled by `init_noise_sigma` here (diffusers' `prepare_latents`);
+    /// `embeddings` come from [`Self::prompt_embeddings`].
     pub fn denoise(
         &self,
         embeddings: &Tensor,
@@ -24,31 +77,64 @@ impl StableDiffusion {
         noise: &mut dyn NoiseSource,
         progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
     ) -> Result<Tensor> {
-        let guided = guidance > 1.0;
-        let embeddings = embeddings.to_dtype(self.dtype)?;
-        let mut latents = (latents.to_device(&self.device)?.to_dtype(self.dtype)?
-            * scheduler.init_noise_sigma())?;
+        let conditioning = Conditioning {
+            text: embeddings.clone(),
+        };
+        let run = DenoiseRun {
+            conditioning: &conditioning,
+            latents: (latents.to_device(&self.device)?.to_dtype(self.dtype)?
+                * scheduler.init_noise_sigma())?,
+            start: 0,
+            guidance,
+        };
+        self.run_denoise(run, scheduler, noise, &mut NoHooks, progress)
+    }
+
+    /// The loop itself: steps `run.start..` of `scheduler`, with `hooks`.
+    /// `progress` counts the steps this run takes (1-based, out of those).
+    pub fn run_denoise(
+        &self,
+        run: DenoiseRun<'_>,
+        scheduler: &mut dyn Scheduler,
+        noise: &mut dyn NoiseSource,
+        hooks: &mut dyn StepHooks,
+        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
+    ) -> Result<Tensor> {
+        let guided = run.guidance > 1.0;
+        let context = run.conditioning.text.to_dtype(self.dtype)?;
+        let mut latents = run.latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
+        if run.start >= timesteps.len() {
+            return Err(Error::Internal(format!(
+                "denoising starts at step {} of {}",
+                run.start,
+                timesteps.len()
+            )));
+        }
+        let total = timesteps.len() - run.start;
+        for (i, &t) in timesteps.iter().enumerate().skip(run.start) {
             let input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
             };
-            let input = scheduler.scale_model_input(&input, i)?;
-            let pred = self.predict(&input, t, &embeddings)?;
+            let mut input = scheduler.scale_model_input(&input, i)?;
+            if let Some(extra) = hooks.extra_input(i)? {
+                input = Tensor::cat(&[&input, &extra.to_dtype(self.dtype)?], 1)?;
+            }
+            let pred = self.predict(&input, t, &context)?;
             let pred = if guided {
                 let n = latents.dim(0)?;
                 let uncond = pred.narrow(0, 0, n)?;
                 let cond = pred.narrow(0, n, n)?;
-                (&uncond + ((cond - &uncond)? * guidance)?)?
+                (&uncond + ((cond - &uncond)? * run.guidance)?)?
             } else {
                 pred
             };
             latents = scheduler.step(&pred, i, &latents, noise)?;
+            latents = hooks.after_step(i, latents, scheduler)?;
             if !progress(StepProgress {
-                step: i + 1,
+                step: i + 1 - run.start,
                 total,
                 latents: &latents,
             }) {

@@ -1,6 +1,6 @@
 //! Pipelines, as diffusers' `pipelines/stable_diffusion/` has them: the loaded
 //! model's components ([`components`]), one denoising loop every task shares
-//! ([`denoise`]), and one file per task over them ([`txt2img`]: diffusers'
+//! ([`denoise`], with [`StepHooks`] for what a task adds), and one file per task over them ([`txt2img`]: diffusers'
 //! `StableDiffusionPipeline.__call__`), plus what the model accepts ([`info`]).
 //!
 //! Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
@@ -17,6 +17,7 @@ use candle_core::Tensor;
 pub use components::{
     LoadOptions, StableDiffusion, build_unet, build_vae, device_from_name, load_model,
 };
+pub use denoise::{Conditioning, DenoiseRun, NoHooks, StepHooks};
 pub use info::{MemoryProfile, ModelInfo};
 
 use crate::diffusion::params::GenerateRequest;
