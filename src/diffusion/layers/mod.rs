@@ -20,12 +20,27 @@ pub mod norm;
 pub mod resnet;
 pub mod transformer;
 
+pub use crate::kernels::bf16::Kernel;
 pub use crate::kernels::plain_kernels;
 // The attention and GEGLU kernels pick their own path (fused CPU kernel,
 // chunked, or candle's) from the tensors they get: the models call them
 // through here.
 pub use crate::kernels::activations::geglu;
 pub use crate::kernels::attention::attention;
+
+/// The bf16 kernel the CPU's mixed precision will multiply with (what
+/// `SDSERVE_BF16_KERNEL` names, else the fastest usable one), announced in the
+/// log with the field `bf16_kernel`; the error says why a named kernel can't run.
+pub fn mixed_precision_kernel() -> std::result::Result<Kernel, String> {
+    let kernel = Kernel::configured()?;
+    let mode = "bf16 mixed precision on the CPU";
+    if kernel == Kernel::Portable {
+        tracing::warn!(bf16_kernel = kernel.name(), "{mode}, {}", kernel.describe());
+    } else {
+        tracing::info!(bf16_kernel = kernel.name(), "{mode}, {}", kernel.describe());
+    }
+    Ok(kernel)
+}
 
 /// True when the layers built from `vb` are mixed precision (CPU and `BF16`).
 pub fn packs_bf16(vb: &VarBuilder) -> bool {

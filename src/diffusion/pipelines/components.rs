@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::diffusion::layers::activation_dtype;
+use crate::diffusion::layers::{activation_dtype, mixed_precision_kernel};
 use crate::diffusion::loading::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::diffusion::loading::tokenizer::ClipTokenizer;
 use crate::diffusion::loading::weights::WeightFiles;
@@ -72,45 +72,19 @@ fn default_dtype(device: &Device) -> DType {
     }
 }
 
-impl StableDiffusion {
-    /// Loads every component of the diffusers folder `dir`.
-    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let device = opts.device.clone();
-        let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&device));
-        if device.is_cpu() && dtype == DType::F16 {
-            return Err(Error::invalid(
-                "dtype",
-                "f16 is not supported on the CPU; use f32, or bf16 (mixed precision: bf16 matmuls, f32 in between)",
-            ));
-        }
-        if !dir.is_dir() {
-            return Err(Error::model_file(dir, "no such model folder"));
-        }
-        if device.is_cpu() && dtype == DType::BF16 {
-            use crate::kernels::bf16::Kernel;
-            let kernel =
-                Kernel::configured().map_err(|e| Error::invalid("SDSERVE_BF16_KERNEL", e))?;
-            match kernel {
-                Kernel::Amx => {
-                    tracing::info!(
-                        bf16_kernel = kernel.name(),
-                        "bf16 mixed precision on the CPU, matmuls on Intel AMX"
-                    )
-                }
-                Kernel::Avx512Bf16 => tracing::info!(
-                    bf16_kernel = kernel.name(),
-                    "bf16 mixed precision on the CPU, matmuls with AVX-512 BF16 dot products (VDPBF16PS)"
-                ),
-                Kernel::Avx2 => tracing::info!(
-                    bf16_kernel = kernel.name(),
-                    "bf16 mixed precision on the CPU, matmuls with AVX2 on bf16 widened to f32 (no AMX or AVX-512 BF16): half the weight memory of f32, but slower than --dtype f32"
-                ),
-                Kernel::Portable => tracing::warn!(
-                    bf16_kernel = kernel.name(),
-                    "bf16 mixed precision on the CPU with the portable kernel: far slower than f32; --dtype f32 is faster here"
-                ),
-            }
-        }
+/// The configs of a diffusers folder's components, read before any weights.
+struct Configs {
+    index: ModelIndex,
+    unet: UNetConfig,
+    unet_path: PathBuf,
+    vae: VaeConfig,
+    vae_path: PathBuf,
+    text_encoder: ClipTextConfig,
+    scheduler: SchedulerConfig,
+}
+
+impl Configs {
+    fn read(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = config::read_json(&index_path)?;
         if !SUPPORTED_PIPELINES.contains(&index.class_name.as_str()) {
@@ -123,100 +97,177 @@ impl StableDiffusion {
                 ),
             ));
         }
-        // On the CPU, bf16 weights are packed from the full-precision files (what
-        // diffusers' `torch_dtype=torch.bfloat16` loads without `variant="fp16"`).
-        let prefer_fp16 = !device.is_cpu() && (dtype == DType::F16 || dtype == DType::BF16);
-        // The CPU's text encoder stays f32: it runs once per prompt.
-        let te_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+        let unet_path = dir.join("unet/config.json");
+        let unet: UNetConfig = config::read_json(&unet_path)?;
+        let vae_path = dir.join("vae/config.json");
+        let vae: VaeConfig = config::read_json(&vae_path)?;
+        let te_path = dir.join("text_encoder/config.json");
+        let text_encoder: ClipTextConfig = config::read_json(&te_path)?;
+        text_encoder.validate(&te_path)?;
+        let scheduler = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+        Ok(Self {
+            index,
+            unet,
+            unet_path,
+            vae,
+            vae_path,
+            text_encoder,
+            scheduler,
+        })
+    }
 
-        let unet_cfg_path = dir.join("unet/config.json");
-        let unet_cfg: UNetConfig = config::read_json(&unet_cfg_path)?;
-        let vae_cfg_path = dir.join("vae/config.json");
-        let vae_cfg: VaeConfig = config::read_json(&vae_cfg_path)?;
-        let te_cfg_path = dir.join("text_encoder/config.json");
-        let te_cfg: ClipTextConfig = config::read_json(&te_cfg_path)?;
-        te_cfg.validate(&te_cfg_path)?;
-        let scheduler_config =
-            SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
-
-        let tokenizer =
-            ClipTokenizer::from_dir(&dir.join("tokenizer"), te_cfg.max_position_embeddings)?;
-
-        let te_files = WeightFiles::find(&dir.join("text_encoder"), "model", prefer_fp16)?;
-        let text_encoder = ClipTextModel::new(te_files.var_builder(te_dtype, &device)?, &te_cfg)
-            .map_err(|e| Error::model_file(te_files.describe(), e))?;
-
-        let unet_files =
-            WeightFiles::find(&dir.join("unet"), "diffusion_pytorch_model", prefer_fp16)?;
-        let unet = build_unet(
-            unet_files.var_builder(dtype, &device)?,
-            &unet_cfg,
-            &unet_cfg_path,
-            &unet_files.describe(),
-        )?;
-        let compute_dtype = unet.dtype();
-        if unet_cfg.in_channels != vae_cfg.latent_channels
-            || unet_cfg.out_channels != vae_cfg.latent_channels
-        {
+    /// The UNet must take and give the VAE's latents (an inpainting UNet's 9
+    /// input channels are refused here).
+    fn check_latent_channels(&self) -> Result<()> {
+        let (unet, vae) = (&self.unet, &self.vae);
+        if unet.in_channels != vae.latent_channels || unet.out_channels != vae.latent_channels {
             return Err(Error::model_file(
-                &unet_cfg_path,
+                &self.unet_path,
                 format!(
                     "in_channels {} / out_channels {} do not match the VAE's latent_channels {} (inpainting UNets are not supported)",
-                    unet_cfg.in_channels, unet_cfg.out_channels, vae_cfg.latent_channels
+                    unet.in_channels, unet.out_channels, vae.latent_channels
                 ),
             ));
         }
+        Ok(())
+    }
 
-        // diffusers upcasts the VAE to f32 in f16 when `force_upcast` is set: its
-        // decoder overflows f16 on real images.
-        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
-        let vae_files = WeightFiles::find(
-            &dir.join("vae"),
-            "diffusion_pytorch_model",
-            prefer_fp16 && vae_dtype != DType::F32,
-        )?;
-        let vae_vb = vae_files.var_builder(vae_dtype, &device)?;
-        // The dtype decode inputs take (f32 in the CPU's mixed precision).
-        let vae_dtype = activation_dtype(&vae_vb);
-        let vae = build_vae(vae_vb, &vae_cfg, &vae_cfg_path, &vae_files.describe())?;
-
-        let vae_scale_factor = vae_cfg.scale_factor();
-        let default_size = unet_cfg.sample_size().unwrap_or(64) * vae_scale_factor;
-        let prediction_type = scheduler_config
+    /// What `/info` and image metadata say about the model in `dir`.
+    fn info(&self, dir: &Path, dtype: DType, device: &Device) -> ModelInfo {
+        let vae_scale_factor = self.vae.scale_factor();
+        let prediction_type = self
+            .scheduler
             .merged(&Default::default())
             .get("prediction_type")
             .and_then(|v| v.as_str())
             .unwrap_or("epsilon")
             .to_string();
-        let info = ModelInfo {
+        ModelInfo {
             source: dir.display().to_string(),
             name: display_name(dir),
-            pipeline_class: index.class_name,
-            default_size,
+            pipeline_class: self.index.class_name.clone(),
+            default_size: self.unet.sample_size().unwrap_or(64) * vae_scale_factor,
             vae_scale_factor,
-            latent_channels: vae_cfg.latent_channels,
+            latent_channels: self.vae.latent_channels,
             prediction_type,
-            default_scheduler: scheduler_config.class_name().to_string(),
+            default_scheduler: self.scheduler.class_name().to_string(),
             dtype: format!("{dtype:?}").to_lowercase(),
-            device: device_name(&device),
-            scheduler_config: scheduler_config.clone(),
-            memory: MemoryProfile::of(&unet_cfg, &vae_cfg),
-        };
+            device: device_name(device),
+            scheduler_config: self.scheduler.clone(),
+            memory: MemoryProfile::of(&self.unet, &self.vae),
+        }
+    }
+}
+
+/// Where the weights are read and in what dtypes.
+struct Precision {
+    device: Device,
+    dtype: DType,
+    /// Read `*.fp16.safetensors` variants where a folder has them.
+    prefer_fp16: bool,
+}
+
+impl Precision {
+    fn new(opts: &LoadOptions) -> Result<Self> {
+        let device = opts.device.clone();
+        let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&device));
+        if device.is_cpu() && dtype == DType::F16 {
+            return Err(Error::invalid(
+                "dtype",
+                "f16 is not supported on the CPU; use f32, or bf16 (mixed precision: bf16 matmuls, f32 in between)",
+            ));
+        }
+        // On the CPU, bf16 weights are packed from the full-precision files (what
+        // diffusers' `torch_dtype=torch.bfloat16` loads without `variant="fp16"`).
+        let prefer_fp16 = !device.is_cpu() && (dtype == DType::F16 || dtype == DType::BF16);
         Ok(Self {
-            info,
+            device,
+            dtype,
+            prefer_fp16,
+        })
+    }
+
+    fn is_cpu_mixed(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::BF16
+    }
+
+    fn text_encoder(&self, dir: &Path, cfg: &ClipTextConfig) -> Result<ClipTextModel> {
+        // The CPU's text encoder stays f32: it runs once per prompt.
+        let dtype = if self.device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype
+        };
+        let files = WeightFiles::find(&dir.join("text_encoder"), "model", self.prefer_fp16)?;
+        ClipTextModel::new(files.var_builder(dtype, &self.device)?, cfg)
+            .map_err(|e| Error::model_file(files.describe(), e))
+    }
+
+    fn unet(&self, dir: &Path, cfgs: &Configs) -> Result<UNet2DConditionModel> {
+        let files = WeightFiles::find(
+            &dir.join("unet"),
+            "diffusion_pytorch_model",
+            self.prefer_fp16,
+        )?;
+        build_unet(
+            files.var_builder(self.dtype, &self.device)?,
+            &cfgs.unet,
+            &cfgs.unet_path,
+            &files.describe(),
+        )
+    }
+
+    /// The VAE decoder and the dtype its inputs take (f32 in the CPU's mixed precision).
+    fn vae(&self, dir: &Path, cfgs: &Configs) -> Result<(VaeDecoder, DType)> {
+        // diffusers upcasts the VAE to f32 in f16 when `force_upcast` is set: its
+        // decoder overflows f16 on real images.
+        let dtype = if self.dtype == DType::F16 && cfgs.vae.force_upcast {
+            DType::F32
+        } else {
+            self.dtype
+        };
+        let files = WeightFiles::find(
+            &dir.join("vae"),
+            "diffusion_pytorch_model",
+            self.prefer_fp16 && dtype != DType::F32,
+        )?;
+        let vb = files.var_builder(dtype, &self.device)?;
+        let input_dtype = activation_dtype(&vb);
+        let vae = build_vae(vb, &cfgs.vae, &cfgs.vae_path, &files.describe())?;
+        Ok((vae, input_dtype))
+    }
+}
+
+impl StableDiffusion {
+    /// Loads every component of the diffusers folder `dir`.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let precision = Precision::new(opts)?;
+        if !dir.is_dir() {
+            return Err(Error::model_file(dir, "no such model folder"));
+        }
+        if precision.is_cpu_mixed() {
+            mixed_precision_kernel().map_err(|e| Error::invalid("SDSERVE_BF16_KERNEL", e))?;
+        }
+        let cfgs = Configs::read(dir)?;
+        let tokenizer = ClipTokenizer::from_dir(
+            &dir.join("tokenizer"),
+            cfgs.text_encoder.max_position_embeddings,
+        )?;
+        let text_encoder = precision.text_encoder(dir, &cfgs.text_encoder)?;
+        let unet = precision.unet(dir, &cfgs)?;
+        cfgs.check_latent_channels()?;
+        let (vae, vae_dtype) = precision.vae(dir, &cfgs)?;
+        Ok(Self {
+            info: cfgs.info(dir, precision.dtype, &precision.device),
             tokenizer,
             text_encoder,
+            dtype: unet.dtype(),
             unet,
             vae,
             vae_dtype,
-            vae_scaling_factor: vae_cfg.scaling_factor,
-            scheduler_config,
-            device,
-            dtype: compute_dtype,
+            vae_scaling_factor: cfgs.vae.scaling_factor,
+            scheduler_config: cfgs.scheduler,
+            device: precision.device,
         })
     }
 

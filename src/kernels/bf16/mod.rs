@@ -103,6 +103,18 @@ impl Kernel {
             Kernel::Portable => "portable",
         }
     }
+
+    /// How this kernel multiplies, in words, for a log line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kernel::Amx => "matmuls on Intel AMX",
+            Kernel::Avx512Bf16 => "matmuls with AVX-512 BF16 dot products (VDPBF16PS)",
+            Kernel::Avx2 => {
+                "matmuls with AVX2 on bf16 widened to f32 (no AMX or AVX-512 BF16): half the weight memory of f32, but slower than f32"
+            }
+            Kernel::Portable => "the portable kernel: far slower than f32 (use the f32 dtype here)",
+        }
+    }
 }
 
 /// True when the CPU has AVX2 and FMA (the [`Kernel::Avx2`] kernel's instructions).
