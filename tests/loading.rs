@@ -118,6 +118,15 @@ fn unsupported_pipeline_and_unet_features_are_refused() {
         "{err}"
     );
 
+    // Without addition_embed_type diffusers builds no added embedding, whatever
+    // addition_time_embed_dim says: the model loads.
+    let tmp = copy_model("tiny-sd1");
+    edit_json(&tmp.path().join("unet/config.json"), |v| {
+        v["addition_time_embed_dim"] = serde_json::json!(256);
+    });
+    sdserve::diffusion::pipelines::StableDiffusion::load(tmp.path(), &Default::default())
+        .expect("addition_time_embed_dim alone is ignored");
+
     // Every UNet key that changes the network away from its default is named.
     for (key, value) in [
         ("attention_type", serde_json::json!("gated")),
@@ -131,7 +140,6 @@ fn unsupported_pipeline_and_unet_features_are_refused() {
         ),
         ("mid_block_only_cross_attention", serde_json::json!(true)),
         ("cross_attention_norm", serde_json::json!("group_norm")),
-        ("addition_time_embed_dim", serde_json::json!(256)),
         ("time_embedding_dim", serde_json::json!(7)),
     ] {
         let tmp = copy_model("tiny-sd1");

@@ -113,7 +113,7 @@ fn check_model(model: &str, default_size: usize, prediction: &str, pad_id: u32) 
     });
     let te_cfg: ClipTextConfig = read_json(&d.join("text_encoder/config.json")).unwrap();
     check_component(model, "text_encoder", &[], |vb| {
-        ClipTextModel::new(vb, &te_cfg).map(|_| ())
+        ClipTextModel::new(vb, &te_cfg, false).map(|_| ())
     });
 
     assert_eq!(

@@ -182,7 +182,9 @@ pub(crate) fn require(
     } else {
         Err(Error::model_file(
             path,
-            format!("unsupported `{key}`: {what} (sdserve runs Stable Diffusion 1.x/2.x UNets)"),
+            format!(
+                "unsupported `{key}`: {what} (sdserve runs Stable Diffusion 1.x, 2.x and XL UNets)"
+            ),
         ))
     }
 }
@@ -282,7 +284,7 @@ impl Activation {
     }
 }
 
-/// transformers `CLIPTextConfig` (the `text_encoder/config.json` of SD 1.x/2.x).
+/// transformers `CLIPTextConfig` (`text_encoder/config.json`, and SDXL's `text_encoder_2/`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct ClipTextConfig {
@@ -294,6 +296,11 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: usize,
     pub hidden_act: String,
     pub layer_norm_eps: f64,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection` only: SDXL's second encoder).
+    pub projection_dim: usize,
+    /// 2 in the SD/SDXL repos' configs: transformers then pools at the largest id
+    /// (the legacy `argmax` rule), else at the first `eos_token_id`.
+    pub eos_token_id: u32,
 }
 
 impl Default for ClipTextConfig {
@@ -307,6 +314,8 @@ impl Default for ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: "quick_gelu".into(),
             layer_norm_eps: 1e-5,
+            projection_dim: 512,
+            eos_token_id: 2,
         }
     }
 }

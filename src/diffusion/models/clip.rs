@@ -1,6 +1,8 @@
-//! CLIP text encoder: transformers' `CLIPTextModel` (`models/clip/modeling_clip.py`,
-//! `CLIPTextTransformer.forward`), returning `last_hidden_state` as
-//! `StableDiffusionPipeline.encode_prompt` uses it (Radford et al. 2021, CLIP).
+//! CLIP text encoder: transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`
+//! (`models/clip/modeling_clip.py`, `CLIPTextTransformer.forward`), returning what the
+//! pipelines use (Radford et al. 2021, CLIP): `last_hidden_state` for SD 1.x/2.x
+//! (`StableDiffusionPipeline.encode_prompt`), the penultimate layer's hidden state and
+//! the projected pooled state for SDXL (`StableDiffusionXLPipeline.encode_prompt`).
 //!
 //! Written here rather than taken from candle-transformers because its config
 //! cannot be built from JSON and its causal mask breaks for batches > 1. Loads
@@ -103,6 +105,18 @@ impl EncoderLayer {
     }
 }
 
+/// What one pass of the encoder gives, each `[batch, ...]`.
+#[derive(Debug)]
+pub struct ClipOutput {
+    /// After the final layer norm: `[batch, seq, hidden]`.
+    pub last_hidden_state: Tensor,
+    /// `hidden_states[-2]`: the input of the last layer, no layer norm.
+    pub penultimate: Tensor,
+    /// `text_embeds`: `text_projection` of the final-normed state at each row's
+    /// pooling position, `[batch, projection_dim]` (with a projection head only).
+    pub text_embeds: Option<Tensor>,
+}
+
 /// The CLIP text transformer of a Stable Diffusion `text_encoder/` folder.
 #[derive(Debug)]
 pub struct ClipTextModel {
@@ -110,13 +124,27 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection.text_projection` (no bias).
+    text_projection: Option<Linear>,
     max_positions: usize,
+    eos_token_id: u32,
 }
 
 impl ClipTextModel {
     /// `vb` points at the root of `text_encoder/model.safetensors`; the
-    /// `text_model.` prefix of older checkpoints is detected.
-    pub fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+    /// `text_model.` prefix of older checkpoints is detected. `with_projection`:
+    /// a `CLIPTextModelWithProjection`, whose `text_projection` sits beside
+    /// `text_model`.
+    pub fn new(vb: VarBuilder, c: &ClipTextConfig, with_projection: bool) -> Result<Self> {
+        let text_projection = if with_projection {
+            Some(candle_nn::linear_no_bias(
+                c.hidden_size,
+                c.projection_dim,
+                vb.pp("text_projection"),
+            )?)
+        } else {
+            None
+        };
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -143,7 +171,9 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             max_positions: c.max_position_embeddings,
+            eos_token_id: c.eos_token_id,
         })
     }
 
@@ -153,7 +183,17 @@ impl ClipTextModel {
 
     /// `ids`: [batch, seq] u32 token ids → last_hidden_state [batch, seq, hidden].
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_all(ids)?.last_hidden_state)
+    }
+
+    /// `ids`: [batch, seq] u32 token ids → every output a pipeline reads.
+    pub fn forward_all(&self, ids: &Tensor) -> Result<ClipOutput> {
         let (_, seq) = ids.dims2()?;
+        if self.layers.is_empty() {
+            return Err(crate::error::Error::Internal(
+                "CLIP text encoder without layers".into(),
+            ));
+        }
         let device = ids.device();
         let positions = Tensor::arange(0u32, seq as u32, device)?;
         let xs = self
@@ -162,10 +202,49 @@ impl ClipTextModel {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(seq, xs.dtype(), device)?;
         let mut xs = xs;
-        for layer in &self.layers {
+        let (last, rest) = self.layers.split_last().expect("checked above");
+        for layer in rest {
             xs = layer.forward(&xs, &mask)?;
         }
-        Ok(self.final_layer_norm.forward(&xs)?)
+        let penultimate = xs.clone();
+        let last_hidden_state = self.final_layer_norm.forward(&last.forward(&xs, &mask)?)?;
+        let text_embeds = match &self.text_projection {
+            Some(proj) => Some(proj.forward(&self.pooled(&last_hidden_state, ids)?)?),
+            None => None,
+        };
+        Ok(ClipOutput {
+            last_hidden_state,
+            penultimate,
+            text_embeds,
+        })
+    }
+
+    /// `pooled_output` of `CLIPTextTransformer.forward`: each row's state at its
+    /// pooling position, `[batch, hidden]`.
+    fn pooled(&self, states: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let rows: Vec<Vec<u32>> = ids.to_vec2()?;
+        let picked = rows
+            .iter()
+            .enumerate()
+            .map(|(b, row)| {
+                let at = pooling_position(row, self.eos_token_id);
+                states.narrow(0, b, 1)?.narrow(1, at, 1)?.squeeze(1)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&picked, 0)?)
+    }
+}
+
+/// Where transformers pools a row of ids: with `eos_token_id == 2` (the legacy
+/// configs every SD repo ships) `input_ids.argmax(-1)`, the first largest id
+/// (`<|endoftext|>` is the largest in CLIP's vocabulary); otherwise the first
+/// `eos_token_id`.
+fn pooling_position(row: &[u32], eos_token_id: u32) -> usize {
+    if eos_token_id == 2 {
+        let max = row.iter().copied().max().unwrap_or(0);
+        row.iter().position(|&id| id == max).unwrap_or(0)
+    } else {
+        row.iter().position(|&id| id == eos_token_id).unwrap_or(0)
     }
 }
 
@@ -181,6 +260,15 @@ fn causal_mask(seq: usize, dtype: DType, device: &Device) -> candle_core::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pools_at_the_first_largest_id_or_the_first_eos() {
+        // SD 1.x pads with <|endoftext|> (49407): the first one is the EOS.
+        assert_eq!(pooling_position(&[49406, 320, 49407, 49407], 2), 2);
+        // SDXL's tokenizer_2 pads with "!" (0).
+        assert_eq!(pooling_position(&[49406, 320, 1125, 49407, 0, 0], 2), 3);
+        assert_eq!(pooling_position(&[49406, 7, 49407, 7], 7), 1);
+    }
 
     #[test]
     fn mask_is_causal() {

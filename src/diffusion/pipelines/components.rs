@@ -199,7 +199,7 @@ impl Precision {
             self.dtype
         };
         let files = WeightFiles::find(&dir.join("text_encoder"), "model", self.prefer_fp16)?;
-        ClipTextModel::new(files.var_builder(dtype, &self.device)?, cfg)
+        ClipTextModel::new(files.var_builder(dtype, &self.device)?, cfg, false)
             .map_err(|e| Error::model_file(files.describe(), e))
     }
 

@@ -22,7 +22,10 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use crate::diffusion::layers::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::diffusion::layers::transformer::Transformer2D;
 use crate::diffusion::loading::config::UNetConfig;
+mod added;
 mod plan;
+use added::AddEmbedding;
+pub use added::AddedConditioning;
 use plan::Plan;
 
 /// `CrossAttnDownBlock2D` (with `attentions`) or `DownBlock2D` (without).
@@ -107,6 +110,8 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// SDXL's `add_embedding` (with `add_time_proj`), when the config has one.
+    add_embedding: Option<AddEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -148,6 +153,18 @@ impl UNet2DConditionModel {
         )?;
         let time_linear_1 = linear(c0, temb_dim, vb.pp("time_embedding.linear_1"))?;
         let time_linear_2 = linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?;
+        let add_embedding = plan
+            .added
+            .map(|p| {
+                AddEmbedding::new(
+                    vb.pp("add_embedding"),
+                    p,
+                    temb_dim,
+                    cfg.flip_sin_to_cos,
+                    cfg.freq_shift,
+                )
+            })
+            .transpose()?;
 
         let mut down_blocks = Vec::with_capacity(n);
         for i in 0..n {
@@ -247,6 +264,7 @@ impl UNet2DConditionModel {
             conv_in,
             time_linear_1,
             time_linear_2,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -265,15 +283,31 @@ impl UNet2DConditionModel {
         self.dtype
     }
 
-    /// The noise (or v) prediction for `sample` `[b, in_channels, h, w]` at `timestep`,
-    /// conditioned on `encoder_hidden_states` `[b, tokens, cross_attention_dim]`
-    /// (`UNet2DConditionModel.forward`). Inputs are cast to the compute dtype; the
-    /// output is in it.
+    /// Whether the model needs [`AddedConditioning`] (SDXL's `text_time`).
+    pub fn takes_added_conditioning(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// [`Self::forward_with`] for UNets without added conditioning.
     pub fn forward(
         &self,
         sample: &Tensor,
         timestep: f64,
         encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with(sample, timestep, encoder_hidden_states, None)
+    }
+
+    /// The noise (or v) prediction for `sample` `[b, in_channels, h, w]` at `timestep`,
+    /// conditioned on `encoder_hidden_states` `[b, tokens, cross_attention_dim]` and,
+    /// for SDXL, `added` (`added_cond_kwargs`) (`UNet2DConditionModel.forward`).
+    /// Inputs are cast to the compute dtype; the output is in it.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
     ) -> Result<Tensor> {
         let sample = sample.to_dtype(self.dtype)?;
         let context = encoder_hidden_states.to_dtype(self.dtype)?;
@@ -303,6 +337,17 @@ impl UNet2DConditionModel {
         let temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
+        // `emb = emb + aug_emb`: one row per sample once SDXL's ids are in.
+        let temb = match (&self.add_embedding, added) {
+            (None, None) => temb,
+            (Some(add), Some(added)) => temb.broadcast_add(&add.forward(added, self.dtype)?)?,
+            (Some(_), None) => {
+                candle_core::bail!("this UNet needs text_embeds and time_ids (addition_embed_type)")
+            }
+            (None, Some(_)) => {
+                candle_core::bail!("this UNet takes no added conditioning (no addition_embed_type)")
+            }
+        };
         let temb_act = temb.silu()?;
         // 2. pre-process
         let mut xs = self.conv_in.forward(&sample)?;
@@ -339,8 +384,7 @@ impl UNet2DConditionModel {
 }
 
 /// diffusers `get_timestep_embedding(timesteps, dim, flip_sin_to_cos, downscale_freq_shift)`
-/// for one timestep, `[1, dim]` f32, computed in f32 step by step as diffusers does
-/// (`exp(-ln(10000) · i / (half - shift))`, times `t`, then sin/cos).
+/// for one timestep, `[1, dim]` f32.
 fn timestep_embedding(
     timestep: f64,
     dim: usize,
@@ -348,22 +392,40 @@ fn timestep_embedding(
     freq_shift: f64,
     device: &Device,
 ) -> Result<Tensor> {
+    timestep_embeddings(&[timestep], dim, flip_sin_to_cos, freq_shift, device)
+}
+
+/// `get_timestep_embedding` for each of `timesteps`, `[len, dim]` f32, computed in
+/// f32 step by step as diffusers does (`exp(-ln(10000) · i / (half - shift))`,
+/// times `t`, then sin/cos).
+fn timestep_embeddings(
+    timesteps: &[f64],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
     let half = dim / 2;
-    let t = timestep as f32;
     let log_period = -(10000f64.ln()) as f32;
     let denom = (half as f64 - freq_shift) as f32;
-    let args: Vec<f32> = (0..half)
-        .map(|i| t * (log_period * i as f32 / denom).exp())
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (log_period * i as f32 / denom).exp())
         .collect();
-    let sin = args.iter().map(|a| a.sin());
-    let cos = args.iter().map(|a| a.cos());
-    let mut emb: Vec<f32> = if flip_sin_to_cos {
-        cos.chain(sin).collect()
-    } else {
-        sin.chain(cos).collect()
-    };
-    emb.resize(dim, 0.0); // odd `dim`: one zero of padding
-    Tensor::from_vec(emb, (1, dim), device)
+    let mut out = Vec::with_capacity(timesteps.len() * dim);
+    for &timestep in timesteps {
+        let t = timestep as f32;
+        let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
+        let sin = args.iter().map(|a| a.sin());
+        let cos = args.iter().map(|a| a.cos());
+        let start = out.len();
+        if flip_sin_to_cos {
+            out.extend(cos.chain(sin));
+        } else {
+            out.extend(sin.chain(cos));
+        }
+        out.resize(start + dim, 0.0); // odd `dim`: one zero of padding
+    }
+    Tensor::from_vec(out, (timesteps.len(), dim), device)
 }
 
 #[cfg(test)]

@@ -20,6 +20,49 @@ pub(super) struct Plan {
     pub(super) transformer_layers: Vec<usize>,
     pub(super) cross_attention_dim: Vec<usize>,
     pub(super) groups: usize,
+    /// SDXL's `addition_embed_type: "text_time"`.
+    pub(super) added: Option<TextTimePlan>,
+}
+
+/// `addition_embed_type: "text_time"`: each time id through a sinusoidal
+/// embedding of `time_embed_dim`, concatenated after the pooled text embedding,
+/// `input_dim` wide in all (`projection_class_embeddings_input_dim`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TextTimePlan {
+    pub(super) time_embed_dim: usize,
+    pub(super) input_dim: usize,
+}
+
+/// The added conditioning `cfg` asks for: none, or SDXL's text_time (with its two
+/// widths, which must then be set); other kinds are refused.
+fn added_conditioning(cfg: &UNetConfig, path: &Path) -> crate::Result<Option<TextTimePlan>> {
+    match cfg.addition_embed_type.as_deref() {
+        // diffusers builds no added embedding then, whatever the widths say.
+        None => Ok(None),
+        Some("text_time") => {
+            let need = |key: &str, v: Option<usize>| {
+                v.filter(|&d| d > 0).ok_or_else(|| {
+                    Error::model_file(
+                        path,
+                        format!("`{key}` must be set for addition_embed_type \"text_time\""),
+                    )
+                })
+            };
+            let time_embed_dim = need("addition_time_embed_dim", cfg.addition_time_embed_dim)?;
+            let input_dim = need(
+                "projection_class_embeddings_input_dim",
+                cfg.projection_class_embeddings_input_dim,
+            )?;
+            Ok(Some(TextTimePlan {
+                time_embed_dim,
+                input_dim,
+            }))
+        }
+        Some(other) => Err(Error::model_file(
+            path,
+            format!("unsupported `addition_embed_type`: {other:?} (supported: \"text_time\")"),
+        )),
+    }
 }
 
 /// `value` for every block, or the per-block list; `key` names it in errors.
@@ -94,15 +137,7 @@ impl Plan {
             "class_embed_type",
             format!("{:?}", cfg.class_embed_type),
         )?;
-        require(
-            path,
-            cfg.addition_embed_type.is_none(),
-            "addition_embed_type",
-            format!(
-                "{:?} (SDXL-style added conditioning)",
-                cfg.addition_embed_type
-            ),
-        )?;
+        let added = added_conditioning(cfg, path)?;
         require(
             path,
             cfg.encoder_hid_dim.is_none(),
@@ -172,19 +207,6 @@ impl Plan {
             "cross_attention_norm",
             cfg.cross_attention_norm.is_none(),
             format!("{:?}", cfg.cross_attention_norm),
-        )?;
-        unset(
-            "addition_time_embed_dim",
-            cfg.addition_time_embed_dim.is_none(),
-            format!(
-                "{:?} (SDXL-style added conditioning)",
-                cfg.addition_time_embed_dim
-            ),
-        )?;
-        unset(
-            "projection_class_embeddings_input_dim",
-            cfg.projection_class_embeddings_input_dim.is_none(),
-            format!("{:?}", cfg.projection_class_embeddings_input_dim),
         )?;
         unset(
             "time_embedding_dim",
@@ -257,6 +279,7 @@ impl Plan {
             transformer_layers,
             cross_attention_dim,
             groups,
+            added,
         };
         // Every Transformer2DModel splits its channels evenly between its heads: the down
         // block i, the mid block (last entry) and up block j (entry n-1-j) that attend.
