@@ -253,7 +253,10 @@ fn png_encode(c: &mut Criterion) {
         let images = Tensor::from_vec(data, (1, 3, size, size), &Device::Cpu).unwrap();
         let meta = ImageMetadata {
             prompt: common::PROMPT.into(),
-            negative_prompt: common::NEGATIVE.into(),
+            negative_prompt: Some(common::NEGATIVE.into()),
+            prompt_2: None,
+            negative_prompt_2: None,
+            micro: Default::default(),
             steps: 30,
             guidance: 7.5,
             scheduler: "dpmpp_2m".into(),

@@ -100,6 +100,8 @@ pub struct GenerateArgs {
     /// What to steer away from (classifier-free guidance).
     #[arg(long)]
     pub negative_prompt: Option<String>,
+    #[command(flatten)]
+    pub xl: XlArgs,
     /// Denoising steps [default: 30].
     #[arg(long)]
     pub steps: Option<usize>,
@@ -139,6 +141,78 @@ pub struct GenerateArgs {
     /// Largest width x height accepted.
     #[arg(long, env = "SDSERVE_MAX_PIXELS", default_value_t = Limits::default().max_pixels)]
     pub max_pixels: usize,
+}
+
+/// SDXL's second prompts and micro-conditioning (diffusers'
+/// `StableDiffusionXLPipeline.__call__` arguments); sizes are HEIGHT,WIDTH.
+#[derive(Debug, Args)]
+pub struct XlArgs {
+    /// SDXL: the second text encoder's prompt [default: --prompt].
+    #[arg(long = "prompt-2")]
+    pub prompt_2: Option<String>,
+    /// SDXL: the second text encoder's negative prompt [default: --negative-prompt].
+    #[arg(long = "negative-prompt-2")]
+    pub negative_prompt_2: Option<String>,
+    /// SDXL: original size to condition on, HEIGHT,WIDTH [default: the image's].
+    #[arg(long, value_name = "H,W", value_parser = parse_pair)]
+    pub original_size: Option<[u32; 2]>,
+    /// SDXL: crop corner to condition on, TOP,LEFT [default: 0,0].
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
+    pub crops_coords_top_left: Option<[u32; 2]>,
+    /// SDXL: target size to condition on, HEIGHT,WIDTH [default: the image's].
+    #[arg(long, value_name = "H,W", value_parser = parse_pair)]
+    pub target_size: Option<[u32; 2]>,
+    /// SDXL: --original-size of the unconditional pass (needs --negative-target-size).
+    #[arg(long, value_name = "H,W", value_parser = parse_pair)]
+    pub negative_original_size: Option<[u32; 2]>,
+    /// SDXL: --crops-coords-top-left of the unconditional pass.
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
+    pub negative_crops_coords_top_left: Option<[u32; 2]>,
+    /// SDXL: --target-size of the unconditional pass (needs --negative-original-size).
+    #[arg(long, value_name = "H,W", value_parser = parse_pair)]
+    pub negative_target_size: Option<[u32; 2]>,
+}
+
+impl XlArgs {
+    /// Puts the flags given over what `params` holds.
+    fn apply(&self, params: &mut GenerateParams) {
+        let m = &mut params.micro;
+        let given = [
+            (&mut m.original_size, self.original_size),
+            (&mut m.crops_coords_top_left, self.crops_coords_top_left),
+            (&mut m.target_size, self.target_size),
+            (&mut m.negative_original_size, self.negative_original_size),
+            (
+                &mut m.negative_crops_coords_top_left,
+                self.negative_crops_coords_top_left,
+            ),
+            (&mut m.negative_target_size, self.negative_target_size),
+        ];
+        for (slot, flag) in given {
+            if flag.is_some() {
+                *slot = flag;
+            }
+        }
+        if self.prompt_2.is_some() {
+            params.prompt_2 = self.prompt_2.clone();
+        }
+        if self.negative_prompt_2.is_some() {
+            params.negative_prompt_2 = self.negative_prompt_2.clone();
+        }
+    }
+}
+
+/// `"1024,768"` (also `x`) as a pair of non-negative integers.
+fn parse_pair(s: &str) -> std::result::Result<[u32; 2], String> {
+    let (a, b) = s
+        .split_once([',', 'x', 'X'])
+        .ok_or_else(|| format!("{s:?} is not two integers A,B"))?;
+    let int = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{v:?} is not a non-negative integer"))
+    };
+    Ok([int(a)?, int(b)?])
 }
 
 #[derive(Debug, Args)]
@@ -223,7 +297,10 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
             let m = read_png_metadata(p)?;
             GenerateParams {
                 prompt: Some(m.prompt),
-                negative_prompt: Some(m.negative_prompt),
+                negative_prompt: m.negative_prompt,
+                prompt_2: m.prompt_2,
+                negative_prompt_2: m.negative_prompt_2,
+                micro: m.micro,
                 width: Some(m.width),
                 height: Some(m.height),
                 steps: Some(m.steps),
@@ -250,6 +327,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
         seed,
         num_images
     );
+    args.xl.apply(&mut params);
     if !args.scheduler_option.is_empty() {
         let options = params
             .scheduler_options

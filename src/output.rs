@@ -13,7 +13,7 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion::params::GenerateRequest;
+use crate::diffusion::params::{GenerateRequest, MicroConditioning};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
 
@@ -29,7 +29,17 @@ pub const PARAMETERS_KEYWORD: &str = "parameters";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageMetadata {
     pub prompt: String,
-    pub negative_prompt: String,
+    /// `null` when none was given (SDXL then conditions on zeros, not on `""`).
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    /// SDXL's second prompts, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_2: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt_2: Option<String>,
+    /// SDXL's micro-conditioning, the fields given.
+    #[serde(default, flatten)]
+    pub micro: MicroConditioning,
     pub steps: usize,
     pub guidance: f64,
     /// The scheduler actually run (never `default`).
@@ -56,6 +66,9 @@ impl ImageMetadata {
         Self {
             prompt: request.prompt.clone(),
             negative_prompt: request.negative_prompt.clone(),
+            prompt_2: request.prompt_2.clone(),
+            negative_prompt_2: request.negative_prompt_2.clone(),
+            micro: request.micro,
             steps: request.steps,
             guidance: request.guidance,
             scheduler: scheduler.name().to_string(),
@@ -80,9 +93,9 @@ impl ImageMetadata {
             _ => self.scheduler.as_str(),
         };
         let mut s = self.prompt.clone();
-        if !self.negative_prompt.is_empty() {
+        if let Some(negative) = self.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
             s.push_str("\nNegative prompt: ");
-            s.push_str(&self.negative_prompt);
+            s.push_str(negative);
         }
         s.push_str(&format!(
             "\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: {}",
@@ -185,7 +198,10 @@ mod tests {
     fn meta(prompt: &str) -> ImageMetadata {
         ImageMetadata {
             prompt: prompt.into(),
-            negative_prompt: "blurry".into(),
+            negative_prompt: Some("blurry".into()),
+            prompt_2: None,
+            negative_prompt_2: None,
+            micro: Default::default(),
             steps: 20,
             guidance: 7.5,
             scheduler: "euler_a".into(),
@@ -225,6 +241,26 @@ mod tests {
             let decoded = image::load_from_memory(&png).unwrap().to_rgb8();
             assert_eq!(decoded, img);
         }
+    }
+
+    #[test]
+    fn sdxl_fields_round_trip_and_an_absent_negative_stays_absent() {
+        let mut m = meta("a cat");
+        m.negative_prompt = None;
+        m.prompt_2 = Some("oil painting".into());
+        m.micro.original_size = Some([512, 768]);
+        m.micro.crops_coords_top_left = Some([0, 16]);
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["negative_prompt"], serde_json::Value::Null);
+        assert_eq!(json["original_size"], serde_json::json!([512, 768]));
+        assert!(json.get("target_size").is_none());
+        assert_eq!(serde_json::from_value::<ImageMetadata>(json).unwrap(), m);
+        // Metadata written before these fields existed still reads.
+        let mut old = serde_json::to_value(meta("a cat")).unwrap();
+        old["negative_prompt"] = "".into();
+        let old: ImageMetadata = serde_json::from_value(old).unwrap();
+        assert_eq!(old.negative_prompt.as_deref(), Some(""));
+        assert!(old.micro.is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::diffusion::params::{GenerateRequest, GivenLatents};
+pub use crate::diffusion::params::{GenerateRequest, GivenLatents, MicroConditioning};
 use crate::diffusion::pipelines::ModelInfo;
 use crate::diffusion::schedulers::{SchedulerKind, check_overrides};
 use crate::error::{Error, Result};
@@ -110,6 +110,15 @@ fn memory_limit_bytes() -> Option<u64> {
 pub struct GenerateParams {
     pub prompt: Option<String>,
     pub negative_prompt: Option<String>,
+    /// SDXL's second prompt (default: `prompt`).
+    #[serde(default)]
+    pub prompt_2: Option<String>,
+    /// SDXL's second negative prompt (default: `negative_prompt`).
+    #[serde(default)]
+    pub negative_prompt_2: Option<String>,
+    /// SDXL's size and crop conditioning.
+    #[serde(default, flatten)]
+    pub micro: MicroConditioning,
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub steps: Option<usize>,
@@ -173,8 +182,14 @@ impl GenerateParams {
     ) -> Result<GenerateRequest> {
         let prompt = self.prompt.clone().unwrap_or_default();
         check_text("prompt", &prompt, limits)?;
-        let negative_prompt = self.negative_prompt.clone().unwrap_or_default();
-        check_text("negative_prompt", &negative_prompt, limits)?;
+        for (field, text) in [
+            ("negative_prompt", &self.negative_prompt),
+            ("prompt_2", &self.prompt_2),
+            ("negative_prompt_2", &self.negative_prompt_2),
+        ] {
+            check_text(field, text.as_deref().unwrap_or(""), limits)?;
+        }
+        check_family_fields(self, model)?;
 
         let f = model.vae_scale_factor;
         let default_side = limits.default_side(model.default_size, f);
@@ -293,7 +308,10 @@ impl GenerateParams {
         let seed = self.seed.unwrap_or_else(random_seed);
         Ok(GenerateRequest {
             prompt,
-            negative_prompt,
+            negative_prompt: self.negative_prompt.clone(),
+            prompt_2: self.prompt_2.clone(),
+            negative_prompt_2: self.negative_prompt_2.clone(),
+            micro: self.micro,
             width,
             height,
             steps,
@@ -305,6 +323,52 @@ impl GenerateParams {
             latents,
         })
     }
+}
+
+/// The largest value a micro-conditioning field may hold (SDXL was trained on
+/// sizes up to about 2048; larger ones are certainly a mistake).
+pub const MAX_MICRO_VALUE: u32 = 16384;
+
+/// Fields only some model families take are refused by name elsewhere, and
+/// SDXL's micro-conditioning must be sizes (positive) and crop corners.
+fn check_family_fields(params: &GenerateParams, model: &ModelInfo) -> Result<()> {
+    let xl_only = [
+        ("prompt_2", params.prompt_2.is_some()),
+        ("negative_prompt_2", params.negative_prompt_2.is_some()),
+    ]
+    .into_iter()
+    .chain(params.micro.fields().map(|(name, v)| (name, v.is_some())));
+    if !model.family.is_xl() {
+        if let Some((field, _)) = xl_only.into_iter().find(|(_, given)| *given) {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "only SDXL models take it; this model ({}) is {}",
+                    model.name, model.pipeline_class
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    for (field, value) in params.micro.fields() {
+        let Some(pair) = value else { continue };
+        let is_crop = field.contains("crops");
+        if pair
+            .iter()
+            .any(|&v| v > MAX_MICRO_VALUE || (!is_crop && v == 0))
+        {
+            let what = if is_crop {
+                format!("[top, left] from 0 to {MAX_MICRO_VALUE}")
+            } else {
+                format!("[height, width] from 1 to {MAX_MICRO_VALUE}")
+            };
+            return Err(Error::invalid(
+                field,
+                format!("{pair:?} is outside the range: give {what}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Builds the scheduler the request will run with, so a bad option or an
@@ -365,7 +429,9 @@ fn check_scheduler(
 impl GenerateRequest {
     /// Whether `other` can share a UNet batch with this request: same size,
     /// steps, scheduler (and options) and guidance, and neither brings its own
-    /// latents. Prompts, seeds and image counts may differ.
+    /// latents. Prompts, seeds, image counts and SDXL's micro-conditioning may
+    /// differ: every UNet row gets its own text states, pooled embedding and
+    /// time ids.
     pub fn batches_with(&self, other: &GenerateRequest) -> bool {
         self.width == other.width
             && self.height == other.height

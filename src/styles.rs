@@ -94,13 +94,15 @@ pub fn overheads() -> (usize, usize) {
 
 impl Style {
     /// The prompt and negative prompt the model sees: the caller's prompt in the
-    /// template, the caller's negative prompt joined to the preset's.
-    pub fn apply(&self, prompt: &str, negative_prompt: &str) -> (String, String) {
+    /// template, the caller's negative prompt joined to the preset's. With
+    /// neither giving a negative prompt there is none (`None`, not `""`: SDXL
+    /// models tell the two apart).
+    pub fn apply(&self, prompt: &str, negative_prompt: Option<&str>) -> (String, Option<String>) {
         let styled = self.prompt.replace("{prompt}", prompt);
-        let negative = match (self.negative_prompt, negative_prompt.trim()) {
-            ("", n) => n.to_string(),
-            (s, "") => s.to_string(),
-            (s, n) => format!("{n}, {s}"),
+        let negative = match (self.negative_prompt, negative_prompt.map(str::trim)) {
+            ("", n) => n.map(str::to_string),
+            (s, None | Some("")) => Some(s.to_string()),
+            (s, Some(n)) => Some(format!("{n}, {s}")),
         };
         (styled, negative)
     }
@@ -129,12 +131,21 @@ mod tests {
     #[test]
     fn apply_wraps_the_prompt_and_joins_negatives() {
         let none = find("none").unwrap();
-        assert_eq!(none.apply("a cat", ""), ("a cat".into(), "".into()));
-        assert_eq!(none.apply("a cat", "dog"), ("a cat".into(), "dog".into()));
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(none.apply("a cat", None), ("a cat".into(), None));
+        assert_eq!(none.apply("a cat", Some("")), ("a cat".into(), some("")));
+        assert_eq!(
+            none.apply("a cat", Some("dog")),
+            ("a cat".into(), some("dog"))
+        );
         let anime = find("anime").unwrap();
-        let (p, n) = anime.apply("a cat", "dog");
+        let (p, n) = anime.apply("a cat", Some("dog"));
         assert!(p.starts_with("anime artwork of a cat,"), "{p}");
-        assert!(n.starts_with("dog, photo"), "{n}");
-        assert_eq!(anime.apply("a cat", " ").1, anime.negative_prompt);
+        assert!(n.as_deref().unwrap().starts_with("dog, photo"), "{n:?}");
+        assert_eq!(
+            anime.apply("a cat", Some(" ")).1,
+            some(anime.negative_prompt)
+        );
+        assert_eq!(anime.apply("a cat", None).1, some(anime.negative_prompt));
     }
 }

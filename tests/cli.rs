@@ -71,8 +71,6 @@ fn run_case(
         model_path.display().to_string(),
         "--prompt".into(),
         s(&case["prompt"]),
-        "--negative-prompt".into(),
-        case["negative_prompt"].as_str().unwrap_or("").to_string(),
         "--steps".into(),
         s(&case["num_inference_steps"]),
         "--guidance".into(),
@@ -89,6 +87,17 @@ fn run_case(
         out.display().to_string(),
     ];
     let mut args = args;
+    // Absent stays absent: SDXL conditions a missing negative prompt on zeros.
+    for key in ["negative_prompt", "prompt_2", "negative_prompt_2"] {
+        if let Some(text) = case[key].as_str() {
+            args.push(format!("--{}", key.replace('_', "-")));
+            args.push(text.to_string());
+        }
+    }
+    for (k, v) in case["micro"].as_object().into_iter().flatten() {
+        args.push(format!("--{}", k.replace('_', "-")));
+        args.push(format!("{},{}", v[0], v[1]));
+    }
     for (k, v) in case["overrides"].as_object().into_iter().flatten() {
         args.push("--scheduler-option".into());
         args.push(format!("{k}={}", s(v)));
@@ -150,6 +159,83 @@ fn cli_reproduces_diffusers_sd1() {
 #[test]
 fn cli_reproduces_diffusers_sd2() {
     cli_matches_diffusers("tiny-sd2", "sd2");
+}
+
+/// Every SDXL case: each scheduler, guidance on and off, absent vs empty
+/// negative prompt, `--prompt-2`, the size flags, non-square, unicode and
+/// over-long prompts, Turbo's single step.
+#[test]
+fn cli_reproduces_diffusers_sdxl() {
+    cli_matches_diffusers("tiny-sdxl", "sdxl");
+}
+
+#[test]
+fn sdxl_fields_travel_through_png_metadata() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir("tiny-sdxl");
+    let first = tmp.path().join("a.png");
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a lighthouse",
+        "--prompt-2",
+        "an oil painting",
+        "--original-size",
+        "64,80",
+        "--crops-coords-top-left",
+        "8,0",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--output",
+        first.to_str().unwrap(),
+    ];
+    ok(sdserve(&args));
+    let meta = sdserve::output::read_png_metadata(&first).unwrap();
+    assert_eq!(meta.prompt_2.as_deref(), Some("an oil painting"));
+    assert_eq!(meta.negative_prompt, None);
+    assert_eq!(meta.micro.original_size, Some([64, 80]));
+    assert_eq!(meta.micro.crops_coords_top_left, Some([8, 0]));
+    // --from-image reproduces it, and the fields made a difference.
+    let again = tmp.path().join("b.png");
+    ok(sdserve(&[
+        "generate",
+        "--from-image",
+        first.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--output",
+        again.to_str().unwrap(),
+    ]));
+    assert_eq!(rgb(&first), rgb(&again));
+    let plain = tmp.path().join("c.png");
+    let mut without = args[..5].to_vec();
+    without.extend([
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--output",
+        plain.to_str().unwrap(),
+    ]);
+    ok(sdserve(&without));
+    assert_ne!(rgb(&first), rgb(&plain));
+    // A bad pair names its flag.
+    assert_bad_flag(
+        sdserve(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--target-size",
+            "0,64",
+        ]),
+        "--target-size",
+    );
 }
 
 fn generate(dir: &Path, name: &str, extra: &[&str]) -> Output {

@@ -66,7 +66,7 @@ fn generate_then_status_file_and_gallery() {
     // The style shaped the prompt: the same pipeline through /invocations with
     // the styled prompt gives the same pixels.
     let style = sdserve::styles::find("anime").unwrap();
-    let (prompt, negative) = style.apply("a red fox", "");
+    let (prompt, negative) = style.apply("a red fox", None);
     let r = client()
         .post(s.url("/invocations"))
         .header("accept", "image/png")

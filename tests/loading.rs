@@ -100,11 +100,23 @@ fn config_weight_mismatch_names_the_file_and_tensor() {
 fn unsupported_pipeline_and_unet_features_are_refused() {
     let tmp = copy_model("tiny-sd1");
     edit_json(&tmp.path().join("model_index.json"), |v| {
+        v["_class_name"] = serde_json::json!("StableDiffusion3Pipeline");
+    });
+    let err = load_err(tmp.path());
+    assert!(
+        err.contains("model_index.json")
+            && err.contains("StableDiffusion3Pipeline")
+            && err.contains("StableDiffusionXLPipeline"),
+        "{err}"
+    );
+    // An SD 1.x folder called SDXL lacks SDXL's second text encoder, named as missing.
+    let tmp = copy_model("tiny-sd1");
+    edit_json(&tmp.path().join("model_index.json"), |v| {
         v["_class_name"] = serde_json::json!("StableDiffusionXLPipeline");
     });
     let err = load_err(tmp.path());
     assert!(
-        err.contains("model_index.json") && err.contains("StableDiffusionXLPipeline"),
+        err.contains("text_encoder_2/config.json") && err.contains("missing"),
         "{err}"
     );
 

@@ -351,7 +351,7 @@ fn a_run_started_later_continues_a_full_run() {
     use sdserve::diffusion::pipelines::{Conditioning, DenoiseRun};
     let sd = common::model("tiny-sd1");
     let emb = sd.prompt_embeddings("a red cube", "", 1, true).unwrap();
-    let conditioning = Conditioning { text: emb.clone() };
+    let conditioning = Conditioning::text(emb.clone());
     let unit = SeededNoise::new(&[7])
         .initial_latents(4, 12, 12, &Device::Cpu)
         .unwrap();

@@ -1,7 +1,8 @@
-//! SDXL components against diffusers on the tiny SDXL fixture
+//! SDXL against diffusers on the tiny SDXL fixture
 //! (`tools/make_sdxl_fixtures.py`: diffusers 0.42.1, transformers 5.24, f32 on the
 //! CPU from f16-stored weights): both tokenizers, both CLIP encoders' penultimate
-//! states, the pooled projection, and the UNet with SDXL's text_time conditioning.
+//! states, the pooled projection, the UNet with SDXL's text_time conditioning, and
+//! every pipeline case (`StableDiffusionXLPipeline.__call__`) step by step.
 //! Tolerances: 50 × the f32-vs-f64 drift diffusers itself shows (the JSON's
 //! `drift`), as in `tests/parity.rs`.
 
@@ -14,7 +15,9 @@ use sdserve::diffusion::loading::tokenizer::ClipTokenizer;
 use sdserve::diffusion::loading::weights::WeightFiles;
 use sdserve::diffusion::models::clip::ClipTextModel;
 use sdserve::diffusion::models::unet::AddedConditioning;
-use sdserve::diffusion::pipelines::build_unet;
+use sdserve::diffusion::pipelines::{Family, StableDiffusion, build_unet};
+use sdserve::request::{GenerateParams, GenerateRequest, GivenLatents, Limits, MicroConditioning};
+use serde_json::Value;
 
 fn tolerance(r: &Reference, key: &str, magnitude: f32) -> f32 {
     let drift = r.json["drift"][key]["max_abs_diff"]
@@ -135,14 +138,235 @@ fn unet_with_text_time_conditioning_matches_diffusers() {
     assert!(rows_differ > 1e-3);
 }
 
+/// The largest drift diffusers measured for any case's `suffix` (the cases
+/// share model and sizes; the drift was measured on four of them).
+fn case_drift(r: &Reference, suffix: &str) -> f32 {
+    r.json["drift"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("case/") && k.ends_with(suffix))
+        .map(|(_, v)| v["max_abs_diff"].as_f64().unwrap() as f32)
+        .fold(0.0, f32::max)
+}
+
+fn string(v: &Value) -> Option<String> {
+    v.as_str().map(str::to_string)
+}
+
+fn pair(v: &Value) -> Option<[u32; 2]> {
+    v.as_array()
+        .map(|a| [a[0].as_u64().unwrap() as u32, a[1].as_u64().unwrap() as u32])
+}
+
+/// The validated request a case describes, with its latents (and noise) given.
+fn case_request(sd: &StableDiffusion, r: &Reference, case: &Value) -> GenerateRequest {
+    let name = case["name"].as_str().unwrap();
+    let key = |k: &str| format!("case/{name}/{k}");
+    let micro = &case["micro"];
+    let params = GenerateParams {
+        prompt: string(&case["prompt"]),
+        negative_prompt: string(&case["negative_prompt"]),
+        prompt_2: string(&case["prompt_2"]),
+        negative_prompt_2: string(&case["negative_prompt_2"]),
+        micro: MicroConditioning {
+            original_size: pair(&micro["original_size"]),
+            crops_coords_top_left: pair(&micro["crops_coords_top_left"]),
+            target_size: pair(&micro["target_size"]),
+            negative_original_size: pair(&micro["negative_original_size"]),
+            negative_crops_coords_top_left: pair(&micro["negative_crops_coords_top_left"]),
+            negative_target_size: pair(&micro["negative_target_size"]),
+        },
+        width: case["width"].as_u64().map(|v| v as usize),
+        height: case["height"].as_u64().map(|v| v as usize),
+        steps: case["num_inference_steps"].as_u64().map(|v| v as usize),
+        guidance: case["guidance_scale"].as_f64(),
+        scheduler: string(&case["scheduler"]),
+        scheduler_options: case["overrides"].as_object().cloned(),
+        seed: Some(0),
+        num_images: case["num_images"].as_u64().map(|v| v as usize),
+    };
+    let latents = GivenLatents {
+        latents: r.get(&key("latents")),
+        step_noise: r.tensors.get(&key("noise")).cloned(),
+    };
+    params
+        .validate(sd.info(), &Limits::default(), Some(latents))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Every case through the pipeline a request runs (`generate`, as the CLI and
+/// the server call it): the conditioning (both encoders, pooled, time ids),
+/// every step's latents and the image, against `StableDiffusionXLPipeline`.
 #[test]
-fn an_sdxl_folder_is_still_refused_by_the_sd_pipeline_with_its_class_named() {
-    let dir = common::model_dir("tiny-sdxl");
-    let e = sdserve::diffusion::pipelines::StableDiffusion::load(&dir, &Default::default())
+fn every_case_matches_diffusers_through_the_pipeline() {
+    let r = Reference::load("sdxl");
+    let sd = StableDiffusion::load(&common::model_dir("tiny-sdxl"), &Default::default()).unwrap();
+    assert_eq!(sd.info().family, Family::Sdxl);
+    let cases = r.json["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 15);
+    let (step_tol, image_tol) = (
+        50.0 * case_drift(&r, "step_latents"),
+        50.0 * case_drift(&r, "image"),
+    );
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let key = |k: &str| format!("case/{name}/{k}");
+        let req = case_request(&sd, &r, case);
+        let guided = case["do_classifier_free_guidance"].as_bool().unwrap();
+        assert_eq!(req.guidance > 1.0, guided, "{name}");
+
+        let cond = sd.conditioning(&req, guided).unwrap();
+        let added = cond.added.as_ref().expect("SDXL has added conditioning");
+        for (what, got) in [
+            ("prompt_embeds", &cond.text),
+            ("add_text_embeds", &added.text_embeds),
+        ] {
+            let want = r.get(&key(what));
+            let d = max_abs_diff(got, &want);
+            assert!(d <= 1e-4, "{name}: {what} differ by {d}");
+        }
+        assert_eq!(
+            max_abs_diff(&added.time_ids, &r.get(&key("add_time_ids"))),
+            0.0,
+            "{name}: add_time_ids"
+        );
+
+        let step_latents = r.get(&key("step_latents"));
+        let (mut worst, mut steps_seen) = (0f32, 0);
+        let out = sd
+            .generate(&req, &mut |p| {
+                let want = step_latents.get(p.step - 1).unwrap();
+                worst = worst.max(max_abs_diff(p.latents, &want));
+                steps_seen += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(steps_seen, step_latents.dim(0).unwrap(), "{name}: steps");
+        eprintln!("sdxl/{name}: worst step latent diff {worst:.3e} (tolerance {step_tol:.3e})");
+        assert!(worst <= step_tol, "{name}: step latents differ by {worst}");
+        let image = out.images.permute((0, 2, 3, 1)).unwrap();
+        let d = max_abs_diff(&image, &r.get(&key("image")));
+        eprintln!("sdxl/{name}: image diff {d:.3e} (tolerance {image_tol:.3e})");
+        assert!(d <= image_tol, "{name}: image differs by {d}");
+    }
+    // The cases can tell apart what they test: an absent negative prompt (zeros)
+    // from an empty one, and the second prompt from the first.
+    let differ = |a: &str, b: &str, what: &str| {
+        let d = max_abs_diff(
+            &r.get(&format!("case/{a}/{what}")),
+            &r.get(&format!("case/{b}/{what}")),
+        );
+        assert!(d > 1e-3, "{a} vs {b}: {what} differ by only {d}");
+    };
+    differ("null_negative", "empty_negative", "prompt_embeds");
+    differ("null_negative", "empty_negative", "image");
+    differ("prompt_2", "dpmpp_2m", "prompt_embeds");
+    differ("micro", "default", "image");
+}
+
+#[test]
+fn sdxl_fields_are_refused_by_name_on_an_sd_model() {
+    let sd = common::model("tiny-sd1");
+    for (field, params) in [
+        (
+            "prompt_2",
+            GenerateParams {
+                prompt_2: Some("x".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            "target_size",
+            GenerateParams {
+                micro: MicroConditioning {
+                    target_size: Some([64, 64]),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        ),
+    ] {
+        let e = GenerateParams {
+            prompt: Some("a cat".into()),
+            ..params
+        }
+        .validate(sd.info(), &Limits::default(), None)
+        .unwrap_err();
+        match e {
+            sdserve::Error::InvalidRequest { field: f, message } => {
+                assert_eq!(f, field);
+                assert!(message.contains("only SDXL"), "{message}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+}
+
+#[test]
+fn micro_conditioning_out_of_range_is_refused_by_name() {
+    let sd = StableDiffusion::load(&common::model_dir("tiny-sdxl"), &Default::default()).unwrap();
+    for (field, micro) in [
+        (
+            "original_size",
+            MicroConditioning {
+                original_size: Some([0, 64]),
+                ..Default::default()
+            },
+        ),
+        (
+            "negative_crops_coords_top_left",
+            MicroConditioning {
+                negative_crops_coords_top_left: Some([0, 1 << 20]),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let e = GenerateParams {
+            prompt: Some("a cat".into()),
+            micro,
+            ..Default::default()
+        }
+        .validate(sd.info(), &Limits::default(), None)
+        .unwrap_err();
+        assert!(
+            matches!(&e, sdserve::Error::InvalidRequest { field: f, .. } if f == field),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_refiner_folder_is_refused_with_the_reason() {
+    let dir = common::copy_model("tiny-sdxl");
+    let index_path = dir.path().join("model_index.json");
+    let mut index: Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["text_encoder"] = serde_json::json!([null, null]);
+    index["tokenizer"] = serde_json::json!([null, null]);
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let e = StableDiffusion::load(dir.path(), &Default::default())
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("StableDiffusionXLPipeline") && e.contains("model_index.json"),
+        e.contains("refiner") && e.contains("model_index.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn mismatched_sdxl_widths_are_refused_naming_the_unet_config() {
+    let dir = common::copy_model("tiny-sdxl");
+    let cfg_path = dir.path().join("unet/config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["projection_class_embeddings_input_dim"] = 61.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = StableDiffusion::load(dir.path(), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("projection_class_embeddings_input_dim") && e.contains("unet"),
         "{e}"
     );
 }

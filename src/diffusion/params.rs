@@ -3,6 +3,7 @@
 //! validated), so the pipeline runs it without further checks.
 
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 use super::schedulers::SchedulerKind;
 
@@ -10,7 +11,16 @@ use super::schedulers::SchedulerKind;
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub prompt: String,
-    pub negative_prompt: String,
+    /// `None` when none was given: SD 1.x/2.x then encode `""`, and SDXL models
+    /// with `force_zeros_for_empty_prompt` condition the unconditional pass on
+    /// zeros; an explicit `""` is encoded (diffusers keeps the same distinction).
+    pub negative_prompt: Option<String>,
+    /// SDXL's `prompt_2`, for the second text encoder (default: `prompt`).
+    pub prompt_2: Option<String>,
+    /// SDXL's `negative_prompt_2` (default: `negative_prompt`).
+    pub negative_prompt_2: Option<String>,
+    /// SDXL's size and crop conditioning (empty for other models).
+    pub micro: MicroConditioning,
     pub width: usize,
     pub height: usize,
     pub steps: usize,
@@ -25,6 +35,95 @@ pub struct GenerateRequest {
     pub latents: Option<GivenLatents>,
 }
 
+/// A `[height, width]` pair in pixels (diffusers' `(h, w)` tuples), or a crop
+/// corner `[top, left]`.
+pub type Pair = [u32; 2];
+
+/// SDXL's micro-conditioning (Podell et al. 2023, section 2.2), as the arguments
+/// of diffusers' `StableDiffusionXLPipeline.__call__`: every field optional,
+/// defaults applied by [`Self::time_ids`].
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub struct MicroConditioning {
+    /// SDXL: the `[height, width]` the image should look as if it was upscaled from
+    /// (default: the image's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_size: Option<Pair>,
+    /// SDXL: the `[top, left]` corner of the crop the image should look cut from (default `[0, 0]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crops_coords_top_left: Option<Pair>,
+    /// SDXL: the `[height, width]` of the target (default: the image's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_size: Option<Pair>,
+    /// SDXL: `original_size` of the unconditional pass (used with `negative_target_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_original_size: Option<Pair>,
+    /// SDXL: `crops_coords_top_left` of the unconditional pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_crops_coords_top_left: Option<Pair>,
+    /// SDXL: `target_size` of the unconditional pass (used with `negative_original_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_target_size: Option<Pair>,
+}
+
+/// The request fields of [`MicroConditioning`], as callers name them.
+pub const MICRO_FIELDS: [&str; 6] = [
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+];
+
+impl MicroConditioning {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Each field with its request name.
+    pub fn fields(&self) -> [(&'static str, Option<Pair>); 6] {
+        let v = [
+            self.original_size,
+            self.crops_coords_top_left,
+            self.target_size,
+            self.negative_original_size,
+            self.negative_crops_coords_top_left,
+            self.negative_target_size,
+        ];
+        std::array::from_fn(|i| (MICRO_FIELDS[i], v[i]))
+    }
+
+    /// `(add_time_ids, negative_add_time_ids)` for an image of `height` x
+    /// `width`, as diffusers' `StableDiffusionXLPipeline.__call__` builds them
+    /// with `_get_add_time_ids`: `original_size + crops_coords_top_left +
+    /// target_size`, sizes defaulting to `(height, width)` and the crop to
+    /// `(0, 0)`; the negative ids are their own only when both
+    /// `negative_original_size` and `negative_target_size` are given.
+    pub fn time_ids(&self, height: usize, width: usize) -> ([f32; 6], [f32; 6]) {
+        let size = [height as u32, width as u32];
+        let ids = |orig: Pair, crop: Pair, target: Pair| {
+            let v = [orig[0], orig[1], crop[0], crop[1], target[0], target[1]];
+            v.map(|x| x as f32)
+        };
+        let positive = ids(
+            self.original_size.unwrap_or(size),
+            self.crops_coords_top_left.unwrap_or([0, 0]),
+            self.target_size.unwrap_or(size),
+        );
+        let negative = match (self.negative_original_size, self.negative_target_size) {
+            (Some(orig), Some(target)) => ids(
+                orig,
+                self.negative_crops_coords_top_left.unwrap_or([0, 0]),
+                target,
+            ),
+            _ => positive,
+        };
+        (positive, negative)
+    }
+}
+
 /// Noise supplied by the caller instead of drawn from the seed.
 #[derive(Debug, Clone)]
 pub struct GivenLatents {
@@ -34,4 +133,33 @@ pub struct GivenLatents {
     /// Fresh noise for ancestral schedulers, one `[num_images, c, h, w]` slice per
     /// step along dim 0; seeded noise is used when absent.
     pub step_noise: Option<Tensor>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_ids_default_to_the_image_size_and_negatives_need_both_sizes() {
+        let none = MicroConditioning::default();
+        let (p, n) = none.time_ids(96, 128);
+        assert_eq!(p, [96.0, 128.0, 0.0, 0.0, 96.0, 128.0]);
+        assert_eq!(n, p);
+        let m = MicroConditioning {
+            original_size: Some([64, 80]),
+            crops_coords_top_left: Some([4, 8]),
+            negative_original_size: Some([48, 56]),
+            negative_crops_coords_top_left: Some([0, 2]),
+            ..Default::default()
+        };
+        let (p, n) = m.time_ids(96, 96);
+        assert_eq!(p, [64.0, 80.0, 4.0, 8.0, 96.0, 96.0]);
+        // diffusers ignores the negative crop unless both negative sizes are given.
+        assert_eq!(n, p);
+        let m = MicroConditioning {
+            negative_target_size: Some([96, 88]),
+            ..m
+        };
+        assert_eq!(m.time_ids(96, 96).1, [48.0, 56.0, 0.0, 2.0, 96.0, 88.0]);
+    }
 }

@@ -28,6 +28,14 @@ pub const FIELDS: &[&str] = &[
     "style",
     "resolution",
     "negative_prompt",
+    "prompt_2",
+    "negative_prompt_2",
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
     "steps",
     "guidance",
     "seed",
@@ -182,18 +190,37 @@ pub async fn styles() -> Json<Value> {
     }))
 }
 
-/// Resolutions offered when the default side is `default`: its square, then
-/// 4:3, 3:2 and 16:9 both ways, rounded to `factor`, within the limits.
-fn resolutions(default: usize, factor: usize, limits: &Limits) -> Vec<String> {
+/// Resolutions offered when the default side is `default`: the family's
+/// trained sizes where it has them (SDXL's buckets, scaled when the default is
+/// not their 1024), else the square, then 4:3, 3:2 and 16:9 both ways; rounded
+/// to `factor`, within the limits.
+fn resolutions(
+    default: usize,
+    factor: usize,
+    trained: &[(usize, usize)],
+    limits: &Limits,
+) -> Vec<String> {
     let round = |v: f64| ((v / factor as f64).round() as usize).max(1) * factor;
-    let area = (default * default) as f64;
     let mut out = vec![format!("{default}x{default}")];
-    for (a, b) in [(4.0, 3.0), (3.0, 2.0), (16.0, 9.0)] {
-        let long = round((area * a / b).sqrt());
-        let short = round((area * b / a).sqrt());
-        out.push(format!("{long}x{short}"));
-        out.push(format!("{short}x{long}"));
+    if let Some(&(base, _)) = trained.first() {
+        let scale = default as f64 / base as f64;
+        for &(w, h) in &trained[1..] {
+            out.push(format!(
+                "{}x{}",
+                round(w as f64 * scale),
+                round(h as f64 * scale)
+            ));
+        }
+    } else {
+        let area = (default * default) as f64;
+        for (a, b) in [(4.0, 3.0), (3.0, 2.0), (16.0, 9.0)] {
+            let long = round((area * a / b).sqrt());
+            let short = round((area * b / a).sqrt());
+            out.push(format!("{long}x{short}"));
+            out.push(format!("{short}x{long}"));
+        }
     }
+    out.dedup();
     out.retain(|r| {
         let (w, h) = crate::jobs::record::parse_resolution(r).unwrap_or((usize::MAX, 1));
         w.max(h) <= limits.max_side && w.saturating_mul(h) <= limits.max_pixels
@@ -210,8 +237,15 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
         SchedulerKind::parse(&model.default_scheduler).map_or("default", |k| k.name());
     Ok(Json(json!({
         "model": model.name,
+        "family": model.family.name(),
+        "pipeline_class": model.pipeline_class,
         "default_resolution": format!("{0}x{0}", default_side),
-        "resolutions": resolutions(default_side, model.vae_scale_factor, &limits),
+        "resolutions": resolutions(
+            default_side,
+            model.vae_scale_factor,
+            model.family.trained_sizes(),
+            &limits,
+        ),
         "resolution_multiple": model.vae_scale_factor,
         "schedulers": SchedulerKind::ALL.map(|k| k.name()),
         "default_scheduler": default_scheduler,
@@ -338,7 +372,7 @@ mod tests {
             max_side,
             ..Limits::default()
         };
-        let r = resolutions(512, 8, &limits(1024 * 1024, 2048));
+        let r = resolutions(512, 8, &[], &limits(1024 * 1024, 2048));
         assert_eq!(r[0], "512x512");
         assert!(r.contains(&"592x440".to_string()), "{r:?}");
         assert!(r.contains(&"440x592".to_string()), "{r:?}");
@@ -346,14 +380,33 @@ mod tests {
             let (w, h) = crate::jobs::record::parse_resolution(s).unwrap();
             assert!(w % 8 == 0 && h % 8 == 0 && w * h <= 1024 * 1024, "{s}");
         }
-        let small = resolutions(512, 8, &limits(512 * 512, 2048));
+        let small = resolutions(512, 8, &[], &limits(512 * 512, 2048));
         assert!(small.iter().all(|s| {
             let (w, h) = crate::jobs::record::parse_resolution(s).unwrap();
             w * h <= 512 * 512
         }));
         // The side limit drops the long ones: 592x440 stays, 624x416 goes.
-        let narrow = resolutions(512, 8, &limits(1024 * 1024, 600));
+        let narrow = resolutions(512, 8, &[], &limits(1024 * 1024, 600));
         assert!(narrow.contains(&"592x440".to_string()), "{narrow:?}");
         assert!(!narrow.iter().any(|s| s.starts_with("624")), "{narrow:?}");
+    }
+
+    #[test]
+    fn sdxl_offers_its_trained_sizes() {
+        use crate::diffusion::pipelines::Family;
+        let trained = Family::Sdxl.trained_sizes();
+        let all = resolutions(1024, 8, trained, &Limits::default());
+        let want: Vec<String> = trained.iter().map(|(w, h)| format!("{w}x{h}")).collect();
+        assert_eq!(all, want);
+        // A smaller default scales the buckets, keeping their shapes.
+        let half = resolutions(512, 8, trained, &Limits::default());
+        assert_eq!(half[..3], ["512x512", "576x448", "448x576"]);
+        // The limits still apply: 1536x640 is over a 1400-pixel side.
+        let narrow = Limits {
+            max_side: 1400,
+            ..Limits::default()
+        };
+        let some = resolutions(1024, 8, trained, &narrow);
+        assert!(some.contains(&"1344x768".to_string()) && !some.contains(&"1536x640".to_string()));
     }
 }

@@ -36,6 +36,17 @@ const CUSTOM_ATTRIBUTES: &str = "x-amzn-sagemaker-custom-attributes";
 pub(crate) const FIELDS: &[(&str, &str)] = &[
     ("prompt", "prompt"),
     ("negative_prompt", "negative_prompt"),
+    ("prompt_2", "prompt_2"),
+    ("negative_prompt_2", "negative_prompt_2"),
+    ("original_size", "original_size"),
+    ("crops_coords_top_left", "crops_coords_top_left"),
+    ("target_size", "target_size"),
+    ("negative_original_size", "negative_original_size"),
+    (
+        "negative_crops_coords_top_left",
+        "negative_crops_coords_top_left",
+    ),
+    ("negative_target_size", "negative_target_size"),
     ("width", "width"),
     ("height", "height"),
     ("num_inference_steps", "steps"),
@@ -150,8 +161,9 @@ fn custom_attributes(headers: &HeaderMap) -> Map<String, Value> {
 /// what [`params`] parses and, as `Invocation`, what `/openapi.json` documents
 /// (the bounds that are the server's settings are filled in by
 /// [`super::openapi`]).
+// Unknown fields are refused by name in `params` before this parses (serde's
+// `deny_unknown_fields` can't be combined with the flattened fields).
 #[derive(Debug, Default, serde::Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Invocation {
     /// The prompt; no NUL.
     #[schemars(required, with = "String", pattern(crate::fields::NO_NUL))]
@@ -159,6 +171,15 @@ pub struct Invocation {
     /// What the image should not show; no NUL.
     #[schemars(pattern(crate::fields::NO_NUL))]
     pub negative_prompt: Option<String>,
+    /// SDXL only: the prompt of the second text encoder (default: `prompt`); no NUL.
+    #[schemars(pattern(crate::fields::NO_NUL))]
+    pub prompt_2: Option<String>,
+    /// SDXL only: the second encoder's negative prompt (default: `negative_prompt`); no NUL.
+    #[schemars(pattern(crate::fields::NO_NUL))]
+    pub negative_prompt_2: Option<String>,
+    /// SDXL only: size and crop conditioning, as diffusers' arguments.
+    #[serde(default, flatten)]
+    pub micro: crate::request::MicroConditioning,
     /// Pixels.
     #[serde(default, deserialize_with = "crate::fields::integer::option")]
     pub width: Option<usize>,
@@ -219,6 +240,9 @@ fn params(obj: &Map<String, Value>) -> Result<GenerateParams, ApiError> {
     Ok(GenerateParams {
         prompt: body.prompt,
         negative_prompt: body.negative_prompt,
+        prompt_2: body.prompt_2,
+        negative_prompt_2: body.negative_prompt_2,
+        micro: body.micro,
         width: body.width,
         height: body.height,
         steps: body.num_inference_steps,

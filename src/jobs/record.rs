@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::diffusion::pipelines::ModelInfo;
 use crate::error::{Error, Result};
-use crate::request::{GenerateParams, GenerateRequest, Limits, check_text};
+use crate::request::{GenerateParams, GenerateRequest, Limits, MicroConditioning, check_text};
 use crate::styles;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,8 +33,9 @@ impl JobState {
 /// [`JobRequest::to_params`] checks them). Its JSON Schema is `/openapi.json`'s
 /// `GenerateRequest`: the bounds that are the server's settings (maxima, the
 /// resolution's sides, enums) are filled in by the HTTP layer's document.
+// Unknown fields are refused by name in `http::jobs` before this parses
+// (serde's `deny_unknown_fields` can't be combined with the flattened fields).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
 #[schemars(rename = "GenerateRequest")]
 pub struct JobRequest {
     /// The prompt (`prompt` is accepted instead): not blank, no NUL.
@@ -53,6 +54,17 @@ pub struct JobRequest {
     #[serde(default)]
     #[schemars(pattern(crate::fields::NO_NUL))]
     pub negative_prompt: Option<String>,
+    /// SDXL only: the prompt of the second text encoder (default: the styled text); no NUL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(crate::fields::NO_NUL))]
+    pub prompt_2: Option<String>,
+    /// SDXL only: the second encoder's negative prompt (default: `negative_prompt`); no NUL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(crate::fields::NO_NUL))]
+    pub negative_prompt_2: Option<String>,
+    /// SDXL only: size and crop conditioning.
+    #[serde(default, flatten)]
+    pub micro: MicroConditioning,
     /// Denoising steps.
     #[serde(default, deserialize_with = "crate::fields::integer::option")]
     #[schemars(range(min = 1))]
@@ -108,6 +120,8 @@ impl JobRequest {
         for (field, value) in [
             ("text", &self.text),
             ("negative_prompt", &self.negative_prompt),
+            ("prompt_2", &self.prompt_2),
+            ("negative_prompt_2", &self.negative_prompt_2),
         ] {
             check_text(field, value.as_deref().unwrap_or(""), limits)?;
         }
@@ -131,7 +145,7 @@ impl JobRequest {
                 ),
             )
         })?;
-        let (prompt, negative) = style.apply(text, self.negative_prompt.as_deref().unwrap_or(""));
+        let (prompt, negative) = style.apply(text, self.negative_prompt.as_deref());
         let (width, height) = match &self.resolution {
             Some(r) => {
                 let (w, h) = parse_resolution(r)?;
@@ -141,7 +155,10 @@ impl JobRequest {
         };
         Ok(GenerateParams {
             prompt: Some(prompt),
-            negative_prompt: Some(negative),
+            negative_prompt: negative,
+            prompt_2: self.prompt_2.clone(),
+            negative_prompt_2: self.negative_prompt_2.clone(),
+            micro: self.micro,
             width,
             height,
             steps: self.steps,

@@ -56,6 +56,28 @@ impl<T: Clone> PerBlock<T> {
 pub struct ModelIndex {
     #[serde(rename = "_class_name")]
     pub class_name: String,
+    /// SDXL pipelines' config (diffusers' default: true): with no negative
+    /// prompt, the unconditional embeddings are zeros.
+    #[serde(default = "yes")]
+    pub force_zeros_for_empty_prompt: bool,
+    /// Every component entry (`"unet": ["diffusers", "UNet2DConditionModel"]`).
+    #[serde(flatten)]
+    pub components: serde_json::Map<String, serde_json::Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ModelIndex {
+    /// Whether the index says component `name` is absent: diffusers writes
+    /// `[null, null]` for one, as for the SDXL refiner's `text_encoder`.
+    pub fn says_absent(&self, name: &str) -> bool {
+        self.components
+            .get(name)
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.iter().all(|x| x.is_null()))
+    }
 }
 
 /// diffusers `UNet2DConditionModel` config.

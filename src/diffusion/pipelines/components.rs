@@ -1,7 +1,7 @@
-//! What a Stable Diffusion 1.x/2.x model is made of once loaded from an
-//! unmodified diffusers folder (tokenizer, CLIP text encoder, UNet, VAE
-//! decoder, scheduler config), and the steps a pipeline composes: encode the
-//! prompt, predict the noise, decode the latents.
+//! What a Stable Diffusion model (1.x/2.x or SDXL) is made of once loaded from
+//! an unmodified diffusers folder (tokenizers and CLIP text encoders, UNet,
+//! VAE decoder, scheduler config), and the steps a pipeline composes: encode
+//! the prompt, predict the noise, decode the latents.
 
 use std::path::{Path, PathBuf};
 
@@ -15,13 +15,19 @@ use crate::diffusion::loading::weights::WeightFiles;
 use crate::diffusion::models::clip::ClipTextModel;
 use crate::diffusion::models::unet::UNet2DConditionModel;
 use crate::diffusion::models::vae::VaeDecoder;
+use crate::diffusion::params::GenerateRequest;
 use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::error::{Error, Result};
 
-use super::{MemoryProfile, ModelInfo};
+use super::sdxl::XlText;
+use super::text::{ClipText, TextEncoders};
+use super::{Conditioning, Family, MemoryProfile, ModelInfo};
 
-/// Pipeline classes whose components this module runs.
-const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline"];
+/// Pipeline classes whose components this module runs, and their families.
+const SUPPORTED_PIPELINES: &[(&str, Family)] = &[
+    ("StableDiffusionPipeline", Family::Sd),
+    ("StableDiffusionXLPipeline", Family::Sdxl),
+];
 
 /// Where and in what precision to compute.
 #[derive(Debug, Clone)]
@@ -40,11 +46,10 @@ impl Default for LoadOptions {
     }
 }
 
-/// A loaded Stable Diffusion 1.x/2.x model.
+/// A loaded Stable Diffusion model (1.x/2.x or SDXL).
 pub struct StableDiffusion {
     pub(super) info: ModelInfo,
-    pub(super) tokenizer: ClipTokenizer,
-    pub(super) text_encoder: ClipTextModel,
+    pub(super) text: TextEncoders,
     pub(super) unet: UNet2DConditionModel,
     pub(super) vae: VaeDecoder,
     /// The dtype the VAE decoder takes.
@@ -75,11 +80,14 @@ fn default_dtype(device: &Device) -> DType {
 /// The configs of a diffusers folder's components, read before any weights.
 struct Configs {
     index: ModelIndex,
+    family: Family,
     unet: UNetConfig,
     unet_path: PathBuf,
     vae: VaeConfig,
     vae_path: PathBuf,
     text_encoder: ClipTextConfig,
+    /// SDXL's `text_encoder_2`.
+    text_encoder_2: Option<ClipTextConfig>,
     scheduler: SchedulerConfig,
 }
 
@@ -87,14 +95,25 @@ impl Configs {
     fn read(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = config::read_json(&index_path)?;
-        if !SUPPORTED_PIPELINES.contains(&index.class_name.as_str()) {
+        let Some(&(_, family)) = SUPPORTED_PIPELINES
+            .iter()
+            .find(|(class, _)| *class == index.class_name)
+        else {
+            let names: Vec<&str> = SUPPORTED_PIPELINES.iter().map(|(c, _)| *c).collect();
             return Err(Error::model_file(
                 &index_path,
                 format!(
                     "pipeline class {:?} is not supported (supported: {})",
                     index.class_name,
-                    SUPPORTED_PIPELINES.join(", ")
+                    names.join(", ")
                 ),
+            ));
+        };
+        if index.says_absent("text_encoder") {
+            // The SDXL refiner has only `text_encoder_2` and is an image-to-image model.
+            return Err(Error::model_file(
+                &index_path,
+                "has no `text_encoder` (an SDXL refiner is an image-to-image model; text to image needs a base model)",
             ));
         }
         let unet_path = dir.join("unet/config.json");
@@ -104,16 +123,81 @@ impl Configs {
         let te_path = dir.join("text_encoder/config.json");
         let text_encoder: ClipTextConfig = config::read_json(&te_path)?;
         text_encoder.validate(&te_path)?;
+        let text_encoder_2 = match family {
+            Family::Sd => None,
+            Family::Sdxl => {
+                let path = dir.join("text_encoder_2/config.json");
+                let cfg: ClipTextConfig = config::read_json(&path)?;
+                cfg.validate(&path)?;
+                Some(cfg)
+            }
+        };
         let scheduler = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
         Ok(Self {
             index,
+            family,
             unet,
             unet_path,
             vae,
             vae_path,
             text_encoder,
+            text_encoder_2,
             scheduler,
         })
+    }
+
+    /// SDXL: the two encoders' widths must add up to the UNet's
+    /// `cross_attention_dim`, and the pooled width plus six embedded time ids to
+    /// its `projection_class_embeddings_input_dim` (what diffusers'
+    /// `_get_add_time_ids` checks before the first step).
+    fn check_sdxl_widths(&self) -> Result<()> {
+        let Some(te2) = &self.text_encoder_2 else {
+            if let Some(kind) = &self.unet.addition_embed_type {
+                // Nothing would feed it: the UNet is an SDXL one in an SD folder.
+                return Err(Error::model_file(
+                    &self.unet_path,
+                    format!(
+                        "addition_embed_type {kind:?} needs the pooled text embedding and time ids \
+                         of an SDXL pipeline; model_index.json says {}",
+                        self.index.class_name
+                    ),
+                ));
+            }
+            return Ok(());
+        };
+        let context = self.text_encoder.hidden_size + te2.hidden_size;
+        let unet_context = self.unet.cross_attention_dim.get(0);
+        if unet_context != Some(context) {
+            return Err(Error::model_file(
+                &self.unet_path,
+                format!(
+                    "cross_attention_dim {unet_context:?} is not the {} + {} = {context} features of \
+                     text_encoder and text_encoder_2",
+                    self.text_encoder.hidden_size, te2.hidden_size
+                ),
+            ));
+        }
+        if self.unet.addition_embed_type.as_deref() != Some("text_time") {
+            return Err(Error::model_file(
+                &self.unet_path,
+                "an SDXL UNet needs addition_embed_type \"text_time\"",
+            ));
+        }
+        let time = self.unet.addition_time_embed_dim.unwrap_or(0);
+        let passed = te2.projection_dim + 6 * time;
+        let expected = self.unet.projection_class_embeddings_input_dim;
+        if expected != Some(passed) {
+            return Err(Error::model_file(
+                &self.unet_path,
+                format!(
+                    "projection_class_embeddings_input_dim {expected:?} is not the {passed} features \
+                     SDXL passes (text_encoder_2's projection_dim {} + 6 time ids x \
+                     addition_time_embed_dim {time})",
+                    te2.projection_dim
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The UNet must take and give the VAE's latents (an inpainting UNet's 9
@@ -146,6 +230,7 @@ impl Configs {
             source: dir.display().to_string(),
             name: display_name(dir),
             pipeline_class: self.index.class_name.clone(),
+            family: self.family,
             default_size: self.unet.sample_size().unwrap_or(64) * vae_scale_factor,
             vae_scale_factor,
             latent_channels: self.vae.latent_channels,
@@ -191,16 +276,61 @@ impl Precision {
         self.device.is_cpu() && self.dtype == DType::BF16
     }
 
-    fn text_encoder(&self, dir: &Path, cfg: &ClipTextConfig) -> Result<ClipTextModel> {
+    /// `sub`'s CLIP text encoder (`with_projection`: CLIPTextModelWithProjection)
+    /// and the tokenizer in `tokenizer_sub`.
+    fn clip_text(
+        &self,
+        dir: &Path,
+        (sub, tokenizer_sub): (&str, &str),
+        cfg: &ClipTextConfig,
+        with_projection: bool,
+    ) -> Result<ClipText> {
+        let tokenizer =
+            ClipTokenizer::from_dir(&dir.join(tokenizer_sub), cfg.max_position_embeddings)?;
+        let encoder = self.text_encoder(&dir.join(sub), cfg, with_projection)?;
+        Ok(ClipText { tokenizer, encoder })
+    }
+
+    fn text_encoders(&self, dir: &Path, cfgs: &Configs) -> Result<TextEncoders> {
+        let first = |with_projection| {
+            self.clip_text(
+                dir,
+                ("text_encoder", "tokenizer"),
+                &cfgs.text_encoder,
+                with_projection,
+            )
+        };
+        Ok(match &cfgs.text_encoder_2 {
+            None => TextEncoders::Clip(first(false)?),
+            Some(te2) => TextEncoders::Xl(XlText {
+                encoders: [
+                    first(false)?,
+                    self.clip_text(dir, ("text_encoder_2", "tokenizer_2"), te2, true)?,
+                ],
+                force_zeros_for_empty_prompt: cfgs.index.force_zeros_for_empty_prompt,
+            }),
+        })
+    }
+
+    fn text_encoder(
+        &self,
+        dir: &Path,
+        cfg: &ClipTextConfig,
+        with_projection: bool,
+    ) -> Result<ClipTextModel> {
         // The CPU's text encoder stays f32: it runs once per prompt.
         let dtype = if self.device.is_cpu() {
             DType::F32
         } else {
             self.dtype
         };
-        let files = WeightFiles::find(&dir.join("text_encoder"), "model", self.prefer_fp16)?;
-        ClipTextModel::new(files.var_builder(dtype, &self.device)?, cfg, false)
-            .map_err(|e| Error::model_file(files.describe(), e))
+        let files = WeightFiles::find(dir, "model", self.prefer_fp16)?;
+        ClipTextModel::new(
+            files.var_builder(dtype, &self.device)?,
+            cfg,
+            with_projection,
+        )
+        .map_err(|e| Error::model_file(files.describe(), e))
     }
 
     fn unet(&self, dir: &Path, cfgs: &Configs) -> Result<UNet2DConditionModel> {
@@ -249,18 +379,14 @@ impl StableDiffusion {
             mixed_precision_kernel().map_err(|e| Error::invalid("SDSERVE_BF16_KERNEL", e))?;
         }
         let cfgs = Configs::read(dir)?;
-        let tokenizer = ClipTokenizer::from_dir(
-            &dir.join("tokenizer"),
-            cfgs.text_encoder.max_position_embeddings,
-        )?;
-        let text_encoder = precision.text_encoder(dir, &cfgs.text_encoder)?;
+        cfgs.check_sdxl_widths()?;
+        let text = precision.text_encoders(dir, &cfgs)?;
         let unet = precision.unet(dir, &cfgs)?;
         cfgs.check_latent_channels()?;
         let (vae, vae_dtype) = precision.vae(dir, &cfgs)?;
         Ok(Self {
             info: cfgs.info(dir, precision.dtype, &precision.device),
-            tokenizer,
-            text_encoder,
+            text,
             dtype: unet.dtype(),
             unet,
             vae,
@@ -275,8 +401,14 @@ impl StableDiffusion {
         &self.info
     }
 
+    /// The first (SD 1.x/2.x: the only) tokenizer.
     pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
+        &self.text.first().tokenizer
+    }
+
+    /// The text encoders of the model's family.
+    pub fn text_encoders(&self) -> &TextEncoders {
+        &self.text
     }
 
     pub fn device(&self) -> &Device {
@@ -291,22 +423,25 @@ impl StableDiffusion {
         &self.scheduler_config
     }
 
-    /// Token ids `[len(texts), 77]` for `texts`.
+    /// Token ids `[len(texts), 77]` of the first tokenizer for `texts`.
     pub fn tokenize(&self, texts: &[&str]) -> Result<Tensor> {
-        let mut ids = Vec::with_capacity(texts.len() * self.tokenizer.max_len());
-        for t in texts {
-            ids.extend(self.tokenizer.encode(t)?.0);
-        }
-        Ok(Tensor::from_vec(
-            ids,
-            (texts.len(), self.tokenizer.max_len()),
-            &self.device,
-        )?)
+        self.text.first().tokenize(texts, &self.device)
     }
 
-    /// `last_hidden_state` of the text encoder for each text: `[len(texts), 77, hidden]`.
+    /// `last_hidden_state` of the (first) text encoder for each text: `[len(texts), 77, hidden]`.
     pub fn encode_text(&self, texts: &[&str]) -> Result<Tensor> {
-        self.text_encoder.forward(&self.tokenize(texts)?)
+        Ok(self
+            .text
+            .first()
+            .encode(texts, &self.device)?
+            .last_hidden_state)
+    }
+
+    /// What the UNet is conditioned on for one request's images (rows
+    /// `[uncond × n, cond × n]` under guidance): diffusers' `encode_prompt` of
+    /// the model's family, plus SDXL's pooled embedding and time ids.
+    pub fn conditioning(&self, req: &GenerateRequest, guided: bool) -> Result<Conditioning> {
+        self.text.conditioning(req, guided, &self.device)
     }
 
     /// The UNet's `encoder_hidden_states` for `n` images: `[uncond × n, cond × n]`
@@ -324,6 +459,12 @@ impl StableDiffusion {
         } else {
             (vec![prompt], 1)
         };
+        if let TextEncoders::Xl(_) = self.text {
+            return Err(Error::Internal(
+                "prompt_embeddings is SD 1.x/2.x's; SDXL's conditioning comes from conditioning()"
+                    .into(),
+            ));
+        }
         let emb = self.encode_text(&texts)?;
         let (_, seq, hidden) = emb.dims3()?;
         Ok(emb
@@ -335,6 +476,13 @@ impl StableDiffusion {
     /// One UNet evaluation: the noise (or v) prediction for `sample` at timestep `t`.
     pub fn predict(&self, sample: &Tensor, t: f64, embeddings: &Tensor) -> Result<Tensor> {
         Ok(self.unet.forward(sample, t, embeddings)?)
+    }
+
+    /// One UNet evaluation with every kind of conditioning the model takes.
+    pub fn predict_with(&self, sample: &Tensor, t: f64, cond: &Conditioning) -> Result<Tensor> {
+        Ok(self
+            .unet
+            .forward_with(sample, t, &cond.text, cond.added.as_ref())?)
     }
 
     /// The VAE decoder's raw output `[n, 3, H, W]` (about [-1, 1]) for latents

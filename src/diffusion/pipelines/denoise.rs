@@ -7,10 +7,11 @@
 //! a change to the latents after each step (the 4-channel inpainting blend),
 //! and the conditioning the UNet gets ([`Conditioning`]).
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use super::{StableDiffusion, StepProgress};
 use crate::diffusion::latents::NoiseSource;
+use crate::diffusion::models::unet::AddedConditioning;
 use crate::diffusion::schedulers::Scheduler;
 use crate::error::{Error, Result};
 
@@ -22,6 +23,105 @@ use crate::error::{Error, Result};
 pub struct Conditioning {
     /// `[rows, tokens, cross_attention_dim]`.
     pub text: Tensor,
+    /// SDXL's pooled text embedding and time ids (`added_cond_kwargs`), same rows.
+    pub added: Option<AddedConditioning>,
+}
+
+impl Conditioning {
+    /// Text conditioning only (SD 1.x/2.x).
+    pub fn text(text: Tensor) -> Self {
+        Self { text, added: None }
+    }
+
+    /// Rows `start..start + len`.
+    pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            text: self.text.narrow(0, start, len)?,
+            added: match &self.added {
+                Some(a) => Some(AddedConditioning {
+                    text_embeds: a.text_embeds.narrow(0, start, len)?,
+                    time_ids: a.time_ids.narrow(0, start, len)?,
+                }),
+                None => None,
+            },
+        })
+    }
+
+    /// Every row repeated `n` times in place (`[a, b]` → `[a × n, b × n]`), as
+    /// diffusers' `repeat(1, num_images_per_prompt, 1).view(...)` orders them.
+    pub fn repeat_rows(&self, n: usize) -> Result<Self> {
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            let mut dims = t.dims().to_vec();
+            let mut tiles = vec![1; dims.len() + 1];
+            tiles[1] = n;
+            let r = t.unsqueeze(1)?.repeat(tiles)?;
+            dims[0] *= n;
+            Ok(r.reshape(dims)?)
+        };
+        Ok(Self {
+            text: repeat(&self.text)?,
+            added: match &self.added {
+                Some(a) => Some(AddedConditioning {
+                    text_embeds: repeat(&a.text_embeds)?,
+                    time_ids: repeat(&a.time_ids)?,
+                }),
+                None => None,
+            },
+        })
+    }
+
+    /// `parts` one after the other along the rows; all with added conditioning or none.
+    pub fn cat(parts: &[Self]) -> Result<Self> {
+        let texts: Vec<&Tensor> = parts.iter().map(|p| &p.text).collect();
+        let added = match parts
+            .iter()
+            .map(|p| p.added.as_ref())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(a) if !a.is_empty() => {
+                let embeds: Vec<&Tensor> = a.iter().map(|a| &a.text_embeds).collect();
+                let ids: Vec<&Tensor> = a.iter().map(|a| &a.time_ids).collect();
+                Some(AddedConditioning {
+                    text_embeds: Tensor::cat(&embeds, 0)?,
+                    time_ids: Tensor::cat(&ids, 0)?,
+                })
+            }
+            _ if parts.iter().any(|p| p.added.is_some()) => {
+                return Err(Error::Internal(
+                    "conditioning parts disagree on added conditioning".into(),
+                ));
+            }
+            _ => None,
+        };
+        Ok(Self {
+            text: Tensor::cat(&texts, 0)?,
+            added,
+        })
+    }
+
+    /// The number of rows.
+    pub fn len(&self) -> usize {
+        self.text.dims().first().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// On `device`, the text in `dtype` (the time ids keep theirs: the UNet
+    /// embeds them in f32).
+    pub(super) fn to(&self, device: &Device, dtype: candle_core::DType) -> Result<Self> {
+        Ok(Self {
+            text: self.text.to_device(device)?.to_dtype(dtype)?,
+            added: match &self.added {
+                Some(a) => Some(AddedConditioning {
+                    text_embeds: a.text_embeds.to_device(device)?,
+                    time_ids: a.time_ids.to_device(device)?,
+                }),
+                None => None,
+            },
+        })
+    }
 }
 
 /// One run of the loop.
@@ -65,9 +165,8 @@ pub struct NoHooks;
 impl StepHooks for NoHooks {}
 
 impl StableDiffusion {
-    /// Text to image's loop: `latents` are the unit-variance initial latents,
-    /// scaled by `init_noise_sigma` here (diffusers' `prepare_latents`);
-    /// `embeddings` come from [`Self::prompt_embeddings`].
+    /// Text to image's loop for text-only conditioning (SD 1.x/2.x):
+    /// `embeddings` come from [`Self::prompt_embeddings`]; see [`Self::denoise_with`].
     pub fn denoise(
         &self,
         embeddings: &Tensor,
@@ -77,11 +176,23 @@ impl StableDiffusion {
         noise: &mut dyn NoiseSource,
         progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
     ) -> Result<Tensor> {
-        let conditioning = Conditioning {
-            text: embeddings.clone(),
-        };
+        let conditioning = Conditioning::text(embeddings.clone());
+        self.denoise_with(&conditioning, latents, scheduler, guidance, noise, progress)
+    }
+
+    /// Text to image's loop: `latents` are the unit-variance initial latents,
+    /// scaled by `init_noise_sigma` here (diffusers' `prepare_latents`).
+    pub fn denoise_with(
+        &self,
+        conditioning: &Conditioning,
+        latents: &Tensor,
+        scheduler: &mut dyn Scheduler,
+        guidance: f64,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
+    ) -> Result<Tensor> {
         let run = DenoiseRun {
-            conditioning: &conditioning,
+            conditioning,
             latents: (latents.to_device(&self.device)?.to_dtype(self.dtype)?
                 * scheduler.init_noise_sigma())?,
             start: 0,
@@ -101,7 +212,7 @@ impl StableDiffusion {
         progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
     ) -> Result<Tensor> {
         let guided = run.guidance > 1.0;
-        let context = run.conditioning.text.to_dtype(self.dtype)?;
+        let conditioning = run.conditioning.to(&self.device, self.dtype)?;
         let mut latents = run.latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         let timesteps = scheduler.timesteps().to_vec();
         if run.start >= timesteps.len() {
@@ -122,7 +233,7 @@ impl StableDiffusion {
             if let Some(extra) = hooks.extra_input(i)? {
                 input = Tensor::cat(&[&input, &extra.to_dtype(self.dtype)?], 1)?;
             }
-            let pred = self.predict(&input, t, &context)?;
+            let pred = self.predict_with(&input, t, &conditioning)?;
             let pred = if guided {
                 let n = latents.dim(0)?;
                 let uncond = pred.narrow(0, 0, n)?;

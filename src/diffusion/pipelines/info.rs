@@ -13,6 +13,8 @@ pub struct ModelInfo {
     /// What callers are shown: the hub id, or the folder's last component.
     pub name: String,
     pub pipeline_class: String,
+    /// Which model family the pipeline class is.
+    pub family: Family,
     /// `unet.sample_size * vae_scale_factor`: the size the model was trained at.
     pub default_size: usize,
     pub vae_scale_factor: usize,
@@ -27,6 +29,50 @@ pub struct ModelInfo {
     pub scheduler_config: SchedulerConfig,
     /// Sizes of the largest activations, to bound what one request allocates.
     pub memory: MemoryProfile,
+}
+
+/// A model family: what its requests may carry and how its prompts are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`).
+    Sd,
+    /// Stable Diffusion XL and its descendants (`StableDiffusionXLPipeline`).
+    Sdxl,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sd => "sd",
+            Self::Sdxl => "sdxl",
+        }
+    }
+
+    /// The sizes (width, height) the family was trained at beyond the square
+    /// default, where it publishes them: SDXL's aspect-ratio buckets (Podell et
+    /// al. 2023, section 2.3, multi-aspect training).
+    pub fn trained_sizes(self) -> &'static [(usize, usize)] {
+        match self {
+            Self::Sd => &[],
+            Self::Sdxl => &[
+                (1024, 1024),
+                (1152, 896),
+                (896, 1152),
+                (1216, 832),
+                (832, 1216),
+                (1344, 768),
+                (768, 1344),
+                (1536, 640),
+                (640, 1536),
+            ],
+        }
+    }
+
+    /// Whether the family has a second prompt and micro-conditioning.
+    pub fn is_xl(self) -> bool {
+        self == Self::Sdxl
+    }
 }
 
 /// Working memory of one generation, from the architecture's widths: the UNet

@@ -1,7 +1,9 @@
 //! Pipelines, as diffusers' `pipelines/stable_diffusion/` has them: the loaded
-//! model's components ([`components`]), one denoising loop every task shares
-//! ([`denoise`], with [`StepHooks`] for what a task adds), and one file per task over them ([`txt2img`]: diffusers'
-//! `StableDiffusionPipeline.__call__`), plus what the model accepts ([`info`]).
+//! model's components ([`components`]), its text encoders per family
+//! ([`text`]; SDXL's two in [`sdxl`]), one denoising loop every task shares
+//! ([`denoise`], with [`StepHooks`] for what a task adds), and one file per
+//! task over them ([`txt2img`]: diffusers' `StableDiffusionPipeline.__call__`
+//! and `StableDiffusionXLPipeline.__call__`), plus what the model accepts ([`info`]).
 //!
 //! Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
 //! Models"; classifier-free guidance after Ho & Salimans 2022. Components load
@@ -10,6 +12,8 @@
 mod components;
 mod denoise;
 mod info;
+mod sdxl;
+mod text;
 mod txt2img;
 
 use candle_core::Tensor;
@@ -18,13 +22,15 @@ pub use components::{
     LoadOptions, StableDiffusion, build_unet, build_vae, device_from_name, load_model,
 };
 pub use denoise::{Conditioning, DenoiseRun, NoHooks, StepHooks};
-pub use info::{MemoryProfile, ModelInfo};
+pub use info::{Family, MemoryProfile, ModelInfo};
+pub use sdxl::XlText;
+pub use text::{ClipText, TextEncoders};
 
 use crate::diffusion::params::GenerateRequest;
 use crate::error::Result;
 
 /// What the engine runs: one loaded model and the generation it offers. A
-/// model family (SD 1.x/2.x today) implements it once; the engine, its queue
+/// model family implements it once; the engine, its queue
 /// and batching know nothing else of the model.
 pub trait Pipeline: Send {
     /// What the model is and accepts (front ends validate requests with it).

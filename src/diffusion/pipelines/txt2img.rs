@@ -1,12 +1,14 @@
 //! Text to image: diffusers' `StableDiffusionPipeline.__call__`
-//! (`pipelines/stable_diffusion/pipeline_stable_diffusion.py`): encode the
-//! prompts, draw the seeded noise, run the shared denoising loop, decode.
+//! (`pipelines/stable_diffusion/pipeline_stable_diffusion.py`) and
+//! `StableDiffusionXLPipeline.__call__`, which differ only in what the prompt
+//! encodes to ([`super::TextEncoders`]): encode the prompts, draw the seeded
+//! noise, run the shared denoising loop, decode.
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
-use super::{Generated, StableDiffusion, StepProgress, Timings};
+use super::{Conditioning, Generated, StableDiffusion, StepProgress, Timings};
 use crate::diffusion::latents::{NoiseSource, ReplayNoise, SeededNoise};
 use crate::diffusion::params::GenerateRequest;
 use crate::error::{Error, Result};
@@ -46,23 +48,21 @@ impl StableDiffusion {
         let t0 = Instant::now();
         let per_request = reqs
             .iter()
-            .map(|r| self.prompt_embeddings(&r.prompt, &r.negative_prompt, r.num_images, guided))
+            .map(|r| self.conditioning(r, guided))
             .collect::<Result<Vec<_>>>()?;
-        let embeddings = if per_request.len() == 1 {
-            per_request[0].clone()
+        let conditioning = if per_request.len() == 1 {
+            per_request.into_iter().next().expect("one request")
         } else if guided {
             // [uncond of every request..., cond of every request...], as denoise expects.
-            let halves = |second: bool| {
-                reqs.iter().zip(&per_request).map(move |(r, e)| {
-                    e.narrow(0, if second { r.num_images } else { 0 }, r.num_images)
-                })
+            let half = |second: bool| {
+                reqs.iter()
+                    .zip(&per_request)
+                    .map(move |(r, c)| c.rows(if second { r.num_images } else { 0 }, r.num_images))
             };
-            let rows = halves(false)
-                .chain(halves(true))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&rows, 0)?
+            let rows = half(false).chain(half(true)).collect::<Result<Vec<_>>>()?;
+            Conditioning::cat(&rows)?
         } else {
-            Tensor::cat(&per_request, 0)?
+            Conditioning::cat(&per_request)?
         };
         timings.text_encoder = t0.elapsed().as_secs_f64();
 
@@ -97,8 +97,8 @@ impl StableDiffusion {
             self.scheduler(first.scheduler, &first.scheduler_options, first.steps)?;
         timings.steps = scheduler.timesteps().len();
         let t1 = Instant::now();
-        let latents = self.denoise(
-            &embeddings,
+        let latents = self.denoise_with(
+            &conditioning,
             &latents,
             scheduler.as_mut(),
             first.guidance,

@@ -139,6 +139,11 @@ pub fn spec(b: &Bounds) -> Value {
             "resolution": format!("{side}x{side}"), "steps": steps, "seed": 42}]);
     }
     let mut invocation_schema = invocation(invocation_schema, b);
+    // serde refuses unknown fields by name before parsing (see `http::jobs`
+    // and `http::sagemaker`), not through `deny_unknown_fields`.
+    for schema in [&mut request, &mut stored_request, &mut invocation_schema] {
+        schema["additionalProperties"] = false.into();
+    }
     invocation_schema["description"] =
         "A `POST /invocations` body: the fields SageMaker JumpStart's Stable Diffusion \
          endpoints take, plus `scheduler` and `scheduler_options`. Unknown fields are refused."
@@ -218,7 +223,7 @@ pub fn spec(b: &Bounds) -> Value {
                 "parameters": {"type": "object", "required": ["negative_prompt", "width", "height",
                         "num_inference_steps", "guidance_scale", "scheduler", "scheduler_options", "num_images_per_prompt"],
                     "properties": {
-                        "negative_prompt": {"type": "string"},
+                        "negative_prompt": {"type": ["string", "null"], "description": "null when none was given"},
                         "width": {"type": "integer"},
                         "height": {"type": "integer"},
                         "num_inference_steps": {"type": "integer"},
@@ -239,11 +244,13 @@ pub fn spec(b: &Bounds) -> Value {
             "model": {"type": "string"}
         }},
         "Info": {"type": "object",
-            "required": ["model", "default_resolution", "resolutions", "resolution_multiple", "schedulers",
+            "required": ["model", "family", "pipeline_class", "default_resolution", "resolutions", "resolution_multiple", "schedulers",
                 "default_scheduler", "default_steps", "default_guidance", "max_steps", "max_images", "max_pixels",
                 "queue_length", "queue_capacity"],
             "properties": {
                 "model": {"type": "string"},
+                "family": {"type": "string", "enum": ["sd", "sdxl"], "description": "sd: Stable Diffusion 1.x/2.x; sdxl: SDXL and its descendants (they take prompt_2 and the size conditioning)"},
+                "pipeline_class": {"type": "string", "description": "model_index.json's _class_name"},
                 "default_resolution": {"type": "string"},
                 "resolutions": {"type": "array", "items": {"type": "string"}},
                 "resolution_multiple": {"type": "integer", "minimum": 1},

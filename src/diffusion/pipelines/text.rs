@@ -1,0 +1,86 @@
+//! From prompts to what the UNet is conditioned on: one CLIP tokenizer and
+//! encoder pair ([`ClipText`]), and the text encoders of a model family
+//! ([`TextEncoders`]): SD 1.x/2.x's one encoder (diffusers'
+//! `StableDiffusionPipeline.encode_prompt`), SDXL's two ([`super::sdxl`]).
+
+use candle_core::{Device, Tensor};
+
+use super::Conditioning;
+use super::sdxl::XlText;
+use crate::diffusion::loading::tokenizer::ClipTokenizer;
+use crate::diffusion::models::clip::{ClipOutput, ClipTextModel};
+use crate::diffusion::params::GenerateRequest;
+use crate::error::Result;
+
+/// A tokenizer and the CLIP text encoder it feeds.
+#[derive(Debug)]
+pub struct ClipText {
+    pub(super) tokenizer: ClipTokenizer,
+    pub(super) encoder: ClipTextModel,
+}
+
+impl ClipText {
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids `[len(texts), max_len]` on `device` (padded, truncated: the
+    /// tokenizer call of `encode_prompt`).
+    pub fn tokenize(&self, texts: &[&str], device: &Device) -> Result<Tensor> {
+        let max_len = self.tokenizer.max_len();
+        let mut ids = Vec::with_capacity(texts.len() * max_len);
+        for t in texts {
+            ids.extend(self.tokenizer.encode(t)?.0);
+        }
+        Ok(Tensor::from_vec(ids, (texts.len(), max_len), device)?)
+    }
+
+    /// Every output of the encoder for each text.
+    pub fn encode(&self, texts: &[&str], device: &Device) -> Result<ClipOutput> {
+        self.encoder.forward_all(&self.tokenize(texts, device)?)
+    }
+}
+
+/// The text encoders of the loaded model's family.
+// One per loaded model, never moved in a loop: the size difference is harmless.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum TextEncoders {
+    /// SD 1.x/2.x: `last_hidden_state` of one CLIP text encoder.
+    Clip(ClipText),
+    /// SDXL: two encoders' penultimate states, the second's pooled projection.
+    Xl(XlText),
+}
+
+impl TextEncoders {
+    /// The first tokenizer and encoder (SDXL's `tokenizer` / `text_encoder`).
+    pub fn first(&self) -> &ClipText {
+        match self {
+            Self::Clip(c) => c,
+            Self::Xl(x) => &x.encoders[0],
+        }
+    }
+
+    /// The conditioning of one request's `num_images` images:
+    /// `[uncond × n, cond × n]` rows under guidance, `[cond × n]` without.
+    pub fn conditioning(
+        &self,
+        req: &GenerateRequest,
+        guided: bool,
+        device: &Device,
+    ) -> Result<Conditioning> {
+        match self {
+            Self::Clip(c) => {
+                let negative = req.negative_prompt.as_deref().unwrap_or("");
+                let texts: Vec<&str> = if guided {
+                    vec![negative, &req.prompt]
+                } else {
+                    vec![&req.prompt]
+                };
+                let text = c.encoder.forward(&c.tokenize(&texts, device)?)?;
+                Conditioning::text(text).repeat_rows(req.num_images)
+            }
+            Self::Xl(x) => x.conditioning(req, guided, device),
+        }
+    }
+}
