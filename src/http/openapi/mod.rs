@@ -39,6 +39,9 @@ pub struct Bounds {
     pub default_size: Option<usize>,
     /// The model scheduler's training steps (no schedule may have more).
     pub train_steps: Option<usize>,
+    /// Whether the model takes SDXL's fields (`prompt_2`, the size
+    /// conditioning); `None` while loading.
+    pub xl: Option<bool>,
 }
 
 impl Bounds {
@@ -49,6 +52,7 @@ impl Bounds {
             multiple,
             default_size: model.map(|m| limits.default_side(m.default_size, multiple)),
             train_steps: model.map(|m| m.scheduler_config.num_train_timesteps(&Map::new())),
+            xl: model.map(|m| m.family.is_xl()),
         }
     }
 

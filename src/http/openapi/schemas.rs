@@ -173,6 +173,42 @@ fn sides_regex(b: &Bounds) -> String {
     format!("({})", sides.join("|"))
 }
 
+/// SDXL's fields: sizes and crop corners within what validation takes; on a
+/// model of another family only `null` (a value is a 400 naming the field).
+fn constrain_sdxl(schema: &mut Value, b: &Bounds) {
+    let max = crate::request::MAX_MICRO_VALUE;
+    for field in crate::diffusion::params::MICRO_FIELDS {
+        let min = if field.contains("crops") { 0 } else { 1 };
+        constrain(
+            schema,
+            field,
+            json!({"items": {"type": "integer", "minimum": min, "maximum": max}, "minItems": 2, "maxItems": 2}),
+        );
+    }
+    for field in ["prompt_2", "negative_prompt_2"] {
+        constrain(
+            schema,
+            field,
+            json!({"maxLength": b.limits.max_prompt_chars}),
+        );
+    }
+    if b.xl == Some(false) {
+        let fields = crate::diffusion::params::MICRO_FIELDS
+            .iter()
+            .chain(&["prompt_2", "negative_prompt_2"]);
+        for field in fields {
+            let prop = property(schema, field);
+            prop.clear();
+            prop.insert("type".into(), "null".into());
+            prop.insert(
+                "description".into(),
+                "SDXL models only: this server's model is not one, and refuses a value (400 naming the field)."
+                    .into(),
+            );
+        }
+    }
+}
+
 /// `GenerateRequest`: the `POST /generate` body. With `stored`, the request
 /// as a job record keeps it (every default resolved), for `Status.request`:
 /// the text is then bounded by the limit alone, a style's template being
@@ -227,6 +263,7 @@ pub(super) fn generate_request(mut schema: Value, b: &Bounds, stored: bool) -> V
         b,
         ["steps", "num_images", "scheduler", "scheduler_options"],
     );
+    constrain_sdxl(&mut schema, b);
     schema
 }
 
@@ -272,5 +309,6 @@ pub(super) fn invocation(mut schema: Value, b: &Bounds) -> Value {
             "scheduler_options",
         ],
     );
+    constrain_sdxl(&mut schema, b);
     schema
 }

@@ -20,6 +20,7 @@ fn bounds() -> Bounds {
         // A 96-px model's default, as `Bounds::new` fits it to these limits.
         default_size: Some(64),
         train_steps: Some(1000),
+        xl: Some(true),
     }
 }
 
