@@ -9,6 +9,7 @@
 //! Models"; classifier-free guidance after Ho & Salimans 2022. Components load
 //! once from an unmodified diffusers folder and stay loaded between requests.
 
+mod clip_text;
 mod components;
 mod denoise;
 mod info;

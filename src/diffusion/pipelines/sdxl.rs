@@ -7,7 +7,7 @@
 use candle_core::{D, DType, Device, Tensor};
 
 use super::Conditioning;
-use super::text::ClipText;
+use super::clip_text::ClipText;
 use crate::diffusion::models::unet::AddedConditioning;
 use crate::diffusion::params::GenerateRequest;
 use crate::error::{Error, Result};

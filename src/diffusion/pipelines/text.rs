@@ -1,45 +1,15 @@
-//! From prompts to what the UNet is conditioned on: one CLIP tokenizer and
-//! encoder pair ([`ClipText`]), and the text encoders of a model family
-//! ([`TextEncoders`]): SD 1.x/2.x's one encoder (diffusers'
+//! From prompts to what the UNet is conditioned on: the text encoders of a
+//! model family ([`TextEncoders`]), built from CLIP tokenizer and encoder
+//! pairs ([`ClipText`]): SD 1.x/2.x's one encoder (diffusers'
 //! `StableDiffusionPipeline.encode_prompt`), SDXL's two ([`super::sdxl`]).
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
 use super::Conditioning;
+pub use super::clip_text::ClipText;
 use super::sdxl::XlText;
-use crate::diffusion::loading::tokenizer::ClipTokenizer;
-use crate::diffusion::models::clip::{ClipOutput, ClipTextModel};
 use crate::diffusion::params::GenerateRequest;
 use crate::error::Result;
-
-/// A tokenizer and the CLIP text encoder it feeds.
-#[derive(Debug)]
-pub struct ClipText {
-    pub(super) tokenizer: ClipTokenizer,
-    pub(super) encoder: ClipTextModel,
-}
-
-impl ClipText {
-    pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
-    }
-
-    /// Token ids `[len(texts), max_len]` on `device` (padded, truncated: the
-    /// tokenizer call of `encode_prompt`).
-    pub fn tokenize(&self, texts: &[&str], device: &Device) -> Result<Tensor> {
-        let max_len = self.tokenizer.max_len();
-        let mut ids = Vec::with_capacity(texts.len() * max_len);
-        for t in texts {
-            ids.extend(self.tokenizer.encode(t)?.0);
-        }
-        Ok(Tensor::from_vec(ids, (texts.len(), max_len), device)?)
-    }
-
-    /// Every output of the encoder for each text.
-    pub fn encode(&self, texts: &[&str], device: &Device) -> Result<ClipOutput> {
-        self.encoder.forward_all(&self.tokenize(texts, device)?)
-    }
-}
 
 /// The text encoders of the loaded model's family.
 // One per loaded model, never moved in a loop: the size difference is harmless.
