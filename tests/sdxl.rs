@@ -418,3 +418,57 @@ fn a_mixed_sdxl_batch_gives_each_request_its_own_images() {
     let plain = sd.generate(&plain_b, &mut |_| true).unwrap();
     assert!(max_abs_diff(&plain.images, &together[1].images) > 1e-3);
 }
+
+/// The job API and `/invocations` serve an SDXL folder: `/info` says so, the
+/// seed's request shape (`text`, `style`, `resolution`) runs, SDXL's fields are
+/// taken and kept in the record, and a mistyped size pair is a 400 naming it.
+#[test]
+fn the_server_serves_an_sdxl_folder_through_both_apis() {
+    use common::server::{Server, accepted, client, wait_final};
+    let model = common::model_dir("tiny-sdxl").display().to_string();
+    let s = Server::start(&["--model", &model], &[]);
+    let info: Value = client().get(s.url("/info")).send().unwrap().json().unwrap();
+    assert_eq!(info["family"], "sdxl");
+    assert_eq!(info["default_resolution"], "96x96");
+    let id = accepted(
+        &s,
+        serde_json::json!({"text": "a lighthouse", "style": "oil-painting", "resolution": "96x96",
+            "steps": 2, "seed": 5, "prompt_2": "an old harbour", "original_size": [64, 80]}),
+    );
+    let done = wait_final(&s, &id);
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request"]["prompt_2"], "an old harbour");
+    assert_eq!(
+        done["request"]["original_size"],
+        serde_json::json!([64, 80])
+    );
+    for (path, body, field) in [
+        (
+            "/generate",
+            serde_json::json!({"text": "x", "target_size": "96x96"}),
+            "target_size",
+        ),
+        (
+            "/invocations",
+            serde_json::json!({"prompt": "x", "original_size": [0, 96]}),
+            "original_size",
+        ),
+    ] {
+        let r = client().post(s.url(path)).json(&body).send().unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["field"], field, "{path}: {v}");
+    }
+    let r = client()
+        .post(s.url("/invocations"))
+        .json(
+            &serde_json::json!({"prompt": "a fox", "negative_prompt_2": "fog",
+            "crops_coords_top_left": [8, 8], "num_inference_steps": 2, "seed": 1}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["parameters"]["negative_prompt"], Value::Null);
+    assert_eq!(v["generated_images"].as_array().unwrap().len(), 1);
+}

@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use super::ApiError;
+use crate::diffusion::params::{MICRO_FIELDS, Pair};
 
 /// Which bodies a route takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +75,18 @@ pub(crate) fn body_object(
 /// Parses a request body object into the type its schema is generated from; a
 /// mistyped field is a 400 naming it.
 pub(crate) fn from_object<T: DeserializeOwned>(obj: Map<String, Value>) -> Result<T, ApiError> {
+    // serde loses the path inside flattened fields (SDXL's size pairs): find
+    // the mistyped one by parsing each on its own.
+    let bad_pair = MICRO_FIELDS.iter().find(|f| {
+        obj.get(**f)
+            .is_some_and(|v| serde_json::from_value::<Option<Pair>>(v.clone()).is_err())
+    });
+    if let Some(field) = bad_pair {
+        return Err(ApiError::BadRequest {
+            field: field.to_string(),
+            message: "expected two non-negative integers, [height, width] or [top, left]".into(),
+        });
+    }
     serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {
         let path = e.path().to_string();
         ApiError::BadRequest {
