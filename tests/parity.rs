@@ -16,32 +16,10 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{Reference, max_abs, max_abs_diff};
+use common::{DRIFT_FACTOR, Reference, max_abs, max_abs_diff};
 use sdserve::diffusion::latents::{ReplayNoise, SeededNoise};
 use sdserve::diffusion::schedulers::SchedulerKind;
 use serde_json::Value;
-
-const DRIFT_FACTOR: f32 = 50.0;
-
-/// Allowed |sdserve - diffusers| for reference `key`: DRIFT_FACTOR × the measured
-/// f32-vs-f64 drift, at least 8 ulps (2^-20 relative) of the values' magnitude.
-fn tolerance(r: &Reference, key: &str, magnitude: f32) -> f32 {
-    let drift = r.json["drift"][key]["max_abs_diff"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no drift measured for {key}")) as f32;
-    (DRIFT_FACTOR * drift).max(magnitude * 8.0 / (1 << 23) as f32)
-}
-
-/// The largest drift measured for any pipeline case of `kind` (final latents or image).
-fn case_drift(r: &Reference, suffix: &str) -> f32 {
-    r.json["drift"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.starts_with("case/") && k.ends_with(suffix))
-        .map(|(_, v)| v["max_abs_diff"].as_f64().unwrap() as f32)
-        .fold(0.0, f32::max)
-}
 
 fn check_tokens_and_embeddings(model: &str, refname: &str) {
     let sd = common::model(model);
@@ -71,7 +49,7 @@ fn check_tokens_and_embeddings(model: &str, refname: &str) {
         let want = r.get(&key);
         let got = sd.encode_text(&[text]).unwrap();
         let d = max_abs_diff(&got, &want);
-        let tol = tolerance(&r, &key, max_abs(&want));
+        let tol = r.tolerance(&key, max_abs(&want));
         eprintln!("{refname} {key}: max diff {d:.3e} (tolerance {tol:.3e})");
         assert!(d <= tol, "{refname} {key}: max diff {d} > {tol}");
     }
@@ -112,14 +90,14 @@ fn check_unet_and_vae(model: &str, refname: &str) {
         let key = format!("{prefix}/out");
         let want = r.get(&key);
         let d = max_abs_diff(&out, &want);
-        let tol = tolerance(&r, &key, max_abs(&want));
+        let tol = r.tolerance(&key, max_abs(&want));
         eprintln!("{refname} {key}: max diff {d:.3e} (tolerance {tol:.3e})");
         assert!(d <= tol, "{refname} {key}: {d} > {tol}");
     }
     let img = sd.decode_raw(&r.get("vae/latents")).unwrap();
     let want = r.get("vae/image");
     let d = max_abs_diff(&img, &want);
-    let tol = tolerance(&r, "vae/image", max_abs(&want));
+    let tol = r.tolerance("vae/image", max_abs(&want));
     eprintln!("{refname} vae/image: max diff {d:.3e} (tolerance {tol:.3e})");
     assert!(d <= tol, "{refname} vae: {d} > {tol}");
 }
@@ -171,7 +149,7 @@ fn sd2_scheduler_tables() {
 fn check_cases(model: &str, refname: &str) {
     let sd = common::model(model);
     let r = Reference::load(refname);
-    let latent_drift = case_drift(&r, "final_latents");
+    let latent_drift = r.case_drift("final_latents");
     let cases = r.json["cases"].as_array().unwrap();
     for case in cases {
         let name = case["name"].as_str().unwrap();
@@ -256,7 +234,7 @@ fn check_cases(model: &str, refname: &str) {
         let images = sd.decode(&latents).unwrap().permute((0, 2, 3, 1)).unwrap();
         let want = get("image");
         let d = max_abs_diff(&images, &want);
-        let tol = DRIFT_FACTOR * case_drift(&r, "image").max(1e-6);
+        let tol = DRIFT_FACTOR * r.case_drift("image").max(1e-6);
         eprintln!("{refname}/{name}: image diff {d:.3e} (tolerance {tol:.3e})");
         assert!(d <= tol, "{refname}/{name}: image differs by {d} > {tol}");
     }

@@ -9,7 +9,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{Reference, max_abs, max_abs_diff};
+use common::{DRIFT_FACTOR, Reference, max_abs, max_abs_diff};
 use sdserve::diffusion::loading::config::{ClipTextConfig, UNetConfig, read_json};
 use sdserve::diffusion::loading::tokenizer::ClipTokenizer;
 use sdserve::diffusion::loading::weights::WeightFiles;
@@ -18,13 +18,6 @@ use sdserve::diffusion::models::unet::AddedConditioning;
 use sdserve::diffusion::pipelines::{Family, StableDiffusion, build_unet};
 use sdserve::request::{GenerateParams, GenerateRequest, GivenLatents, Limits, MicroConditioning};
 use serde_json::Value;
-
-fn tolerance(r: &Reference, key: &str, magnitude: f32) -> f32 {
-    let drift = r.json["drift"][key]["max_abs_diff"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no drift measured for {key}")) as f32;
-    (50.0 * drift).max(magnitude * 8.0 / (1 << 23) as f32)
-}
 
 fn encoder(sub: &str, with_projection: bool) -> ClipTextModel {
     let dir = common::model_dir("tiny-sdxl").join(sub);
@@ -86,7 +79,7 @@ fn both_tokenizers_and_encoders_match_diffusers() {
             let k = format!("{key}/{name}");
             let want = r.get(&k);
             let d = max_abs_diff(got, &want);
-            let tol = tolerance(&r, &k, max_abs(&want));
+            let tol = r.tolerance(&k, max_abs(&want));
             assert!(d <= tol, "{k}: |sdserve - diffusers| {d} > {tol}");
         }
         // The final-normed state is not what SDXL conditions on: a port that used it
@@ -126,7 +119,7 @@ fn unet_with_text_time_conditioning_matches_diffusers() {
         let key = format!("{prefix}/out");
         let want = r.get(&key);
         let d = max_abs_diff(&got, &want);
-        let tol = tolerance(&r, &key, max_abs(&want));
+        let tol = r.tolerance(&key, max_abs(&want));
         assert!(d <= tol, "{key}: |sdserve - diffusers| {d} > {tol}");
         // Without its added conditioning the UNet refuses rather than guessing.
         let e = unet.forward(&sample, t, &ctx).unwrap_err().to_string();
@@ -136,18 +129,6 @@ fn unet_with_text_time_conditioning_matches_diffusers() {
     let o = r.get("unet/out");
     let rows_differ = max_abs_diff(&o.narrow(0, 0, 1).unwrap(), &o.narrow(0, 1, 1).unwrap());
     assert!(rows_differ > 1e-3);
-}
-
-/// The largest drift diffusers measured for any case's `suffix` (the cases
-/// share model and sizes; the drift was measured on four of them).
-fn case_drift(r: &Reference, suffix: &str) -> f32 {
-    r.json["drift"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.starts_with("case/") && k.ends_with(suffix))
-        .map(|(_, v)| v["max_abs_diff"].as_f64().unwrap() as f32)
-        .fold(0.0, f32::max)
 }
 
 fn string(v: &Value) -> Option<String> {
@@ -206,8 +187,8 @@ fn every_case_matches_diffusers_through_the_pipeline() {
     let cases = r.json["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 15);
     let (step_tol, image_tol) = (
-        50.0 * case_drift(&r, "step_latents"),
-        50.0 * case_drift(&r, "image"),
+        DRIFT_FACTOR * r.case_drift("step_latents"),
+        DRIFT_FACTOR * r.case_drift("image"),
     );
     for case in cases {
         let name = case["name"].as_str().unwrap();

@@ -45,6 +45,9 @@ pub fn model(name: &str) -> Arc<StableDiffusion> {
         .clone()
 }
 
+/// How many times diffusers' own f32-vs-f64 drift a comparison allows.
+pub const DRIFT_FACTOR: f32 = 50.0;
+
 /// A diffusers reference file pair: `references/<name>.safetensors` + `.json`.
 pub struct Reference {
     pub tensors: HashMap<String, Tensor>,
@@ -62,6 +65,28 @@ impl Reference {
         )
         .unwrap();
         Self { tensors, json }
+    }
+
+    /// Allowed |sdserve - diffusers| for reference `key`: [`DRIFT_FACTOR`] × the
+    /// measured f32-vs-f64 drift, at least 8 ulps (2^-20 relative) of the values'
+    /// magnitude.
+    pub fn tolerance(&self, key: &str, magnitude: f32) -> f32 {
+        let drift = self.json["drift"][key]["max_abs_diff"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no drift measured for {key}")) as f32;
+        (DRIFT_FACTOR * drift).max(magnitude * 8.0 / (1 << 23) as f32)
+    }
+
+    /// The largest drift measured for any pipeline case's `suffix` (final
+    /// latents, step latents or image).
+    pub fn case_drift(&self, suffix: &str) -> f32 {
+        self.json["drift"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with("case/") && k.ends_with(suffix))
+            .map(|(_, v)| v["max_abs_diff"].as_f64().unwrap() as f32)
+            .fold(0.0, f32::max)
     }
 
     pub fn get(&self, key: &str) -> Tensor {
