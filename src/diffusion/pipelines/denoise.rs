@@ -28,6 +28,22 @@ pub struct Conditioning {
 }
 
 impl Conditioning {
+    /// `f` applied to both tensors of the added conditioning, if any.
+    fn map_added(
+        &self,
+        f: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Option<AddedConditioning>> {
+        self.added
+            .as_ref()
+            .map(|a| {
+                Ok(AddedConditioning {
+                    text_embeds: f(&a.text_embeds)?,
+                    time_ids: f(&a.time_ids)?,
+                })
+            })
+            .transpose()
+    }
+
     /// Text conditioning only (SD 1.x/2.x).
     pub fn text(text: Tensor) -> Self {
         Self { text, added: None }
@@ -37,13 +53,7 @@ impl Conditioning {
     pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
         Ok(Self {
             text: self.text.narrow(0, start, len)?,
-            added: match &self.added {
-                Some(a) => Some(AddedConditioning {
-                    text_embeds: a.text_embeds.narrow(0, start, len)?,
-                    time_ids: a.time_ids.narrow(0, start, len)?,
-                }),
-                None => None,
-            },
+            added: self.map_added(|t| Ok(t.narrow(0, start, len)?))?,
         })
     }
 
@@ -60,13 +70,7 @@ impl Conditioning {
         };
         Ok(Self {
             text: repeat(&self.text)?,
-            added: match &self.added {
-                Some(a) => Some(AddedConditioning {
-                    text_embeds: repeat(&a.text_embeds)?,
-                    time_ids: repeat(&a.time_ids)?,
-                }),
-                None => None,
-            },
+            added: self.map_added(repeat)?,
         })
     }
 
@@ -99,27 +103,12 @@ impl Conditioning {
         })
     }
 
-    /// The number of rows.
-    pub fn len(&self) -> usize {
-        self.text.dims().first().copied().unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// On `device`, the text in `dtype` (the time ids keep theirs: the UNet
     /// embeds them in f32).
     pub(super) fn to(&self, device: &Device, dtype: candle_core::DType) -> Result<Self> {
         Ok(Self {
             text: self.text.to_device(device)?.to_dtype(dtype)?,
-            added: match &self.added {
-                Some(a) => Some(AddedConditioning {
-                    text_embeds: a.text_embeds.to_device(device)?,
-                    time_ids: a.time_ids.to_device(device)?,
-                }),
-                None => None,
-            },
+            added: self.map_added(|t| Ok(t.to_device(device)?))?,
         })
     }
 }
