@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::diffusion::params::{GenerateRequest, GivenLatents, MicroConditioning};
-use crate::diffusion::pipelines::ModelInfo;
+use crate::diffusion::pipelines::{ModelInfo, SamplingDefaults};
 use crate::diffusion::schedulers::{SchedulerKind, check_overrides};
 use crate::error::{Error, Result};
 
@@ -56,10 +56,10 @@ impl Limits {
         (side / m * m).max(m)
     }
 
-    /// The steps a request that gives none gets: [`DEFAULT_STEPS`], or the
-    /// limit when that is lower.
-    pub fn default_steps(&self) -> usize {
-        DEFAULT_STEPS.min(self.max_steps).max(1)
+    /// The steps a request that gives none gets: the model's default
+    /// ([`SamplingDefaults`]), or the limit when that is lower.
+    pub fn default_steps(&self, model: &SamplingDefaults) -> usize {
+        model.steps.min(self.max_steps).max(1)
     }
 
     /// These limits with room for a style's template: a styled prompt may be
@@ -129,9 +129,6 @@ pub struct GenerateParams {
     pub seed: Option<u64>,
     pub num_images: Option<usize>,
 }
-
-pub const DEFAULT_STEPS: usize = 30;
-pub const DEFAULT_GUIDANCE: f64 = 7.5;
 
 fn check_side(field: &str, v: usize, factor: usize, limits: &Limits) -> Result<usize> {
     if v == 0 || !v.is_multiple_of(factor) {
@@ -207,14 +204,14 @@ impl GenerateParams {
             ));
         }
 
-        let steps = self.steps.unwrap_or(limits.default_steps());
+        let steps = self.steps.unwrap_or(limits.default_steps(&model.defaults));
         if steps == 0 || steps > limits.max_steps {
             return Err(Error::invalid(
                 "steps",
                 format!("{steps} is outside 1..={}", limits.max_steps),
             ));
         }
-        let guidance = self.guidance.unwrap_or(DEFAULT_GUIDANCE);
+        let guidance = self.guidance.unwrap_or(model.defaults.guidance);
         if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
             return Err(Error::invalid(
                 "guidance",
@@ -287,7 +284,8 @@ impl GenerateParams {
                 format!("{num_images} is outside 1..={}", limits.max_images),
             ));
         }
-        let rows_per_image = if guidance > 1.0 { 2 } else { 1 };
+        let guided = model.runs_cfg(guidance);
+        let rows_per_image = if guided { 2 } else { 1 };
         let needed = model.working_bytes(width, height, num_images, rows_per_image);
         if needed.is_none_or(|n| n > limits.max_request_bytes) {
             let field = if num_images > 1 {
@@ -316,6 +314,7 @@ impl GenerateParams {
             height,
             steps,
             guidance,
+            guided,
             scheduler,
             scheduler_options,
             seed,

@@ -273,3 +273,89 @@ fn assert_result_shown(b: &Browser, src: &str) {
         "the previous result must stay on the page"
     );
 }
+
+/// The seed's own request on the model it was written for: an SDXL folder at
+/// its native 1024 × 1024 (tiny-sdxl with the real base model's
+/// `sample_size` 128, so every default is the real one). The page offers
+/// SDXL's trained sizes with 1024 × 1024 selected and the model's defaults as
+/// placeholders, and shows the 1024-px image.
+#[test]
+fn an_sdxl_model_at_its_native_size_through_the_page() {
+    if skipped() {
+        return;
+    }
+    let model = common::copy_model("tiny-sdxl");
+    for (file, size) in [("unet/config.json", 128), ("vae/config.json", 1024)] {
+        let path = model.path().join(file);
+        let mut cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg["sample_size"] = json!(size);
+        std::fs::write(&path, cfg.to_string()).unwrap();
+    }
+    let path = model.path().display().to_string();
+    let s = Server::start(&["--model", &path, "--no-warmup"], &[]);
+    let b = Browser::start();
+    b.goto(&s.url("/"));
+    b.wait_for(
+        "return document.querySelectorAll('#resolution option').length >= 9",
+        "SDXL's trained sizes",
+    );
+    let offered =
+        b.js("return [...document.querySelectorAll('#resolution option')].map(o => o.value)");
+    for size in [
+        "1024x1024",
+        "1152x896",
+        "896x1152",
+        "1216x832",
+        "1344x768",
+        "1536x640",
+    ] {
+        assert!(
+            offered.as_array().unwrap().contains(&json!(size)),
+            "{size}: {offered}"
+        );
+    }
+    assert_eq!(
+        b.js("return document.querySelector('#resolution').value"),
+        "1024x1024"
+    );
+    assert_eq!(
+        b.js("return document.querySelector('#steps').placeholder"),
+        "30"
+    );
+    assert_eq!(
+        b.js("return document.querySelector('#guidance').placeholder"),
+        "5"
+    );
+
+    b.js("document.querySelector('#steps').value = '2'");
+    b.type_into("#prompt", "a lighthouse at dusk");
+    b.click("#generate");
+    let src = b.wait_for(
+        "const i = document.querySelector('#result img.result-image'); \
+         return i && i.complete && i.naturalWidth > 0 ? i.getAttribute('src') : null",
+        "the result image",
+    );
+    assert_eq!(
+        b.js(
+            "const i = document.querySelector('#result img.result-image'); \
+              return [i.naturalWidth, i.naturalHeight]"
+        ),
+        json!([1024, 1024])
+    );
+    let id = src
+        .as_str()
+        .unwrap()
+        .split('/')
+        .nth(2)
+        .expect("/files/{id}/0.png");
+    let job: Value = client()
+        .get(s.url(&format!("/image/{id}")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(job["status"], "completed");
+    assert_eq!(job["request"]["resolution"], "1024x1024");
+    assert_eq!(job["request"]["guidance"], 5.0, "{job}");
+}

@@ -14,7 +14,7 @@ use sdserve::diffusion::loading::config::{ClipTextConfig, UNetConfig, read_json}
 use sdserve::diffusion::loading::tokenizer::ClipTokenizer;
 use sdserve::diffusion::loading::weights::WeightFiles;
 use sdserve::diffusion::models::clip::ClipTextModel;
-use sdserve::diffusion::models::unet::AddedConditioning;
+use sdserve::diffusion::models::unet::{AddedConditioning, Extra};
 use sdserve::diffusion::pipelines::{Family, StableDiffusion, build_unet};
 use sdserve::request::{GenerateParams, GenerateRequest, GivenLatents, Limits, MicroConditioning};
 use serde_json::Value;
@@ -115,7 +115,11 @@ fn unet_with_text_time_conditioning_matches_diffusers() {
         };
         let sample = r.get(&format!("{prefix}/sample"));
         let ctx = r.get(&format!("{prefix}/encoder_hidden_states"));
-        let got = unet.forward_with(&sample, t, &ctx, Some(&added)).unwrap();
+        let extra = Extra {
+            added: Some(&added),
+            timestep_cond: None,
+        };
+        let got = unet.forward_with(&sample, t, &ctx, extra).unwrap();
         let key = format!("{prefix}/out");
         let want = r.get(&key);
         let d = max_abs_diff(&got, &want);

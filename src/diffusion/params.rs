@@ -25,6 +25,9 @@ pub struct GenerateRequest {
     pub height: usize,
     pub steps: usize,
     pub guidance: f64,
+    /// Whether classifier-free guidance runs (two UNet rows per image):
+    /// [`ModelInfo::runs_cfg`](crate::diffusion::pipelines::ModelInfo::runs_cfg).
+    pub guided: bool,
     pub scheduler: SchedulerKind,
     /// Overrides applied on top of the model's scheduler_config.json.
     pub scheduler_options: serde_json::Map<String, serde_json::Value>,

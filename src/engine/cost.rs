@@ -23,7 +23,7 @@ impl JobShape {
             steps: req.steps,
             num_images: req.num_images,
             megapixels: (req.width * req.height) as f64 / 1e6,
-            guided: req.guidance > 1.0,
+            guided: req.guided,
         }
     }
 

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use super::{ApiError, AppState, Bodies, body_object, ready_model};
 use crate::diffusion::schedulers::SchedulerKind;
 use crate::jobs::{JobRequest, JobState, JobView};
-use crate::request::{DEFAULT_GUIDANCE, Limits};
+use crate::request::Limits;
 
 /// Fields `POST /generate` accepts: those of [`JobRequest`] (a test checks).
 pub const FIELDS: &[&str] = &[
@@ -250,8 +250,8 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
         "schedulers": SchedulerKind::ALL.map(|k| k.name()),
         "default_scheduler": default_scheduler,
         "default_scheduler_class": model.default_scheduler,
-        "default_steps": limits.default_steps(),
-        "default_guidance": DEFAULT_GUIDANCE,
+        "default_steps": limits.default_steps(&model.defaults),
+        "default_guidance": model.defaults.guidance,
         "max_steps": limits.max_steps,
         "max_images": limits.max_images,
         "max_pixels": limits.max_pixels,

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::diffusion::pipelines::SamplingDefaults;
 use crate::engine::{Engine, EngineState, JobStatus, SubmitError, Ticket};
 use crate::error::{Error, Result};
 use crate::output::{encode_png, to_rgb8};
@@ -421,11 +422,14 @@ impl Jobs {
                 .ok()
                 .and_then(|p| Some((p.width?, p.height?, p)))
                 .map_or(0.0, |(w, h, p)| {
+                    let info = engine.ready_info().ok();
+                    let defaults = info.as_ref().map_or(SamplingDefaults::SD, |m| m.defaults);
+                    let guidance = p.guidance.unwrap_or(defaults.guidance);
                     let shape = crate::engine::JobShape {
-                        steps: p.steps.unwrap_or(crate::request::DEFAULT_STEPS),
+                        steps: p.steps.unwrap_or(defaults.steps),
                         num_images: p.num_images.unwrap_or(1),
                         megapixels: (w as f64) * (h as f64) / 1e6,
-                        guided: p.guidance.unwrap_or(crate::request::DEFAULT_GUIDANCE) > 1.0,
+                        guided: info.map_or(guidance > 1.0, |m| m.runs_cfg(guidance)),
                     };
                     let cost = engine
                         .cost_model()

@@ -80,6 +80,12 @@ impl ModelIndex {
     }
 }
 
+/// diffusers writes `null` for a flag left unset (SDXL's `"upcast_attention":
+/// null`), and its constructors read it as falsy: `null` is `false`.
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
 /// diffusers `UNet2DConditionModel` config.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -87,7 +93,9 @@ pub struct UNetConfig {
     pub sample_size: Option<PerBlock<usize>>,
     pub in_channels: usize,
     pub out_channels: usize,
+    #[serde(deserialize_with = "null_is_false")]
     pub center_input_sample: bool,
+    #[serde(deserialize_with = "null_is_false")]
     pub flip_sin_to_cos: bool,
     pub freq_shift: f64,
     pub down_block_types: Vec<String>,
@@ -105,10 +113,13 @@ pub struct UNetConfig {
     pub transformer_layers_per_block: PerBlock<usize>,
     pub attention_head_dim: PerBlock<usize>,
     pub num_attention_heads: Option<PerBlock<usize>>,
+    #[serde(deserialize_with = "null_is_false")]
     pub dual_cross_attention: bool,
+    #[serde(deserialize_with = "null_is_false")]
     pub use_linear_projection: bool,
     pub class_embed_type: Option<String>,
     pub addition_embed_type: Option<String>,
+    #[serde(deserialize_with = "null_is_false")]
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
     pub time_embedding_type: String,
@@ -120,6 +131,7 @@ pub struct UNetConfig {
     pub time_embedding_act_fn: Option<String>,
     pub timestep_post_act: Option<String>,
     pub num_class_embeds: Option<usize>,
+    #[serde(deserialize_with = "null_is_false")]
     pub class_embeddings_concat: bool,
     pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
     pub mid_block_only_cross_attention: Option<bool>,
@@ -247,9 +259,13 @@ pub struct VaeConfig {
     pub sample_size: usize,
     pub scaling_factor: f64,
     pub shift_factor: Option<f64>,
+    #[serde(deserialize_with = "null_is_false")]
     pub force_upcast: bool,
+    #[serde(deserialize_with = "null_is_false")]
     pub use_quant_conv: bool,
+    #[serde(deserialize_with = "null_is_false")]
     pub use_post_quant_conv: bool,
+    #[serde(deserialize_with = "null_is_false")]
     pub mid_block_add_attention: bool,
 }
 
@@ -358,5 +374,26 @@ impl ClipTextConfig {
             &self.hidden_act,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_null_flag_is_false_and_an_absent_one_keeps_its_default() {
+        let c: UNetConfig =
+            serde_json::from_str(r#"{"upcast_attention": null, "center_input_sample": null}"#)
+                .unwrap();
+        assert!(!c.upcast_attention && !c.center_input_sample);
+        assert!(c.flip_sin_to_cos, "absent: diffusers' default True");
+        let c: UNetConfig = serde_json::from_str(r#"{"flip_sin_to_cos": null}"#).unwrap();
+        assert!(
+            !c.flip_sin_to_cos,
+            "null is falsy in diffusers' constructor"
+        );
+        let v: VaeConfig = serde_json::from_str(r#"{"force_upcast": null}"#).unwrap();
+        assert!(!v.force_upcast);
     }
 }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::diffusion::layers::{activation_dtype, mixed_precision_kernel};
-use crate::diffusion::loading::config::{self, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
+use crate::diffusion::loading::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::diffusion::loading::tokenizer::ClipTokenizer;
 use crate::diffusion::loading::weights::WeightFiles;
 use crate::diffusion::models::clip::ClipTextModel;
@@ -19,15 +19,11 @@ use crate::diffusion::params::GenerateRequest;
 use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::error::{Error, Result};
 
+use super::configs::Configs;
+use super::lcm::guidance_scale_embedding;
 use super::sdxl::XlText;
 use super::text::{ClipText, TextEncoders};
-use super::{Conditioning, Family, MemoryProfile, ModelInfo};
-
-/// Pipeline classes whose components this module runs, and their families.
-const SUPPORTED_PIPELINES: &[(&str, Family)] = &[
-    ("StableDiffusionPipeline", Family::Sd),
-    ("StableDiffusionXLPipeline", Family::Sdxl),
-];
+use super::{Conditioning, ModelInfo, SamplingDefaults};
 
 /// Where and in what precision to compute.
 #[derive(Debug, Clone)]
@@ -74,173 +70,6 @@ fn default_dtype(device: &Device) -> DType {
         DType::F32
     } else {
         DType::F16
-    }
-}
-
-/// The configs of a diffusers folder's components, read before any weights.
-struct Configs {
-    index: ModelIndex,
-    family: Family,
-    unet: UNetConfig,
-    unet_path: PathBuf,
-    vae: VaeConfig,
-    vae_path: PathBuf,
-    text_encoder: ClipTextConfig,
-    /// SDXL's `text_encoder_2`.
-    text_encoder_2: Option<ClipTextConfig>,
-    scheduler: SchedulerConfig,
-}
-
-impl Configs {
-    fn read(dir: &Path) -> Result<Self> {
-        let index_path = dir.join("model_index.json");
-        let index: ModelIndex = config::read_json(&index_path)?;
-        let Some(&(_, family)) = SUPPORTED_PIPELINES
-            .iter()
-            .find(|(class, _)| *class == index.class_name)
-        else {
-            let names: Vec<&str> = SUPPORTED_PIPELINES.iter().map(|(c, _)| *c).collect();
-            return Err(Error::model_file(
-                &index_path,
-                format!(
-                    "pipeline class {:?} is not supported (supported: {})",
-                    index.class_name,
-                    names.join(", ")
-                ),
-            ));
-        };
-        if index.says_absent("text_encoder") {
-            // The SDXL refiner has only `text_encoder_2` and is an image-to-image model.
-            return Err(Error::model_file(
-                &index_path,
-                "has no `text_encoder` (an SDXL refiner is an image-to-image model; text to image needs a base model)",
-            ));
-        }
-        let unet_path = dir.join("unet/config.json");
-        let unet: UNetConfig = config::read_json(&unet_path)?;
-        let vae_path = dir.join("vae/config.json");
-        let vae: VaeConfig = config::read_json(&vae_path)?;
-        let te_path = dir.join("text_encoder/config.json");
-        let text_encoder: ClipTextConfig = config::read_json(&te_path)?;
-        text_encoder.validate(&te_path)?;
-        let text_encoder_2 = match family {
-            Family::Sd => None,
-            Family::Sdxl => {
-                let path = dir.join("text_encoder_2/config.json");
-                let cfg: ClipTextConfig = config::read_json(&path)?;
-                cfg.validate(&path)?;
-                Some(cfg)
-            }
-        };
-        let scheduler = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
-        Ok(Self {
-            index,
-            family,
-            unet,
-            unet_path,
-            vae,
-            vae_path,
-            text_encoder,
-            text_encoder_2,
-            scheduler,
-        })
-    }
-
-    /// SDXL: the two encoders' widths must add up to the UNet's
-    /// `cross_attention_dim`, and the pooled width plus six embedded time ids to
-    /// its `projection_class_embeddings_input_dim` (what diffusers'
-    /// `_get_add_time_ids` checks before the first step).
-    fn check_sdxl_widths(&self) -> Result<()> {
-        let Some(te2) = &self.text_encoder_2 else {
-            if let Some(kind) = &self.unet.addition_embed_type {
-                // Nothing would feed it: the UNet is an SDXL one in an SD folder.
-                return Err(Error::model_file(
-                    &self.unet_path,
-                    format!(
-                        "addition_embed_type {kind:?} needs the pooled text embedding and time ids \
-                         of an SDXL pipeline; model_index.json says {}",
-                        self.index.class_name
-                    ),
-                ));
-            }
-            return Ok(());
-        };
-        let context = self.text_encoder.hidden_size + te2.hidden_size;
-        let unet_context = self.unet.cross_attention_dim.get(0);
-        if unet_context != Some(context) {
-            return Err(Error::model_file(
-                &self.unet_path,
-                format!(
-                    "cross_attention_dim {unet_context:?} is not the {} + {} = {context} features of \
-                     text_encoder and text_encoder_2",
-                    self.text_encoder.hidden_size, te2.hidden_size
-                ),
-            ));
-        }
-        if self.unet.addition_embed_type.as_deref() != Some("text_time") {
-            return Err(Error::model_file(
-                &self.unet_path,
-                "an SDXL UNet needs addition_embed_type \"text_time\"",
-            ));
-        }
-        let time = self.unet.addition_time_embed_dim.unwrap_or(0);
-        let passed = te2.projection_dim + 6 * time;
-        let expected = self.unet.projection_class_embeddings_input_dim;
-        if expected != Some(passed) {
-            return Err(Error::model_file(
-                &self.unet_path,
-                format!(
-                    "projection_class_embeddings_input_dim {expected:?} is not the {passed} features \
-                     SDXL passes (text_encoder_2's projection_dim {} + 6 time ids x \
-                     addition_time_embed_dim {time})",
-                    te2.projection_dim
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The UNet must take and give the VAE's latents (an inpainting UNet's 9
-    /// input channels are refused here).
-    fn check_latent_channels(&self) -> Result<()> {
-        let (unet, vae) = (&self.unet, &self.vae);
-        if unet.in_channels != vae.latent_channels || unet.out_channels != vae.latent_channels {
-            return Err(Error::model_file(
-                &self.unet_path,
-                format!(
-                    "in_channels {} / out_channels {} do not match the VAE's latent_channels {} (inpainting UNets are not supported)",
-                    unet.in_channels, unet.out_channels, vae.latent_channels
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// What `/info` and image metadata say about the model in `dir`.
-    fn info(&self, dir: &Path, dtype: DType, device: &Device) -> ModelInfo {
-        let vae_scale_factor = self.vae.scale_factor();
-        let prediction_type = self
-            .scheduler
-            .merged(&Default::default())
-            .get("prediction_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("epsilon")
-            .to_string();
-        ModelInfo {
-            source: dir.display().to_string(),
-            name: display_name(dir),
-            pipeline_class: self.index.class_name.clone(),
-            family: self.family,
-            default_size: self.unet.sample_size().unwrap_or(64) * vae_scale_factor,
-            vae_scale_factor,
-            latent_channels: self.vae.latent_channels,
-            prediction_type,
-            default_scheduler: self.scheduler.class_name().to_string(),
-            dtype: format!("{dtype:?}").to_lowercase(),
-            device: device_name(device),
-            scheduler_config: self.scheduler.clone(),
-            memory: MemoryProfile::of(&self.unet, &self.vae),
-        }
     }
 }
 
@@ -379,10 +208,9 @@ impl StableDiffusion {
             mixed_precision_kernel().map_err(|e| Error::invalid("SDSERVE_BF16_KERNEL", e))?;
         }
         let cfgs = Configs::read(dir)?;
-        cfgs.check_sdxl_widths()?;
+        cfgs.check()?;
         let text = precision.text_encoders(dir, &cfgs)?;
         let unet = precision.unet(dir, &cfgs)?;
-        cfgs.check_latent_channels()?;
         let (vae, vae_dtype) = precision.vae(dir, &cfgs)?;
         Ok(Self {
             info: cfgs.info(dir, precision.dtype, &precision.device),
@@ -399,6 +227,12 @@ impl StableDiffusion {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Replaces the steps and guidance requests that give none get (a
+    /// server's `--default-steps` / `--default-guidance`).
+    pub fn set_defaults(&mut self, defaults: SamplingDefaults) {
+        self.info.defaults = defaults;
     }
 
     /// The first (SD 1.x/2.x: the only) tokenizer.
@@ -441,7 +275,18 @@ impl StableDiffusion {
     /// `[uncond × n, cond × n]` under guidance): diffusers' `encode_prompt` of
     /// the model's family, plus SDXL's pooled embedding and time ids.
     pub fn conditioning(&self, req: &GenerateRequest, guided: bool) -> Result<Conditioning> {
-        self.text.conditioning(req, guided, &self.device)
+        let mut cond = self.text.conditioning(req, guided, &self.device)?;
+        if let Some(dim) = self.unet.time_cond_dim() {
+            // diffusers passes `guidance_scale - 1` (`w` of the LCM paper).
+            let rows = cond.text.dim(0)?;
+            cond.timestep_cond = Some(guidance_scale_embedding(
+                req.guidance - 1.0,
+                dim,
+                rows,
+                &self.device,
+            )?);
+        }
+        Ok(cond)
     }
 
     /// The UNet's `encoder_hidden_states` for `n` images: `[uncond × n, cond × n]`
@@ -482,7 +327,7 @@ impl StableDiffusion {
     pub fn predict_with(&self, sample: &Tensor, t: f64, cond: &Conditioning) -> Result<Tensor> {
         Ok(self
             .unet
-            .forward_with(sample, t, &cond.text, cond.added.as_ref())?)
+            .forward_with(sample, t, &cond.text, cond.extra())?)
     }
 
     /// The VAE decoder's raw output `[n, 3, H, W]` (about [-1, 1]) for latents
@@ -543,22 +388,6 @@ pub fn build_vae(
         Error::Candle(e) => Error::model_file(weights, e),
         other => other,
     })
-}
-
-/// A folder's last component (`stable-diffusion-v1-5`), never its full path.
-fn display_name(dir: &Path) -> String {
-    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    dir.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
-}
-
-fn device_name(device: &Device) -> String {
-    match device {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(_) => "cuda".into(),
-        Device::Metal(_) => "metal".into(),
-    }
 }
 
 /// Picks the compute device by name: `cpu`, `cuda[:N]`, `metal[:N]`.

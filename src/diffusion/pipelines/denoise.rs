@@ -11,50 +11,63 @@ use candle_core::{Device, Tensor};
 
 use super::{StableDiffusion, StepProgress};
 use crate::diffusion::latents::NoiseSource;
-use crate::diffusion::models::unet::AddedConditioning;
+use crate::diffusion::models::unet::{AddedConditioning, Extra};
 use crate::diffusion::schedulers::Scheduler;
 use crate::error::{Error, Result};
 
 /// What the UNet is conditioned on, rows matching the UNet batch (every image's
 /// unconditional row first, then the conditional ones, under guidance). SD
 /// 1.x/2.x: the text encoder's hidden states; model families with more
-/// conditioning (SDXL's pooled text embedding and time ids) add it here.
+/// conditioning (SDXL's pooled text embedding and time ids, an LCM UNet's
+/// guidance embedding) add it here.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
     /// `[rows, tokens, cross_attention_dim]`.
     pub text: Tensor,
     /// SDXL's pooled text embedding and time ids (`added_cond_kwargs`), same rows.
     pub added: Option<AddedConditioning>,
+    /// An LCM UNet's `timestep_cond` `[rows, time_cond_proj_dim]`: the guidance
+    /// scale embedding.
+    pub timestep_cond: Option<Tensor>,
 }
 
 impl Conditioning {
-    /// `f` applied to both tensors of the added conditioning, if any.
-    fn map_added(
-        &self,
-        f: impl Fn(&Tensor) -> Result<Tensor>,
-    ) -> Result<Option<AddedConditioning>> {
-        self.added
-            .as_ref()
-            .map(|a| {
-                Ok(AddedConditioning {
-                    text_embeds: f(&a.text_embeds)?,
-                    time_ids: f(&a.time_ids)?,
-                })
-            })
-            .transpose()
-    }
-
     /// Text conditioning only (SD 1.x/2.x).
     pub fn text(text: Tensor) -> Self {
-        Self { text, added: None }
+        Self {
+            text,
+            added: None,
+            timestep_cond: None,
+        }
+    }
+
+    /// `f` applied to the text states and `timestep_cond`, `f_added` to SDXL's
+    /// added conditioning (which keeps its dtype on a cast).
+    fn map(
+        &self,
+        f: impl Fn(&Tensor) -> Result<Tensor>,
+        f_added: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
+        Ok(Self {
+            text: f(&self.text)?,
+            added: self
+                .added
+                .as_ref()
+                .map(|a| {
+                    Ok::<_, Error>(AddedConditioning {
+                        text_embeds: f_added(&a.text_embeds)?,
+                        time_ids: f_added(&a.time_ids)?,
+                    })
+                })
+                .transpose()?,
+            timestep_cond: self.timestep_cond.as_ref().map(&f).transpose()?,
+        })
     }
 
     /// Rows `start..start + len`.
     pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self {
-            text: self.text.narrow(0, start, len)?,
-            added: self.map_added(|t| Ok(t.narrow(0, start, len)?))?,
-        })
+        let narrow = |t: &Tensor| Ok(t.narrow(0, start, len)?);
+        self.map(narrow, narrow)
     }
 
     /// Every row repeated `n` times in place (`[a, b]` → `[a × n, b × n]`), as
@@ -68,48 +81,60 @@ impl Conditioning {
             dims[0] *= n;
             Ok(r.reshape(dims)?)
         };
-        Ok(Self {
-            text: repeat(&self.text)?,
-            added: self.map_added(repeat)?,
-        })
+        self.map(repeat, repeat)
     }
 
-    /// `parts` one after the other along the rows; all with added conditioning or none.
+    /// `parts` one after the other along the rows; all with the same kinds of
+    /// conditioning.
     pub fn cat(parts: &[Self]) -> Result<Self> {
+        fn all<'a, T>(
+            parts: &'a [Conditioning],
+            get: impl Fn(&'a Conditioning) -> Option<T>,
+        ) -> Result<Option<Vec<T>>> {
+            let got: Vec<T> = parts.iter().filter_map(&get).collect();
+            match got.len() {
+                0 => Ok(None),
+                n if n == parts.len() => Ok(Some(got)),
+                _ => Err(Error::Internal(
+                    "conditioning parts disagree on what they hold".into(),
+                )),
+            }
+        }
+        let cat = |ts: Vec<&Tensor>| Tensor::cat(&ts, 0);
         let texts: Vec<&Tensor> = parts.iter().map(|p| &p.text).collect();
-        let added = match parts
-            .iter()
-            .map(|p| p.added.as_ref())
-            .collect::<Option<Vec<_>>>()
-        {
-            Some(a) if !a.is_empty() => {
-                let embeds: Vec<&Tensor> = a.iter().map(|a| &a.text_embeds).collect();
-                let ids: Vec<&Tensor> = a.iter().map(|a| &a.time_ids).collect();
-                Some(AddedConditioning {
-                    text_embeds: Tensor::cat(&embeds, 0)?,
-                    time_ids: Tensor::cat(&ids, 0)?,
+        let added = all(parts, |p| p.added.as_ref())?
+            .map(|a| {
+                Ok::<_, Error>(AddedConditioning {
+                    text_embeds: cat(a.iter().map(|a| &a.text_embeds).collect())?,
+                    time_ids: cat(a.iter().map(|a| &a.time_ids).collect())?,
                 })
-            }
-            _ if parts.iter().any(|p| p.added.is_some()) => {
-                return Err(Error::Internal(
-                    "conditioning parts disagree on added conditioning".into(),
-                ));
-            }
-            _ => None,
-        };
+            })
+            .transpose()?;
+        let timestep_cond = all(parts, |p| p.timestep_cond.as_ref())?
+            .map(cat)
+            .transpose()?;
         Ok(Self {
-            text: Tensor::cat(&texts, 0)?,
+            text: cat(texts)?,
             added,
+            timestep_cond,
         })
     }
 
-    /// On `device`, the text in `dtype` (the time ids keep theirs: the UNet
-    /// embeds them in f32).
+    /// On `device`, in `dtype` (SDXL's added conditioning keeps its dtype: the
+    /// UNet embeds it in f32).
     pub(super) fn to(&self, device: &Device, dtype: candle_core::DType) -> Result<Self> {
-        Ok(Self {
-            text: self.text.to_device(device)?.to_dtype(dtype)?,
-            added: self.map_added(|t| Ok(t.to_device(device)?))?,
-        })
+        self.map(
+            |t| Ok(t.to_device(device)?.to_dtype(dtype)?),
+            |t| Ok(t.to_device(device)?),
+        )
+    }
+
+    /// What the UNet takes beyond the text states.
+    pub fn extra(&self) -> Extra<'_> {
+        Extra {
+            added: self.added.as_ref(),
+            timestep_cond: self.timestep_cond.as_ref(),
+        }
     }
 }
 
@@ -200,7 +225,7 @@ impl StableDiffusion {
         hooks: &mut dyn StepHooks,
         progress: &mut dyn FnMut(StepProgress<'_>) -> bool,
     ) -> Result<Tensor> {
-        let guided = run.guidance > 1.0;
+        let guided = self.info.runs_cfg(run.guidance);
         let conditioning = run.conditioning.to(&self.device, self.dtype)?;
         let mut latents = run.latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         let timesteps = scheduler.timesteps().to_vec();

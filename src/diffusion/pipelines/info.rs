@@ -29,6 +29,79 @@ pub struct ModelInfo {
     pub scheduler_config: SchedulerConfig,
     /// Sizes of the largest activations, to bound what one request allocates.
     pub memory: MemoryProfile,
+    /// The steps and guidance a request that gives none gets.
+    pub defaults: SamplingDefaults,
+    /// Whether the UNet takes the guidance scale as an embedding
+    /// (`time_cond_proj_dim`: LCM-distilled) instead of running guided.
+    pub guidance_embedded: bool,
+}
+
+/// The steps and guidance scale a request that leaves them out runs with:
+/// the model's own where its folder says what it is (a distilled few-step
+/// model), else its family's.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct SamplingDefaults {
+    pub steps: usize,
+    pub guidance: f64,
+}
+
+impl SamplingDefaults {
+    /// SD 1.x/2.x: diffusers' `StableDiffusionPipeline.__call__` guidance_scale
+    /// (7.5); 30 steps, sdserve's default from the start, rather than its 50.
+    pub const SD: Self = Self {
+        steps: 30,
+        guidance: 7.5,
+    };
+    /// SDXL: `StableDiffusionXLPipeline.__call__`'s guidance_scale 5.0; 30 steps.
+    pub const SDXL: Self = Self {
+        steps: 30,
+        guidance: 5.0,
+    };
+    /// SD-Turbo and SDXL-Turbo (adversarial diffusion distillation, Sauer et al.
+    /// 2023): one step without guidance, as their model cards run them
+    /// (`num_inference_steps=1, guidance_scale=0.0`).
+    pub const TURBO: Self = Self {
+        steps: 1,
+        guidance: 0.0,
+    };
+
+    /// LCM-distilled UNets (`time_cond_proj_dim`): diffusers'
+    /// `LatentConsistencyModelPipeline.__call__` defaults, 4 steps at guidance
+    /// 8.5 (embedded, not run as classifier-free guidance).
+    pub const LCM: Self = Self {
+        steps: 4,
+        guidance: 8.5,
+    };
+    /// A folder whose scheduler is LCMScheduler but whose UNet takes no
+    /// guidance embedding (an LCM-LoRA fused into a model): 4 steps without
+    /// guidance, as the LCM-LoRA model cards run it.
+    pub const LCM_SCHEDULER: Self = Self {
+        steps: 4,
+        guidance: 1.0,
+    };
+
+    /// The defaults of a model of `family` whose scheduler config names
+    /// `scheduler_class` with `timestep_spacing`, and whose UNet does or does
+    /// not embed the guidance scale. The Turbo folders are the only published
+    /// ones whose scheduler is EulerAncestral with trailing spacing (sampling
+    /// from the last training timestep, which a few-step model needs); a
+    /// folder that says nothing more keeps its family's.
+    pub fn detect(
+        family: Family,
+        scheduler_class: &str,
+        timestep_spacing: Option<&str>,
+        guidance_embedded: bool,
+    ) -> Self {
+        let turbo = scheduler_class == "EulerAncestralDiscreteScheduler"
+            && timestep_spacing == Some("trailing");
+        match family {
+            _ if guidance_embedded => Self::LCM,
+            _ if scheduler_class == "LCMScheduler" => Self::LCM_SCHEDULER,
+            _ if turbo => Self::TURBO,
+            Family::Sd => Self::SD,
+            Family::Sdxl => Self::SDXL,
+        }
+    }
 }
 
 /// A model family: what its requests may carry and how its prompts are encoded.
@@ -114,6 +187,14 @@ impl MemoryProfile {
 }
 
 impl ModelInfo {
+    /// Whether a request with `guidance` runs classifier-free guidance (an
+    /// unconditional and a conditional UNet row per image): diffusers'
+    /// `do_classifier_free_guidance`, `guidance_scale > 1 and
+    /// unet.config.time_cond_proj_dim is None`.
+    pub fn runs_cfg(&self, guidance: f64) -> bool {
+        guidance > 1.0 && !self.guidance_embedded
+    }
+
     /// Bytes one generation of `images` images of `width`x`height` may need
     /// beyond the loaded weights (`rows_per_image`: 2 under guidance), or `None`
     /// when the arithmetic would overflow (certainly too much).

@@ -1,7 +1,9 @@
 //! Pipelines, as diffusers' `pipelines/stable_diffusion/` has them: the loaded
-//! model's components ([`components`]), its text encoders per family
-//! ([`text`]; SDXL's two in [`sdxl`]), one denoising loop every task shares
-//! ([`denoise`], with [`StepHooks`] for what a task adds), and one file per
+//! model's components ([`components`]; their configs read and checked
+//! without weights in [`configs`]), its text encoders per family ([`text`];
+//! SDXL's two in [`sdxl`]; an LCM UNet's guidance embedding in [`lcm`]), one
+//! denoising loop every task shares ([`denoise`], with [`StepHooks`] for what
+//! a task adds), and one file per
 //! task over them ([`txt2img`]: diffusers' `StableDiffusionPipeline.__call__`
 //! and `StableDiffusionXLPipeline.__call__`), plus what the model accepts ([`info`]).
 //!
@@ -11,8 +13,10 @@
 
 mod clip_text;
 mod components;
+mod configs;
 mod denoise;
 mod info;
+mod lcm;
 mod sdxl;
 mod text;
 mod txt2img;
@@ -22,8 +26,9 @@ use candle_core::Tensor;
 pub use components::{
     LoadOptions, StableDiffusion, build_unet, build_vae, device_from_name, load_model,
 };
+pub use configs::inspect;
 pub use denoise::{Conditioning, DenoiseRun, NoHooks, StepHooks};
-pub use info::{Family, MemoryProfile, ModelInfo};
+pub use info::{Family, MemoryProfile, ModelInfo, SamplingDefaults};
 pub use sdxl::XlText;
 pub use text::{ClipText, TextEncoders};
 

@@ -85,6 +85,7 @@ impl XlText {
                 text_embeds: pooled,
                 time_ids: time_ids.to_dtype(DType::F32)?,
             }),
+            timestep_cond: None,
         }
         .repeat_rows(req.num_images)
     }

@@ -44,7 +44,7 @@ impl StableDiffusion {
             ));
         }
         let mut timings = Timings::default();
-        let guided = first.guidance > 1.0;
+        let guided = first.guided;
         let t0 = Instant::now();
         let per_request = reqs
             .iter()

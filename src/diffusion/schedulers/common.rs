@@ -300,11 +300,22 @@ impl BetaConfig {
     /// Reads the keys; `has_rescale` is false for classes whose `__init__` has no
     /// `rescale_betas_zero_snr` (PNDM), which therefore ignore it.
     pub fn read(cfg: &ClassConfig<'_>, has_rescale: bool) -> Result<Self> {
+        Self::read_with_defaults(cfg, has_rescale, (0.0001, 0.02, "linear"))
+    }
+
+    /// [`Self::read`] for a class whose `__init__` defaults `(beta_start,
+    /// beta_end, beta_schedule)` differ from the common ones (LCMScheduler's
+    /// are Stable Diffusion's own).
+    pub fn read_with_defaults(
+        cfg: &ClassConfig<'_>,
+        has_rescale: bool,
+        (start, end, schedule): (f64, f64, &str),
+    ) -> Result<Self> {
         let this = Self {
             num_train_timesteps: cfg.positive("num_train_timesteps", 1000)?,
-            beta_start: cfg.f64("beta_start", 0.0001)?,
-            beta_end: cfg.f64("beta_end", 0.02)?,
-            beta_schedule: cfg.string("beta_schedule", "linear")?,
+            beta_start: cfg.f64("beta_start", start)?,
+            beta_end: cfg.f64("beta_end", end)?,
+            beta_schedule: cfg.string("beta_schedule", schedule)?,
             trained_betas: cfg.opt_f64_list("trained_betas")?,
             rescale_betas_zero_snr: has_rescale && cfg.bool("rescale_betas_zero_snr", false)?,
         };

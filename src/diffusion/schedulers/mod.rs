@@ -11,6 +11,7 @@ pub mod ddim;
 pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod lcm;
 pub mod pndm;
 pub mod tables;
 
@@ -34,6 +35,7 @@ pub const OVERRIDABLE_KEYS: &[&str] = &[
     "final_sigmas_type",
     "interpolation_type",
     "lower_order_final",
+    "original_inference_steps",
     "prediction_type",
     "rescale_betas_zero_snr",
     "set_alpha_to_one",
@@ -76,6 +78,8 @@ pub fn allowed(key: &str) -> Allowed {
         "prediction_type" => Allowed::OneOf(&["epsilon", "v_prediction", "sample"]),
         "sigma_max" | "sigma_min" => Allowed::PositiveOrNull,
         "solver_order" => Allowed::Integer(1, 3),
+        // LCMScheduler's distillation schedule; checked against the training steps.
+        "original_inference_steps" => Allowed::Integer(1, 1000),
         "solver_type" => Allowed::OneOf(&["midpoint", "heun"]),
         // Below the training schedule's 1000 steps; the built schedule is
         // checked against the model's own count.
@@ -155,10 +159,12 @@ pub enum SchedulerKind {
     DpmPp2MKarras,
     /// PNDMScheduler (PLMS when `skip_prk_steps`).
     Pndm,
+    /// LCMScheduler: for latent consistency models (LCM-distilled UNets, LCM-LoRA).
+    Lcm,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 7] = [
+    pub const ALL: [SchedulerKind; 8] = [
         SchedulerKind::Default,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
@@ -166,6 +172,7 @@ impl SchedulerKind {
         SchedulerKind::DpmPp2M,
         SchedulerKind::DpmPp2MKarras,
         SchedulerKind::Pndm,
+        SchedulerKind::Lcm,
     ];
 
     /// The canonical name used in requests, PNG metadata and the CLI.
@@ -178,6 +185,7 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2M => "dpmpp_2m",
             SchedulerKind::DpmPp2MKarras => "dpmpp_2m_karras",
             SchedulerKind::Pndm => "pndm",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 
@@ -204,6 +212,7 @@ impl SchedulerKind {
             }
             "dpmpp2mkarras" | "karras" => SchedulerKind::DpmPp2MKarras,
             "pndm" | "plms" | "pndmscheduler" => SchedulerKind::Pndm,
+            "lcm" | "lcmscheduler" => SchedulerKind::Lcm,
             _ => return None,
         })
     }
@@ -216,6 +225,7 @@ impl SchedulerKind {
             "EulerAncestralDiscreteScheduler" => Some(SchedulerKind::EulerAncestral),
             "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2M),
             "PNDMScheduler" => Some(SchedulerKind::Pndm),
+            "LCMScheduler" => Some(SchedulerKind::Lcm),
             _ => None,
         }
     }
@@ -333,6 +343,7 @@ impl SchedulerConfig {
                 Box::new(dpm_solver::DpmSolverMultistep::new(&values, n)?)
             }
             SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&values, n)?),
+            SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&values, n)?),
             SchedulerKind::Default => unreachable!("resolved above"),
         })
     }

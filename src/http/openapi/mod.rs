@@ -19,7 +19,7 @@ use axum::extract::State;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
-use crate::diffusion::pipelines::ModelInfo;
+use crate::diffusion::pipelines::{ModelInfo, SamplingDefaults};
 use crate::engine::EngineState;
 use crate::fields::NO_NUL;
 use crate::request::Limits;
@@ -42,6 +42,8 @@ pub struct Bounds {
     /// Whether the model takes SDXL's fields (`prompt_2`, the size
     /// conditioning); `None` while loading.
     pub xl: Option<bool>,
+    /// The steps and guidance a request that gives none gets (SD's while loading).
+    pub defaults: SamplingDefaults,
 }
 
 impl Bounds {
@@ -53,6 +55,7 @@ impl Bounds {
             default_size: model.map(|m| limits.default_side(m.default_size, multiple)),
             train_steps: model.map(|m| m.scheduler_config.num_train_timesteps(&Map::new())),
             xl: model.map(|m| m.family.is_xl()),
+            defaults: model.map_or(SamplingDefaults::SD, |m| m.defaults),
         }
     }
 
@@ -95,7 +98,7 @@ impl Bounds {
                 .filter(|s| s.saturating_mul(*s) <= self.limits.max_pixels)
                 .last()?,
         };
-        let steps = self.limits.default_steps().min(self.max_steps());
+        let steps = self.default_steps().min(self.max_steps());
         (steps > 0).then_some((side, steps))
     }
 
@@ -103,7 +106,12 @@ impl Bounds {
     /// step limit, but not by the model's training steps): if not, a request
     /// must give its steps.
     fn default_steps_fit(&self) -> bool {
-        self.limits.default_steps() <= self.max_steps()
+        self.default_steps() <= self.max_steps()
+    }
+
+    /// The steps a request that gives none gets ([`Limits::default_steps`]).
+    pub fn default_steps(&self) -> usize {
+        self.limits.default_steps(&self.defaults)
     }
 }
 

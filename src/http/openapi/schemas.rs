@@ -136,7 +136,7 @@ fn constrain_common(
             steps,
             &format!(
                 "Required here: the default of {} is over this model's limit of {}.",
-                b.limits.default_steps(),
+                b.default_steps(),
                 b.max_steps()
             ),
         );

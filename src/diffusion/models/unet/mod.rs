@@ -14,7 +14,7 @@ use std::path::Path;
 
 use crate::diffusion::layers::activation_dtype;
 use crate::diffusion::layers::conv::{Conv2d, conv2d};
-use crate::diffusion::layers::linear::{Linear, linear};
+use crate::diffusion::layers::linear::{Linear, linear, linear_no_bias};
 use crate::diffusion::layers::norm::{GroupNorm, group_norm};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -104,12 +104,26 @@ impl UpBlock {
     }
 }
 
+/// What a UNet call takes beyond the sample, timestep and text states.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extra<'a> {
+    /// SDXL's `added_cond_kwargs` (pooled text embedding and time ids).
+    pub added: Option<&'a AddedConditioning>,
+    /// `timestep_cond` `[rows, time_cond_proj_dim]`: an LCM UNet's guidance
+    /// scale embedding.
+    pub timestep_cond: Option<&'a Tensor>,
+}
+
 /// diffusers `UNet2DConditionModel` for Stable Diffusion 1.x/2.x.
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// `time_embedding.cond_proj` of a UNet with `time_cond_proj_dim` (an
+    /// LCM-distilled one: the guidance scale comes in as an embedding).
+    time_cond_proj: Option<Linear>,
+    time_cond_dim: Option<usize>,
     /// SDXL's `add_embedding` (with `add_time_proj`), when the config has one.
     add_embedding: Option<AddEmbedding>,
     down_blocks: Vec<DownBlock>,
@@ -153,6 +167,10 @@ impl UNet2DConditionModel {
         )?;
         let time_linear_1 = linear(c0, temb_dim, vb.pp("time_embedding.linear_1"))?;
         let time_linear_2 = linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?;
+        let time_cond_proj = cfg
+            .time_cond_proj_dim
+            .map(|d| linear_no_bias(d, c0, vb.pp("time_embedding.cond_proj")))
+            .transpose()?;
         let add_embedding = plan
             .added
             .map(|p| {
@@ -264,6 +282,8 @@ impl UNet2DConditionModel {
             conv_in,
             time_linear_1,
             time_linear_2,
+            time_cond_proj,
+            time_cond_dim: cfg.time_cond_proj_dim,
             add_embedding,
             down_blocks,
             mid_block,
@@ -288,6 +308,11 @@ impl UNet2DConditionModel {
         self.add_embedding.is_some()
     }
 
+    /// The width of the `timestep_cond` this UNet takes (`time_cond_proj_dim`), if any.
+    pub fn time_cond_dim(&self) -> Option<usize> {
+        self.time_cond_dim
+    }
+
     /// [`Self::forward_with`] for UNets without added conditioning.
     pub fn forward(
         &self,
@@ -295,20 +320,24 @@ impl UNet2DConditionModel {
         timestep: f64,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
-        self.forward_with(sample, timestep, encoder_hidden_states, None)
+        self.forward_with(sample, timestep, encoder_hidden_states, Extra::default())
     }
 
     /// The noise (or v) prediction for `sample` `[b, in_channels, h, w]` at `timestep`,
-    /// conditioned on `encoder_hidden_states` `[b, tokens, cross_attention_dim]` and,
-    /// for SDXL, `added` (`added_cond_kwargs`) (`UNet2DConditionModel.forward`).
-    /// Inputs are cast to the compute dtype; the output is in it.
+    /// conditioned on `encoder_hidden_states` `[b, tokens, cross_attention_dim]` and
+    /// what [`Extra`] holds (`UNet2DConditionModel.forward`). Inputs are cast to
+    /// the compute dtype; the output is in it.
     pub fn forward_with(
         &self,
         sample: &Tensor,
         timestep: f64,
         encoder_hidden_states: &Tensor,
-        added: Option<&AddedConditioning>,
+        extra: Extra<'_>,
     ) -> Result<Tensor> {
+        let Extra {
+            added,
+            timestep_cond,
+        } = extra;
         let sample = sample.to_dtype(self.dtype)?;
         let context = encoder_hidden_states.to_dtype(self.dtype)?;
         let (_, _, h, w) = sample.dims4()?;
@@ -334,6 +363,19 @@ impl UNet2DConditionModel {
             sample.device(),
         )?
         .to_dtype(self.dtype)?;
+        // `TimestepEmbedding.forward`: `sample + cond_proj(condition)` first.
+        let t_emb = match (&self.time_cond_proj, timestep_cond) {
+            (None, None) => t_emb,
+            (Some(proj), Some(cond)) => {
+                t_emb.broadcast_add(&proj.forward(&cond.to_dtype(self.dtype)?)?)?
+            }
+            (Some(_), None) => {
+                candle_core::bail!("this UNet needs timestep_cond (time_cond_proj_dim)")
+            }
+            (None, Some(_)) => {
+                candle_core::bail!("this UNet takes no timestep_cond (no time_cond_proj_dim)")
+            }
+        };
         let temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;

@@ -146,9 +146,9 @@ impl Plan {
         )?;
         require(
             path,
-            cfg.time_cond_proj_dim.is_none(),
+            cfg.time_cond_proj_dim != Some(0),
             "time_cond_proj_dim",
-            format!("{:?}", cfg.time_cond_proj_dim),
+            "0",
         )?;
         require(
             path,
