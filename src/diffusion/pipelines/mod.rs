@@ -29,6 +29,7 @@ pub use components::{
 pub use configs::inspect;
 pub use denoise::{Conditioning, DenoiseRun, NoHooks, StepHooks};
 pub use info::{Family, MemoryProfile, ModelInfo, SamplingDefaults};
+pub use lcm::guidance_scale_embedding;
 pub use sdxl::XlText;
 pub use text::{ClipText, TextEncoders};
 

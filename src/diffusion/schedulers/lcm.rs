@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use super::Scheduler;
 use super::common::{self, BetaConfig, ClassConfig, PredictionType, scale};
 use crate::diffusion::latents::NoiseSource;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 const CLASS: &str = "LCMScheduler";
 
@@ -126,7 +126,13 @@ impl Lcm {
             config.original_inference_steps,
             num_inference_steps,
         )
-        .map_err(|e| common::config_error(CLASS, e))?;
+        .map_err(|e| {
+            if num_inference_steps > config.original_inference_steps {
+                Error::invalid("steps", e)
+            } else {
+                common::config_error(CLASS, e)
+            }
+        })?;
         for &t in &int_timesteps {
             common::alpha_at(CLASS, &alphas_cumprod, t)?;
         }
