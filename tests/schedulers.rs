@@ -697,3 +697,23 @@ fn class_defaults_apply_to_missing_keys_and_unknown_keys_are_ignored() {
     let b = fx.base.build(SchedulerKind::Ddim, &Map::new(), 10).unwrap();
     assert_eq!(a.timesteps(), b.timesteps());
 }
+
+/// LCMScheduler's own errors: as the other classes for the shared keys (it
+/// ignores `timestep_spacing`, as diffusers does), and more steps than the
+/// schedule it was distilled on names the steps and the option.
+#[test]
+fn lcm_config_errors_name_the_key() {
+    let k = SchedulerKind::Lcm;
+    let msg = build_err(k, json!({"beta_schedule": "cubic"}), 4);
+    assert!(msg.contains("beta_schedule"), "{msg}");
+    let msg = build_err(k, json!({"prediction_type": "noise"}), 4);
+    assert!(msg.contains("prediction_type"), "{msg}");
+    let msg = build_err(k, json!({}), 0);
+    assert!(msg.contains("steps"), "{msg}");
+    let msg = build_err(k, json!({}), 51);
+    assert!(msg.contains("original_inference_steps 50"), "{msg}");
+    let msg = build_err(k, json!({"original_inference_steps": 2000}), 4);
+    assert!(msg.contains("num_train_timesteps"), "{msg}");
+    let msg = build_err(k, json!({"thresholding": true}), 4);
+    assert!(msg.contains("thresholding"), "{msg}");
+}

@@ -31,7 +31,7 @@ Tensors (all float32):
   <case>.scaled              [n, 2, 4, 3, 5] scale_model_input outputs (Euler kinds only;
                              the other schedulers return their input unchanged)
   <case>.prev                [n, 2, 4, 3, 5] prev_sample after every step
-  <case>.noise               [n, 2, 4, 3, 5] noise drawn by EulerAncestral's step
+  <case>.noise               [n, 2, 4, 3, 5] noise drawn by EulerAncestral's step (LCMScheduler's: n - 1)
   add_noise_original         a second unit-variance tensor, [2, 4, 3, 5] (torch seed 1)
   <case>.add_noise           [k, 2, 4, 3, 5] add_noise(add_noise_original, latents,
                              timesteps[i:i+1]) after set_begin_index(i), for the step
@@ -53,11 +53,13 @@ from safetensors.torch import save_file
 
 import diffusers
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_module
+import diffusers.schedulers.scheduling_lcm as lcm_module
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
 )
 
@@ -89,7 +91,14 @@ KINDS = {
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "pndm": (PNDMScheduler, {}),
+    "lcm": (LCMScheduler, {}),
 }
+# Schedulers whose step draws noise: the module whose randn_tensor is recorded, and how
+# many draws a loop of n steps makes (LCMScheduler draws none at its last step).
+NOISY = {"euler_a": (euler_a_module, lambda n: n), "lcm": (lcm_module, lambda n: max(n - 1, 0))}
+# Per-kind sweep overrides: LCM's schedule is a subset of its `original_inference_steps`
+# (50 by default), fewer than the longest sweep.
+SWEEP_OVERRIDES = {"lcm": {"original_inference_steps": 100}}
 SCALES_INPUT = {"euler", "euler_a"}
 HAS_SIGMAS = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"}
 
@@ -168,7 +177,7 @@ def synthetic_model(x: torch.Tensor, t) -> torch.Tensor:
 
 
 class NoiseRecorder:
-    """Stands in for `randn_tensor` in the Euler ancestral module and keeps what it drew."""
+    """Stands in for `randn_tensor` in a scheduler module (NOISY) and keeps what it drew."""
 
     def __init__(self, seed: int):
         self.generator = torch.Generator().manual_seed(seed)
@@ -202,9 +211,9 @@ def f32(x) -> torch.Tensor:
 def run_case(name: str, kind: str, overrides: dict, steps: int, latents: torch.Tensor, tensors: dict):
     scheduler = build(kind, overrides, steps)
     recorder = None
-    if kind == "euler_a":
+    if kind in NOISY:
         recorder = NoiseRecorder(seed=1234 + steps)
-        euler_a_module.randn_tensor = recorder
+        NOISY[kind][0].randn_tensor = recorder
 
     timesteps = scheduler.timesteps
     init_noise_sigma = float(scheduler.init_noise_sigma)
@@ -233,8 +242,8 @@ def run_case(name: str, kind: str, overrides: dict, steps: int, latents: torch.T
             put("scaled", torch.stack(scaled).to(torch.float32).contiguous())
         put("prev", torch.stack(prevs).to(torch.float32).contiguous())
     if recorder is not None:
-        assert len(recorder.drawn) == len(prevs)
-        if prevs:
+        assert len(recorder.drawn) == NOISY[kind][1](len(prevs))
+        if recorder.drawn:
             put("noise", torch.stack(recorder.drawn).to(torch.float32).contiguous())
 
     original = tensors["add_noise_original"][: latents.shape[0]]
@@ -297,11 +306,13 @@ def main():
         for spacing in SPACINGS:
             ts, sig = [], []
             for steps in SWEEP_STEPS:
-                s = build(kind, {"timestep_spacing": spacing}, steps)
+                s = build(kind, {**SWEEP_OVERRIDES.get(kind, {}), "timestep_spacing": spacing},
+                          steps)
                 ts.append(s.timesteps.to(torch.float64).numpy())
                 if kind in HAS_SIGMAS:
                     sig.append(s.sigmas.numpy())
-            entry = {"kind": kind, "overrides": {**KINDS[kind][1], "timestep_spacing": spacing}}
+            entry = {"kind": kind, "overrides": {**KINDS[kind][1], **SWEEP_OVERRIDES.get(kind, {}),
+                                                 "timestep_spacing": spacing}}
             key = f"sweep.{kind}.{spacing}"
             tensors[key + ".timesteps"] = f32(np.concatenate(ts))
             entry["timesteps"] = key + ".timesteps"
