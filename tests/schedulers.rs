@@ -509,13 +509,14 @@ fn build_err(k: SchedulerKind, ov: Value, steps: usize) -> String {
     }
 }
 
-const KINDS: [SchedulerKind; 6] = [
+const KINDS: [SchedulerKind; 7] = [
     SchedulerKind::Ddim,
     SchedulerKind::Euler,
     SchedulerKind::EulerAncestral,
     SchedulerKind::DpmPp2M,
     SchedulerKind::DpmPp2MKarras,
     SchedulerKind::Pndm,
+    SchedulerKind::Lms,
 ];
 
 #[test]

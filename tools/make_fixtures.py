@@ -83,6 +83,7 @@ from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -137,8 +138,9 @@ KINDS = {
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "pndm": (PNDMScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
 }
-HAS_SIGMAS = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"}
+HAS_SIGMAS = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms"}
 SPACINGS = ["leading", "trailing", "linspace"]
 TABLE_STEPS = [5, 20]
 
@@ -198,6 +200,7 @@ SD1_CASES = [
     case("nonsquare", "euler", width=128, height=96, num_images=2),
     case("longprompt", "dpmpp_2m", prompt=LONG_PROMPT),
     case("unicode", "euler", prompt=UNICODE_PROMPT),
+    case("lms", "lms"),
 ]
 SD2_CASES = [
     case("default", "default"),
@@ -206,6 +209,7 @@ SD2_CASES = [
     case("dpmpp_2m_linspace", "dpmpp_2m", {"timestep_spacing": "linspace"}),
     case("dpmpp_2m_karras", "dpmpp_2m_karras"),
     case("ddim_trailing", "ddim", {"timestep_spacing": "trailing"}),
+    case("lms", "lms"),
 ]
 # Cases repeated in float64 for the "drift" entry.
 SD1_DRIFT_CASES = ["euler", "dpmpp_2m", "euler_a"]

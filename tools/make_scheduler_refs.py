@@ -60,6 +60,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
 )
 
@@ -92,6 +93,7 @@ KINDS = {
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "pndm": (PNDMScheduler, {}),
     "lcm": (LCMScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
 }
 # Schedulers whose step draws noise: the module whose randn_tensor is recorded, and how
 # many draws a loop of n steps makes (LCMScheduler draws none at its last step).
@@ -99,8 +101,8 @@ NOISY = {"euler_a": (euler_a_module, lambda n: n), "lcm": (lcm_module, lambda n:
 # Per-kind sweep overrides: LCM's schedule is a subset of its `original_inference_steps`
 # (50 by default), fewer than the longest sweep.
 SWEEP_OVERRIDES = {"lcm": {"original_inference_steps": 100}}
-SCALES_INPUT = {"euler", "euler_a"}
-HAS_SIGMAS = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"}
+SCALES_INPUT = {"euler", "euler_a", "lms"}
+HAS_SIGMAS = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms"}
 
 SHAPE = (2, 4, 3, 5)
 SPACINGS = ["leading", "trailing", "linspace"]
@@ -166,6 +168,17 @@ EXTRAS = [
     ("euler", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}, [8]),
     ("euler", {"prediction_type": "sample"}, [8]),
     ("euler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}, [8]),
+    # LMS options
+    ("lms", {"use_karras_sigmas": True}, [1, 8, 25]),
+    ("lms", {"use_karras_sigmas": True, "prediction_type": "v_prediction",
+             "timestep_spacing": "trailing"}, [8]),
+    ("lms", {"prediction_type": "sample"}, [8]),
+    ("lms", {"beta_schedule": "squaredcos_cap_v2"}, [8]),
+    ("lms", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, [8]),
+    # LCM options
+    ("lcm", {"original_inference_steps": 100}, [8, 64]),
+    ("lcm", {"prediction_type": "sample", "clip_sample": True}, [4]),
+    ("lcm", {"timestep_scaling": 5.0, "set_alpha_to_one": True}, [4]),
 ]
 
 SWEEP_STEPS = list(range(1, 31)) + [37, 50, 64, 100]

@@ -30,7 +30,7 @@ pub struct GenerateArgs {
     /// the model's: 7.5 for SD 1.x/2.x, 5 for SDXL, 0 for Turbo folders].
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lcm.
+    /// default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, lcm.
     #[arg(long)]
     pub scheduler: Option<String>,
     /// Override a scheduler config key, e.g. timestep_spacing=trailing (repeatable;

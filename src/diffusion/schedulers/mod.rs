@@ -12,6 +12,7 @@ pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod lcm;
+pub mod lms;
 pub mod pndm;
 pub mod tables;
 
@@ -161,10 +162,12 @@ pub enum SchedulerKind {
     Pndm,
     /// LCMScheduler: for latent consistency models (LCM-distilled UNets, LCM-LoRA).
     Lcm,
+    /// LMSDiscreteScheduler (linear multistep, order 4).
+    Lms,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 8] = [
+    pub const ALL: [SchedulerKind; 9] = [
         SchedulerKind::Default,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
@@ -173,6 +176,7 @@ impl SchedulerKind {
         SchedulerKind::DpmPp2MKarras,
         SchedulerKind::Pndm,
         SchedulerKind::Lcm,
+        SchedulerKind::Lms,
     ];
 
     /// The canonical name used in requests, PNG metadata and the CLI.
@@ -186,6 +190,7 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2MKarras => "dpmpp_2m_karras",
             SchedulerKind::Pndm => "pndm",
             SchedulerKind::Lcm => "lcm",
+            SchedulerKind::Lms => "lms",
         }
     }
 
@@ -213,6 +218,7 @@ impl SchedulerKind {
             "dpmpp2mkarras" | "karras" => SchedulerKind::DpmPp2MKarras,
             "pndm" | "plms" | "pndmscheduler" => SchedulerKind::Pndm,
             "lcm" | "lcmscheduler" => SchedulerKind::Lcm,
+            "lms" | "klms" | "lmsdiscrete" | "lmsdiscretescheduler" => SchedulerKind::Lms,
             _ => return None,
         })
     }
@@ -226,6 +232,7 @@ impl SchedulerKind {
             "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2M),
             "PNDMScheduler" => Some(SchedulerKind::Pndm),
             "LCMScheduler" => Some(SchedulerKind::Lcm),
+            "LMSDiscreteScheduler" => Some(SchedulerKind::Lms),
             _ => None,
         }
     }
@@ -344,6 +351,7 @@ impl SchedulerConfig {
             }
             SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&values, n)?),
             SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&values, n)?),
+            SchedulerKind::Lms => Box::new(lms::Lms::new(&values, n)?),
             SchedulerKind::Default => unreachable!("resolved above"),
         })
     }
