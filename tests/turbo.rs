@@ -181,3 +181,17 @@ fn bad_default_flags_are_refused_by_name() {
         assert!(err.contains(says), "{flag} {value}: {err}");
     }
 }
+
+/// `--default-steps` beyond what the model's scheduler can run (an LCM
+/// folder's 50-step distillation schedule) fails the model load, naming the flag.
+#[test]
+fn default_steps_the_scheduler_cannot_run_fail_the_load_by_name() {
+    let lcm = common::model_dir("tiny-lcm").display().to_string();
+    let s = Server::spawn(
+        &["--model", &lcm, "--no-warmup", "--default-steps", "60"],
+        &[],
+    );
+    s.wait_for_log("model failed to load", "default-steps");
+    let r = client().get(s.url("/ping")).send().unwrap();
+    assert_eq!(r.status(), 503);
+}

@@ -23,11 +23,12 @@ pub struct GenerateArgs {
     pub negative_prompt: Option<String>,
     #[command(flatten)]
     pub xl: XlArgs,
-    /// Denoising steps [default: the model's: 1 for Turbo folders, else 30].
+    /// Denoising steps [default: the model's: 1 for Turbo folders, 4 for LCM, else 30].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Guidance scale; 1 or less disables classifier-free guidance [default:
-    /// the model's: 7.5 for SD 1.x/2.x, 5 for SDXL, 0 for Turbo folders].
+    /// Guidance scale; 1 or less disables classifier-free guidance (an LCM UNet
+    /// takes it as an embedding instead) [default: the model's: 7.5 for SD
+    /// 1.x/2.x, 5 for SDXL, 0 for Turbo folders, 8.5 for LCM UNets].
     #[arg(long)]
     pub guidance: Option<f64>,
     /// default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, lcm.

@@ -66,11 +66,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SDSERVE_MAX_IMAGES", default_value_t = Limits::default().max_images)]
     pub max_images: usize,
     /// Steps a request that gives none runs (and the page and /info offer)
-    /// [default: the model's: 1 for Turbo folders, else 30].
+    /// [default: the model's: 1 for Turbo folders, 4 for LCM, else 30].
     #[arg(long, env = "SDSERVE_DEFAULT_STEPS")]
     pub default_steps: Option<usize>,
     /// Guidance scale a request that gives none runs [default: the model's:
-    /// 7.5 for SD 1.x/2.x, 5 for SDXL, 0 for Turbo folders].
+    /// 7.5 for SD 1.x/2.x, 5 for SDXL, 0 for Turbo folders, 8.5 for LCM UNets].
     #[arg(long, env = "SDSERVE_DEFAULT_GUIDANCE")]
     pub default_guidance: Option<f64>,
     /// Most working memory (MiB) one request may need beyond the weights; a
@@ -220,7 +220,20 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         let engine = crate::engine::Engine::start(
             move || {
                 let mut model = load_model(&source, &opts)?;
-                model.set_defaults(overrides.apply(model.info().defaults));
+                let defaults = overrides.apply(model.info().defaults);
+                if overrides.steps.is_some() {
+                    // Every request that leaves its steps out would be refused.
+                    let kind = crate::diffusion::schedulers::SchedulerKind::Default;
+                    model
+                        .scheduler(kind, &Default::default(), defaults.steps)
+                        .map_err(|e| {
+                            Error::invalid(
+                                "default-steps",
+                                format!("does not fit the model's scheduler: {e}"),
+                            )
+                        })?;
+                }
+                model.set_defaults(defaults);
                 Ok(model)
             },
             crate::engine::EngineConfig {

@@ -148,7 +148,9 @@ pub struct DenoiseRun<'a> {
     pub latents: Tensor,
     /// Index into the scheduler's timesteps of the first step to run.
     pub start: usize,
-    /// Classifier-free guidance scale; `<= 1` runs the conditional pass only.
+    /// Guidance scale: classifier-free guidance runs where
+    /// [`ModelInfo::runs_cfg`](super::ModelInfo::runs_cfg) says (above 1, on a
+    /// UNet that does not embed it); otherwise the conditional pass only.
     pub guidance: f64,
 }
 

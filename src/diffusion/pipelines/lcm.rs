@@ -14,7 +14,8 @@ use crate::error::Result;
 /// `get_guidance_scale_embedding(w, embedding_dim)` for one `w` (the pipelines
 /// pass `guidance_scale - 1`), `[rows, dim]` f32: `w · 1000` times
 /// `exp(-ln(10000) · i / (dim/2 - 1))`, sines then cosines, zero-padded to an
-/// odd `dim`, in f32 step by step as torch computes it.
+/// odd `dim`, in f32 in torch's order of operations (torch's vectorised exp
+/// and sin may differ from these in the last bit).
 pub fn guidance_scale_embedding(
     w: f64,
     dim: usize,

@@ -18,11 +18,11 @@
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
-use super::Scheduler;
 use super::common::{
     self, BetaConfig, ClassConfig, FinalSigmas, PredictionType, TimestepSpacing, interp,
     karras_sigmas, np_arange, np_linspace, np_round, scale, sigma_to_t, upcast,
 };
+use super::sigma::{SigmaSchedule, SigmaStep};
 use crate::diffusion::latents::NoiseSource;
 use crate::error::Result;
 
@@ -134,12 +134,6 @@ pub(crate) fn init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 
     }
 }
 
-/// `scale_model_input`: `sample / (sigma ** 2 + 1) ** 0.5`, in the sample's dtype.
-pub(crate) fn scale_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    let denom = (sigma * sigma + 1.0).sqrt();
-    Ok(sample.affine(1.0 / denom as f64, 0.0)?)
-}
-
 /// The denoised estimate x₀ from the model output at noise level σ. `sample` is
 /// float32 already; the result is float32.
 pub(crate) fn predict_x0(
@@ -166,12 +160,8 @@ pub(crate) fn predict_x0(
 #[derive(Debug, Clone)]
 pub struct Euler {
     config: EulerConfig,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    sigmas_f64: Vec<f64>,
-    init_noise_sigma: f32,
+    schedule: SigmaSchedule,
 }
-
 impl Euler {
     pub fn new(values: &Map<String, Value>, num_inference_steps: usize) -> Result<Self> {
         let config = EulerConfig::from_values(values)?;
@@ -220,11 +210,8 @@ impl Euler {
 
         let init_noise_sigma = init_noise_sigma(&sigmas, config.timestep_spacing);
         Ok(Self {
-            sigmas_f64: sigmas.iter().map(|&s| s as f64).collect(),
+            schedule: SigmaSchedule::new(CLASS, timesteps, sigmas, init_noise_sigma),
             config,
-            timesteps,
-            sigmas,
-            init_noise_sigma,
         })
     }
 
@@ -233,51 +220,28 @@ impl Euler {
     }
 }
 
-impl Scheduler for Euler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
-        common::add_noise_sigma(original, noise, self.sigmas[step_index])
-    }
-
-    /// `scheduler.sigmas`: one per timestep plus the final sigma.
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas_f64)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
-        scale_input(sample, self.sigmas[step_index])
+impl SigmaStep for Euler {
+    fn schedule(&self) -> &SigmaSchedule {
+        &self.schedule
     }
 
     /// One Euler step from σ_i to σ_{i+1}.
-    fn step(
+    fn sigma_step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
         let sample = upcast(sample)?;
-        let sigma = self.sigmas[step_index];
+        let sigmas = &self.schedule.sigmas;
+        let sigma = sigmas[step_index];
         // s_churn = 0: gamma = 0 and sigma_hat = sigma.
         let sigma_hat = sigma;
         let pred_original_sample =
             predict_x0(self.config.prediction_type, model_output, &sample, sigma)?;
         let derivative = (&sample - pred_original_sample)?.affine(1.0 / sigma_hat as f64, 0.0)?;
-        let dt = self.sigmas[step_index + 1] - sigma_hat;
+        let dt = sigmas[step_index + 1] - sigma_hat;
         let prev_sample = (&sample + scale(&derivative, dt)?)?;
         Ok(prev_sample.to_dtype(model_output.dtype())?)
     }

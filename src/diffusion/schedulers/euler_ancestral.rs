@@ -18,11 +18,11 @@
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
-use super::Scheduler;
 use super::common::{
     self, BetaConfig, ClassConfig, PredictionType, TimestepSpacing, interp, scale, upcast,
 };
-use super::euler::{euler_timesteps, init_noise_sigma, predict_x0, scale_input};
+use super::euler::{euler_timesteps, init_noise_sigma, predict_x0};
+use super::sigma::{SigmaSchedule, SigmaStep};
 use crate::diffusion::latents::NoiseSource;
 use crate::error::Result;
 
@@ -57,10 +57,7 @@ impl EulerAncestralConfig {
 #[derive(Debug, Clone)]
 pub struct EulerAncestral {
     config: EulerAncestralConfig,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    sigmas_f64: Vec<f64>,
-    init_noise_sigma: f32,
+    schedule: SigmaSchedule,
 }
 
 impl EulerAncestral {
@@ -85,12 +82,10 @@ impl EulerAncestral {
             .collect();
         sigmas.push(0.0);
         let init_noise_sigma = init_noise_sigma(&sigmas, config.timestep_spacing);
+        let timesteps = timesteps.iter().map(|&t| t as f64).collect();
         Ok(Self {
-            timesteps: timesteps.iter().map(|&t| t as f64).collect(),
-            sigmas_f64: sigmas.iter().map(|&s| s as f64).collect(),
+            schedule: SigmaSchedule::new(CLASS, timesteps, sigmas, init_noise_sigma),
             config,
-            sigmas,
-            init_noise_sigma,
         })
     }
 
@@ -99,49 +94,26 @@ impl EulerAncestral {
     }
 }
 
-impl Scheduler for EulerAncestral {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
-        common::add_noise_sigma(original, noise, self.sigmas[step_index])
-    }
-
-    /// `scheduler.sigmas`: one per timestep plus the final 0.
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas_f64)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
-        scale_input(sample, self.sigmas[step_index])
+impl SigmaStep for EulerAncestral {
+    fn schedule(&self) -> &SigmaSchedule {
+        &self.schedule
     }
 
     /// One ancestral Euler step from σ_i to σ_{i+1}, drawing fresh noise from `noise`.
-    fn step(
+    fn sigma_step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
-        let sigma = self.sigmas[step_index];
+        let sigmas = &self.schedule.sigmas;
+        let sigma = sigmas[step_index];
         let sample32 = upcast(sample)?;
         let pred_original_sample =
             predict_x0(self.config.prediction_type, model_output, &sample32, sigma)?;
 
-        let (sigma_from, sigma_to) = (sigma, self.sigmas[step_index + 1]);
+        let (sigma_from, sigma_to) = (sigma, sigmas[step_index + 1]);
         let (from2, to2) = (sigma_from * sigma_from, sigma_to * sigma_to);
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
         let sigma_down = (to2 - sigma_up * sigma_up).sqrt();

@@ -8,7 +8,10 @@
 //! `init_noise_sigma`, `scale_model_input`, `set_timesteps`, `get_lms_coefficient`
 //! and `step` with its default `order=4`. diffusers integrates each coefficient
 //! with `scipy.integrate.quad`; the integrand is a polynomial of degree < 4, which
-//! three-point Gauss–Legendre quadrature integrates exactly.
+//! three-point Gauss–Legendre quadrature integrates exactly. The step is
+//! computed in float32 whatever the model's dtype, as sdserve's Euler port does
+//! (diffusers' LMS computes in the model's dtype: the same in float32, which is
+//! what the references check).
 //!
 //! Method: Katherine Crowson's k-diffusion `sample_lms` (`linear_multistep_coeff`);
 //! the σ parametrisation of Karras et al. (arXiv:2206.00364).
@@ -16,12 +19,12 @@
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
-use super::Scheduler;
 use super::common::{
     self, BetaConfig, ClassConfig, PredictionType, TimestepSpacing, interp, karras_sigmas, scale,
     sigma_to_t, upcast,
 };
-use super::euler::{euler_timesteps, init_noise_sigma, predict_x0, scale_input};
+use super::euler::{euler_timesteps, init_noise_sigma, predict_x0};
+use super::sigma::{SigmaSchedule, SigmaStep};
 use crate::diffusion::latents::NoiseSource;
 use crate::error::Result;
 
@@ -87,10 +90,7 @@ fn lms_coefficient(sigmas: &[f32], order: usize, t: usize, current_order: usize)
 #[derive(Debug, Clone)]
 pub struct Lms {
     config: LmsConfig,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    sigmas_f64: Vec<f64>,
-    init_noise_sigma: f32,
+    schedule: SigmaSchedule,
     /// The last [`ORDER`] derivatives, oldest first.
     derivatives: Vec<Tensor>,
 }
@@ -126,12 +126,10 @@ impl Lms {
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         sigmas.push(0.0);
         let init_noise_sigma = init_noise_sigma(&sigmas, config.timestep_spacing);
+        let timesteps = timesteps.iter().map(|&t| t as f64).collect();
         Ok(Self {
-            timesteps: timesteps.iter().map(|&t| t as f64).collect(),
-            sigmas_f64: sigmas.iter().map(|&s| s as f64).collect(),
+            schedule: SigmaSchedule::new(CLASS, timesteps, sigmas, init_noise_sigma),
             config,
-            sigmas,
-            init_noise_sigma,
             derivatives: Vec::new(),
         })
     }
@@ -141,45 +139,22 @@ impl Lms {
     }
 }
 
-impl Scheduler for Lms {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
-        common::add_noise_sigma(original, noise, self.sigmas[step_index])
-    }
-
-    /// `scheduler.sigmas`: one per timestep plus the final 0.
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas_f64)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
-        scale_input(sample, self.sigmas[step_index])
+impl SigmaStep for Lms {
+    fn schedule(&self) -> &SigmaSchedule {
+        &self.schedule
     }
 
     /// One linear multistep step from σ_i to σ_{i+1}, of order min(i + 1, 4).
-    fn step(
+    fn sigma_step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.timesteps.len())?;
         let sample32 = upcast(sample)?;
-        let sigma = self.sigmas[step_index];
+        let sigmas = &self.schedule.sigmas;
+        let sigma = sigmas[step_index];
         let x0 = predict_x0(self.config.prediction_type, model_output, &sample32, sigma)?;
         let derivative = (&sample32 - x0)?.affine(1.0 / sigma as f64, 0.0)?;
         self.derivatives.push(derivative);
@@ -191,7 +166,7 @@ impl Scheduler for Lms {
         // newest derivative first, each coefficient applied as float32.
         let mut sum: Option<Tensor> = None;
         for (current, d) in (0..order).zip(self.derivatives.iter().rev()) {
-            let c = lms_coefficient(&self.sigmas, order, step_index, current) as f32;
+            let c = lms_coefficient(sigmas, order, step_index, current) as f32;
             let term = scale(d, c)?;
             sum = Some(match sum {
                 None => term,

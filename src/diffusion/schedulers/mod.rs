@@ -14,6 +14,7 @@ pub mod euler_ancestral;
 pub mod lcm;
 pub mod lms;
 pub mod pndm;
+pub mod sigma;
 pub mod tables;
 
 use std::path::Path;

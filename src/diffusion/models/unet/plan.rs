@@ -146,9 +146,10 @@ impl Plan {
         )?;
         require(
             path,
-            cfg.time_cond_proj_dim != Some(0),
+            // The guidance embedding divides by dim / 2 - 1 (NaN below 4).
+            cfg.time_cond_proj_dim.is_none_or(|d| d >= 4),
             "time_cond_proj_dim",
-            "0",
+            format!("{:?} (at least 4)", cfg.time_cond_proj_dim),
         )?;
         require(
             path,
