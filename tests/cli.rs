@@ -163,7 +163,7 @@ fn cli_reproduces_diffusers_sd2() {
 
 /// Every SDXL case: each scheduler, guidance on and off, absent vs empty
 /// negative prompt, `--prompt-2`, the size flags, non-square, unicode and
-/// over-long prompts, Turbo's single step.
+/// over-long prompts, Turbo's single step, UniPC.
 #[test]
 fn cli_reproduces_diffusers_sdxl() {
     cli_matches_diffusers("tiny-sdxl", "sdxl");

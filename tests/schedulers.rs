@@ -718,3 +718,23 @@ fn lcm_config_errors_name_the_key() {
     let msg = build_err(k, json!({"thresholding": true}), 4);
     assert!(msg.contains("thresholding"), "{msg}");
 }
+
+/// UniPC configurations that end in NaN in diffusers (B(h) = h, or the ε form,
+/// at a final sigma of 0) are refused, naming the key that fixes them.
+#[test]
+fn unipc_refuses_what_ends_in_nan() {
+    for ov in [json!({"solver_type": "bh1"}), json!({"predict_x0": false})] {
+        let msg = build_err(SchedulerKind::UniPc, ov.clone(), 8);
+        assert!(msg.contains("final_sigmas_type"), "{ov}: {msg}");
+        let mut ok = ov.as_object().unwrap().clone();
+        ok.insert("final_sigmas_type".into(), json!("sigma_min"));
+        assert!(
+            fixture().base.build(SchedulerKind::UniPc, &ok, 8).is_ok(),
+            "{ok:?}"
+        );
+    }
+    let msg = build_err(SchedulerKind::UniPc, json!({"solver_type": "bh3"}), 8);
+    assert!(msg.contains("solver_type"), "{msg}");
+    let msg = build_err(SchedulerKind::UniPc, json!({"thresholding": true}), 8);
+    assert!(msg.contains("thresholding"), "{msg}");
+}

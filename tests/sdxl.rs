@@ -189,7 +189,7 @@ fn every_case_matches_diffusers_through_the_pipeline() {
     let sd = StableDiffusion::load(&common::model_dir("tiny-sdxl"), &Default::default()).unwrap();
     assert_eq!(sd.info().family, Family::Sdxl);
     let cases = r.json["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 15);
+    assert_eq!(cases.len(), 16);
     let (step_tol, image_tol) = (
         DRIFT_FACTOR * r.case_drift("step_latents"),
         DRIFT_FACTOR * r.case_drift("image"),

@@ -86,6 +86,7 @@ from diffusers import (  # noqa: E402
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    UniPCMultistepScheduler,
     UNet2DConditionModel,
 )
 
@@ -139,8 +140,9 @@ KINDS = {
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "pndm": (PNDMScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
 }
-HAS_SIGMAS = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms"}
+HAS_SIGMAS = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "unipc"}
 SPACINGS = ["leading", "trailing", "linspace"]
 TABLE_STEPS = [5, 20]
 
@@ -201,6 +203,7 @@ SD1_CASES = [
     case("longprompt", "dpmpp_2m", prompt=LONG_PROMPT),
     case("unicode", "euler", prompt=UNICODE_PROMPT),
     case("lms", "lms"),
+    case("unipc", "unipc"),
 ]
 SD2_CASES = [
     case("default", "default"),
@@ -210,6 +213,7 @@ SD2_CASES = [
     case("dpmpp_2m_karras", "dpmpp_2m_karras"),
     case("ddim_trailing", "ddim", {"timestep_spacing": "trailing"}),
     case("lms", "lms"),
+    case("unipc", "unipc"),
 ]
 # Cases repeated in float64 for the "drift" entry.
 SD1_DRIFT_CASES = ["euler", "dpmpp_2m", "euler_a"]

@@ -62,6 +62,7 @@ from diffusers import (
     LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    UniPCMultistepScheduler,
 )
 
 diffusers.utils.logging.set_verbosity_error()
@@ -94,6 +95,7 @@ KINDS = {
     "pndm": (PNDMScheduler, {}),
     "lcm": (LCMScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
 }
 # Schedulers whose step draws noise: the module whose randn_tensor is recorded, and how
 # many draws a loop of n steps makes (LCMScheduler draws none at its last step).
@@ -102,7 +104,7 @@ NOISY = {"euler_a": (euler_a_module, lambda n: n), "lcm": (lcm_module, lambda n:
 # (50 by default), fewer than the longest sweep.
 SWEEP_OVERRIDES = {"lcm": {"original_inference_steps": 100}}
 SCALES_INPUT = {"euler", "euler_a", "lms"}
-HAS_SIGMAS = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms"}
+HAS_SIGMAS = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "unipc"}
 
 SHAPE = (2, 4, 3, 5)
 SPACINGS = ["leading", "trailing", "linspace"]
@@ -179,6 +181,23 @@ EXTRAS = [
     ("lcm", {"original_inference_steps": 100}, [8, 64]),
     ("lcm", {"prediction_type": "sample", "clip_sample": True}, [4]),
     ("lcm", {"timestep_scaling": 5.0, "set_alpha_to_one": True}, [4]),
+    # UniPC options
+    ("unipc", {"solver_order": 1}, [8]),
+    ("unipc", {"solver_order": 3}, [8, 25]),
+    # bh1 and the noise-prediction form divide by zero at a final sigma of 0 (diffusers
+    # returns NaN there; sdserve refuses the combination): these end at sigma_min.
+    ("unipc", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}, [8]),
+    ("unipc", {"predict_x0": False, "final_sigmas_type": "sigma_min"}, [8]),
+    ("unipc", {"predict_x0": False, "prediction_type": "v_prediction", "solver_order": 3,
+               "final_sigmas_type": "sigma_min"}, [8]),
+    ("unipc", {"use_karras_sigmas": True}, [8, 25]),
+    ("unipc", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}, [8]),
+    ("unipc", {"final_sigmas_type": "sigma_min", "lower_order_final": False}, [8]),
+    ("unipc", {"disable_corrector": [0, 2]}, [8]),
+    ("unipc", {"prediction_type": "sample"}, [8]),
+    ("unipc", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+               "prediction_type": "v_prediction"}, [8]),
+    ("unipc", {"beta_schedule": "squaredcos_cap_v2"}, [8]),
 ]
 
 SWEEP_STEPS = list(range(1, 31)) + [37, 50, 64, 100]
@@ -246,6 +265,7 @@ def run_case(name: str, kind: str, overrides: dict, steps: int, latents: torch.T
         tensors[key] = value
         keys[suffix] = key
 
+    assert all(torch.isfinite(p).all() for p in prevs), f"{name}: diffusers' loop is not finite"
     put("timesteps", f32(timesteps.to(torch.float64).numpy()))
     if kind in HAS_SIGMAS:
         put("sigmas", f32(scheduler.sigmas.numpy()))

@@ -113,6 +113,8 @@ CASES = [
     # SDXL-Turbo's recipe: Euler ancestral, trailing spacing, no guidance, one step
     case("turbo", "euler_a", {"timestep_spacing": "trailing"}, guidance_scale=0.0,
          num_inference_steps=1, negative_prompt=None),
+    # UniPCMultistepScheduler (bh2), the scheduler several SDXL folders ship with
+    case("unipc", "unipc"),
 ]
 DRIFT_CASES = ["default", "euler_a", "dpmpp_2m", "null_negative"]
 

@@ -31,7 +31,7 @@ pub struct GenerateArgs {
     /// 1.x/2.x, 5 for SDXL, 0 for Turbo folders, 8.5 for LCM UNets].
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, lcm.
+    /// default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc, lcm.
     #[arg(long)]
     pub scheduler: Option<String>,
     /// Override a scheduler config key, e.g. timestep_spacing=trailing (repeatable;

@@ -199,13 +199,13 @@ pub fn dpm_timesteps(
 }
 
 /// α_t = 1 / (σ² + 1)^½ and σ_t = σ·α_t (`_sigma_to_alpha_sigma_t`), float32.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
+pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
 }
 
 /// λ = ln α − ln σ (float32; +∞ at σ = 0).
-fn lambda(alpha: f32, sigma: f32) -> f32 {
+pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
 }
 

@@ -16,6 +16,7 @@ pub mod lms;
 pub mod pndm;
 pub mod sigma;
 pub mod tables;
+pub mod unipc;
 
 use std::path::Path;
 
@@ -38,6 +39,7 @@ pub const OVERRIDABLE_KEYS: &[&str] = &[
     "interpolation_type",
     "lower_order_final",
     "original_inference_steps",
+    "predict_x0",
     "prediction_type",
     "rescale_betas_zero_snr",
     "set_alpha_to_one",
@@ -82,7 +84,8 @@ pub fn allowed(key: &str) -> Allowed {
         "solver_order" => Allowed::Integer(1, 3),
         // LCMScheduler's distillation schedule; checked against the training steps.
         "original_inference_steps" => Allowed::Integer(1, 1000),
-        "solver_type" => Allowed::OneOf(&["midpoint", "heun"]),
+        // DPM-Solver's and UniPC's (each class maps the other's names).
+        "solver_type" => Allowed::OneOf(&["midpoint", "heun", "bh1", "bh2"]),
         // Below the training schedule's 1000 steps; the built schedule is
         // checked against the model's own count.
         "steps_offset" => Allowed::Integer(0, 999),
@@ -165,10 +168,12 @@ pub enum SchedulerKind {
     Lcm,
     /// LMSDiscreteScheduler (linear multistep, order 4).
     Lms,
+    /// UniPCMultistepScheduler (bh2, order 2 by default).
+    UniPc,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 9] = [
+    pub const ALL: [SchedulerKind; 10] = [
         SchedulerKind::Default,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
@@ -178,6 +183,7 @@ impl SchedulerKind {
         SchedulerKind::Pndm,
         SchedulerKind::Lcm,
         SchedulerKind::Lms,
+        SchedulerKind::UniPc,
     ];
 
     /// The canonical name used in requests, PNG metadata and the CLI.
@@ -192,6 +198,7 @@ impl SchedulerKind {
             SchedulerKind::Pndm => "pndm",
             SchedulerKind::Lcm => "lcm",
             SchedulerKind::Lms => "lms",
+            SchedulerKind::UniPc => "unipc",
         }
     }
 
@@ -220,6 +227,7 @@ impl SchedulerKind {
             "pndm" | "plms" | "pndmscheduler" => SchedulerKind::Pndm,
             "lcm" | "lcmscheduler" => SchedulerKind::Lcm,
             "lms" | "klms" | "lmsdiscrete" | "lmsdiscretescheduler" => SchedulerKind::Lms,
+            "unipc" | "unipcmultistep" | "unipcmultistepscheduler" => SchedulerKind::UniPc,
             _ => return None,
         })
     }
@@ -234,6 +242,7 @@ impl SchedulerKind {
             "PNDMScheduler" => Some(SchedulerKind::Pndm),
             "LCMScheduler" => Some(SchedulerKind::Lcm),
             "LMSDiscreteScheduler" => Some(SchedulerKind::Lms),
+            "UniPCMultistepScheduler" => Some(SchedulerKind::UniPc),
             _ => None,
         }
     }
@@ -353,6 +362,7 @@ impl SchedulerConfig {
             SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&values, n)?),
             SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&values, n)?),
             SchedulerKind::Lms => Box::new(lms::Lms::new(&values, n)?),
+            SchedulerKind::UniPc => Box::new(unipc::UniPc::new(&values, n)?),
             SchedulerKind::Default => unreachable!("resolved above"),
         })
     }
