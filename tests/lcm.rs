@@ -235,3 +235,79 @@ fn the_cli_reproduces_diffusers_lcm_image_with_the_models_defaults() {
     let d = max_abs_diff(&got, &want);
     assert!(d <= 1.0, "max pixel difference {d} levels");
 }
+
+fn pair(v: &Value) -> Option<[u32; 2]> {
+    v.as_array()
+        .map(|a| [a[0].as_u64().unwrap() as u32, a[1].as_u64().unwrap() as u32])
+}
+
+/// An LCM UNet in an SDXL folder (latent-consistency/lcm-sdxl's use:
+/// `StableDiffusionXLPipeline` with LCMScheduler): SDXL's pooled embedding and
+/// time ids plus the guidance embedding, one conditional pass per step.
+#[test]
+fn an_sdxl_lcm_unet_matches_stable_diffusion_xl_pipeline() {
+    use sdserve::diffusion::pipelines::Family;
+    use sdserve::request::MicroConditioning;
+    let r = Reference::load("lcm-sdxl");
+    let sd =
+        StableDiffusion::load(&common::model_dir("tiny-lcm-sdxl"), &Default::default()).unwrap();
+    assert_eq!(sd.info().family, Family::Sdxl);
+    assert_eq!(sd.info().defaults, SamplingDefaults::LCM);
+    let (step_tol, image_tol) = (
+        DRIFT_FACTOR * r.case_drift("step_latents"),
+        DRIFT_FACTOR * r.case_drift("image"),
+    );
+    let cases = r.json["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let key = |k: &str| format!("case/{name}/{k}");
+        let micro = &case["micro"];
+        let params = GenerateParams {
+            prompt: case["prompt"].as_str().map(str::to_string),
+            prompt_2: case["prompt_2"].as_str().map(str::to_string),
+            micro: MicroConditioning {
+                original_size: pair(&micro["original_size"]),
+                crops_coords_top_left: pair(&micro["crops_coords_top_left"]),
+                ..Default::default()
+            },
+            steps: case["num_inference_steps"].as_u64().map(|v| v as usize),
+            guidance: case["guidance_scale"].as_f64(),
+            seed: Some(0),
+            ..Default::default()
+        };
+        let latents = GivenLatents {
+            latents: r.get(&key("latents")),
+            step_noise: r.tensors.get(&key("noise")).cloned(),
+        };
+        let req = params
+            .validate(sd.info(), &Limits::default(), Some(latents))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!req.guided, "{name}");
+        let cond = sd.conditioning(&req, false).unwrap();
+        let added = cond.added.as_ref().expect("SDXL conditioning");
+        for (what, got, tol) in [
+            ("prompt_embeds", &cond.text, 1e-4),
+            ("add_text_embeds", &added.text_embeds, 1e-4),
+            ("add_time_ids", &added.time_ids, 0.0),
+            ("w_embedding", cond.timestep_cond.as_ref().unwrap(), 1e-6),
+        ] {
+            let d = max_abs_diff(got, &r.get(&key(what)));
+            assert!(d <= tol, "{name}: {what} differs by {d}");
+        }
+        let step_latents = r.get(&key("step_latents"));
+        let mut worst = 0f32;
+        let out = sd
+            .generate(&req, &mut |p| {
+                let want = step_latents.get(p.step - 1).unwrap();
+                worst = worst.max(max_abs_diff(p.latents, &want));
+                true
+            })
+            .unwrap();
+        eprintln!("lcm-sdxl/{name}: worst step latent diff {worst:.3e} (tolerance {step_tol:.3e})");
+        assert!(worst <= step_tol, "{name}: step latents differ by {worst}");
+        let image = out.images.permute((0, 2, 3, 1)).unwrap();
+        let d = max_abs_diff(&image, &r.get(&key("image")));
+        assert!(d <= image_tol, "{name}: image differs by {d}");
+    }
+}

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Build a full-size random-weight Stable Diffusion 1.5 in the real diffusers layout.
+"""Build a full-size random-weight Stable Diffusion 1.5 or SDXL base 1.0 in the real diffusers layout.
 
 For benchmarks and the side-by-side comparison with diffusers (benches/README.md,
 tools/compare_diffusers.py): every tensor has exactly the name, shape and dtype of
 stable-diffusion-v1-5/stable-diffusion-v1-5, so speed and memory are those of the real
 model, but the weights are torch's default random init (seeded), so pictures are noise.
-Nothing is downloaded: the configs come from tests/fixtures/real-configs/sd15/ and the
-CLIP tokenizer files (full 49,408-token vocabulary) from tests/fixtures/tiny-sd1/tokenizer/.
+Nothing is downloaded: the configs come from tests/fixtures/real-configs/{sd15,sdxl-base}/
+and the CLIP vocabulary (full 49,408 tokens) from tests/fixtures/tiny-sd1/tokenizer/.
 
     .venv/bin/python tools/make_fullsize_model.py              # -> models/sd15-random/ (f32, ~4.3 GB)
+    .venv/bin/python tools/make_fullsize_model.py --family sdxl  # -> models/sdxl-random/ (f32, ~13.9 GB)
     .venv/bin/python tools/make_fullsize_model.py --fp16       # also *.fp16.safetensors variants (~2.2 GB more)
     .venv/bin/python tools/make_fullsize_model.py --out DIR --seed 1
 
@@ -22,6 +23,11 @@ What it writes (the layout `sdserve` and `StableDiffusionPipeline.from_pretraine
     text_encoder/config.json + model.safetensors                  123,060,480 parameters
     tokenizer/{vocab.json,merges.txt,special_tokens_map.json,tokenizer_config.json}
     scheduler/scheduler_config.json       PNDMScheduler as stable-diffusion-v1-5 ships it
+With --family sdxl, stable-diffusion-xl-base-1.0's: StableDiffusionXLPipeline, a
+2,567,463,684-parameter UNet (diffusers saves it in two shards with an index), the same
+VAE (scaling 0.13025, force_upcast), text_encoder (CLIP ViT-L) and text_encoder_2
+(CLIPTextModelWithProjection, OpenCLIP bigG: 694,659,840), tokenizer and tokenizer_2,
+EulerDiscreteScheduler.
 """
 
 import argparse
@@ -36,20 +42,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "tests/fixtures/real-configs/sd15"
 TOKENIZER = ROOT / "tests/fixtures/tiny-sd1/tokenizer"
 
-# Parameter counts of the stable-diffusion-v1-5 checkpoints (tests/real_models.rs checks
-# sdserve requests exactly these tensors).
-EXPECTED_PARAMS = {
-    "unet": 859_520_964,
-    "vae": 83_653_863,
-    "text_encoder": 123_060_480,
+# Per family: the real configs, the text encoders (folder, tokenizer folder, class), and
+# the published parameter counts (tests/real_models.rs checks sdserve requests exactly
+# these tensors).
+FAMILIES = {
+    "sd15": {
+        "configs": ROOT / "tests/fixtures/real-configs/sd15",
+        "out": "sd15-random",
+        "text": [("text_encoder", "tokenizer", CLIPTextModel)],
+        "params": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    },
+    "sdxl": {
+        "configs": ROOT / "tests/fixtures/real-configs/sdxl-base",
+        "out": "sdxl-random",
+        "text": [("text_encoder", "tokenizer", CLIPTextModel),
+                 ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)],
+        "params": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                   "text_encoder_2": 694_659_840},
+    },
 }
 
 MODEL_INDEX = {
@@ -94,7 +111,8 @@ def save(model, folder: pathlib.Path, fp16: bool, timings: dict, name: str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "models/sd15-random")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="sd15")
+    ap.add_argument("--out", type=pathlib.Path, help="default: models/<family>-random")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fp16", action="store_true", help="also write *.fp16.safetensors variants")
     ap.add_argument("--force", action="store_true", help="replace an existing --out folder")
@@ -103,7 +121,9 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out: pathlib.Path = args.out.resolve()
+    family = FAMILIES[args.family]
+    configs = family["configs"]
+    out: pathlib.Path = (args.out or ROOT / "models" / family["out"]).resolve()
     if out.exists() and not args.force:
         raise SystemExit(f"{out} exists (use --force to rebuild it)")
     check_tokenizer(TOKENIZER)
@@ -117,41 +137,50 @@ def main():
     staging.mkdir(parents=True)
 
     torch.manual_seed(args.seed)
+    models = {}
     with torch.no_grad():
         t = time.perf_counter()
-        unet = UNet2DConditionModel.from_config(read_json(CONFIGS / "unet/config.json")).eval()
+        models["unet"] = UNet2DConditionModel.from_config(read_json(configs / "unet/config.json")).eval()
         timings["unet_init_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        vae = AutoencoderKL.from_config(read_json(CONFIGS / "vae/config.json")).eval()
+        models["vae"] = AutoencoderKL.from_config(read_json(configs / "vae/config.json")).eval()
         timings["vae_init_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        te_cfg = read_json(CONFIGS / "text_encoder/config.json")
-        for k in ("_name_or_path", "architectures", "model_type", "torch_dtype", "transformers_version"):
-            te_cfg.pop(k, None)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg)).eval()
-        timings["text_encoder_init_s"] = time.perf_counter() - t
+        for sub, _, cls in family["text"]:
+            t = time.perf_counter()
+            te_cfg = read_json(configs / sub / "config.json")
+            for k in ("_name_or_path", "architectures", "model_type", "torch_dtype", "transformers_version"):
+                te_cfg.pop(k, None)
+            models[sub] = cls(CLIPTextConfig(**te_cfg)).eval()
+            timings[f"{sub}_init_s"] = time.perf_counter() - t
 
-    counts = {"unet": n_params(unet), "vae": n_params(vae), "text_encoder": n_params(text_encoder)}
+    counts = {name: n_params(m) for name, m in models.items()}
     for name, n in counts.items():
-        if n != EXPECTED_PARAMS[name]:
-            raise SystemExit(f"{name}: {n:,} parameters, expected {EXPECTED_PARAMS[name]:,}")
-    for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        if n != family["params"][name]:
+            raise SystemExit(f"{name}: {n:,} parameters, expected {family['params'][name]:,}")
+    for name, m in models.items():
         bad = [k for k, p in m.state_dict().items() if not torch.isfinite(p).all()]
         if bad:
             raise SystemExit(f"{name}: non-finite initial weights in {bad[:3]}")
 
-    save(unet, staging / "unet", args.fp16, timings, "unet")
-    save(vae, staging / "vae", args.fp16, timings, "vae")
-    save(text_encoder, staging / "text_encoder", args.fp16, timings, "text_encoder")
-    del unet, vae, text_encoder
+    for name in list(models):
+        save(models.pop(name), staging / name, args.fp16, timings, name)
 
-    shutil.copytree(TOKENIZER, staging / "tokenizer")
+    for _, tok, _ in family["text"]:
+        # The real vocabulary with each tokenizer's own config (pad token).
+        (staging / tok).mkdir()
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy(TOKENIZER / f, staging / tok / f)
+        for f in ("special_tokens_map.json", "tokenizer_config.json"):
+            shutil.copy(configs / tok / f, staging / tok / f)
     (staging / "scheduler").mkdir()
-    shutil.copy(CONFIGS / "scheduler/scheduler_config.json", staging / "scheduler/scheduler_config.json")
-    index = dict(MODEL_INDEX, _diffusers_version=diffusers.__version__)
+    shutil.copy(configs / "scheduler/scheduler_config.json", staging / "scheduler/scheduler_config.json")
+    if args.family == "sd15":
+        index = dict(MODEL_INDEX, _diffusers_version=diffusers.__version__)
+    else:
+        index = dict(read_json(configs / "model_index.json"), _diffusers_version=diffusers.__version__)
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (staging / "README.md").write_text(
-        "Random-weight stable-diffusion-v1-5 stand-in built by tools/make_fullsize_model.py "
+        f"Random-weight {args.family} stand-in built by tools/make_fullsize_model.py "
         f"(seed {args.seed}, torch {torch.__version__}, diffusers {diffusers.__version__}). "
         "Real shapes, random weights: for benchmarks only.\n")
 

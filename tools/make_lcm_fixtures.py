@@ -21,6 +21,12 @@ tests/fixtures/tiny-lcm/    An unmodified diffusers folder saved by
 tests/fixtures/references/lcm.safetensors + lcm.json
     f32 references from diffusers after loading the folder back (schema in the JSON), and
     a "drift" entry (f32 against f64 on the same inputs and noise).
+tests/fixtures/tiny-lcm-sdxl/   tiny-sdxl with an LCM-distilled UNet (as latent-consistency/
+                            lcm-sdxl is used: StableDiffusionXLPipeline, its UNet swapped,
+                            LCMScheduler.from_config(the base's scheduler config)); every other
+                            component tiny-sdxl's byte for byte; the UNet stored as f16 too.
+tests/fixtures/references/lcm-sdxl.safetensors + lcm-sdxl.json
+    StableDiffusionXLPipeline cases on it (guidance embedded, no unconditional pass).
 """
 
 import argparse
@@ -46,6 +52,7 @@ from diffusers import (  # noqa: E402
     LatentConsistencyModelPipeline,
     LCMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 
@@ -267,6 +274,126 @@ SCHEMA = {
 }
 
 
+XL_CASES = [
+    case("xl_default", prompt_2=None, micro={}),
+    case("xl_two_steps", num_inference_steps=2, guidance_scale=3.0, prompt_2="a harbour at night",
+         micro={"original_size": (64, 80), "crops_coords_top_left": (4, 8)}),
+]
+
+
+def save_sdxl_model(fixtures: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+    base_dir = fixtures / "tiny-sdxl"
+    base = StableDiffusionXLPipeline.from_pretrained(base_dir, dtype=torch.float32)
+    config = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
+    config["time_cond_proj_dim"] = TIME_COND_PROJ_DIM
+    torch.manual_seed(41)
+    unet = UNet2DConditionModel.from_config(config)
+    missing, unexpected = unet.load_state_dict(base.unet.state_dict(), strict=False)
+    assert list(missing) == ["time_embedding.cond_proj.weight"] and not unexpected, \
+        (missing, unexpected)
+    unet.to(torch.float16)  # stored as tiny-sdxl's weights are
+    built = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    folder = out_dir / "tiny-lcm-sdxl"
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipe = StableDiffusionXLPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+        tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=unet,
+        scheduler=LCMScheduler.from_config(base.scheduler.config),
+        force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"):
+        shutil.rmtree(folder / sub)
+        shutil.copytree(base_dir / sub, folder / sub)
+    loaded = load_sdxl(folder, torch.float32)
+    for k, v in built.items():
+        assert torch.equal(loaded.unet.state_dict()[k], v.to(torch.float32)), k
+    assert type(loaded.scheduler).__name__ == "LCMScheduler"
+    return folder
+
+
+def load_sdxl(folder, dtype) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_sdxl(pipe, base_config, spec, latents, noise_seed, replay=None):
+    pipe.scheduler = LCMScheduler.from_config(base_config, **spec["overrides"])
+    captured = {"latents": [], "t": []}
+
+    def on_step_end(_pipe, i, t, kw):
+        captured["latents"].append(kw["latents"].detach().clone())
+        captured["t"].append(float(t))
+        if i == 0:
+            for k in ("prompt_embeds", "add_text_embeds", "add_time_ids"):
+                captured[k] = kw[k].detach().clone()
+        return {}
+
+    tape = mf.NoiseTape(noise_seed, replay)
+    with patched_noise(tape), torch.no_grad():
+        images = pipe(
+            prompt=spec["prompt"], prompt_2=spec["prompt_2"],
+            guidance_scale=spec["guidance_scale"], num_inference_steps=spec["num_inference_steps"],
+            width=spec["width"], height=spec["height"], num_images_per_prompt=spec["num_images"],
+            latents=latents.to(pipe.unet.dtype), output_type="np",
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "add_text_embeds",
+                                                "add_time_ids"],
+            **{k: tuple(v) for k, v in spec["micro"].items()},
+        ).images
+    assert not pipe.do_classifier_free_guidance
+    assert captured["t"] == [float(t) for t in pipe.scheduler.timesteps]
+    assert len(tape.drawn) == spec["num_inference_steps"] - 1
+    w = torch.tensor(spec["guidance_scale"] - 1).repeat(spec["num_images"])
+    result = {k: captured[k] for k in ("prompt_embeds", "add_text_embeds", "add_time_ids")}
+    result.update({
+        "w_embedding": pipe.get_guidance_scale_embedding(w, embedding_dim=TIME_COND_PROJ_DIM),
+        "step_latents": torch.stack(captured["latents"]),
+        "image": torch.from_numpy(np.asarray(images)),
+        "timesteps": captured["t"],
+    })
+    if tape.drawn:
+        result["noise"] = torch.stack(tape.drawn)
+    return result
+
+
+def sdxl_refs(out_dir: pathlib.Path, refs: pathlib.Path, versions: dict):
+    folder = save_sdxl_model(mf.ROOT / "tests" / "fixtures", out_dir)
+    pipe = load_sdxl(folder, torch.float32)
+    base_config = dict(pipe.scheduler.config)
+    tensors, entries, raw = {}, [], {}
+    for index, spec in enumerate(XL_CASES):
+        n, h, w = spec["num_images"], spec["height"] // 8, spec["width"] // 8
+        latents = mf.seeded_randn((n, 4, h, w), 7000 + index)
+        result = run_sdxl(pipe, base_config, spec, latents, noise_seed=8000 + index)
+        raw[spec["name"]] = (latents, result)
+        tensors[f"case/{spec['name']}/latents"] = mf.f32(latents)
+        for k in ("prompt_embeds", "add_text_embeds", "add_time_ids", "w_embedding",
+                  "step_latents", "image", "noise"):
+            if k in result:
+                tensors[f"case/{spec['name']}/{k}"] = mf.f32(result[k])
+        entries.append({**spec, "timesteps": result["timesteps"],
+                        "do_classifier_free_guidance": False})
+    pipe64 = load_sdxl(folder, torch.float64)
+    drift = {}
+    for spec in XL_CASES:
+        latents, r32 = raw[spec["name"]]
+        replay = [x.double() for x in r32["noise"]] if "noise" in r32 else None
+        r64 = run_sdxl(pipe64, base_config, spec, latents.double(), 0, replay)
+        for k in ("step_latents", "image"):
+            drift[f"case/{spec['name']}/{k}"] = mf.diff(r32[k], r64[k])
+    meta = {"generated_by": "tools/make_lcm_fixtures.py", "model_dir": "tests/fixtures/tiny-lcm-sdxl",
+            "versions": versions, "cases": entries, "drift": drift,
+            "schema": {"case/<c>/*": "as lcm.json's, plus add_text_embeds [n,12] and "
+                                     "add_time_ids [n,6] (no unconditional rows)"}}
+    for key, v in tensors.items():
+        assert torch.isfinite(v).all(), key
+    save_file(tensors, str(refs / "lcm-sdxl.safetensors"))
+    (refs / "lcm-sdxl.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=mf.ROOT / "tests" / "fixtures")
@@ -300,7 +427,8 @@ def main():
     save_file(tensors, str(refs / "lcm.safetensors"))
     (refs / "lcm.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
-    print("wrote", folder, "and", refs / "lcm.{safetensors,json}")
+    sdxl_refs(out_dir, refs, meta["versions"])
+    print("wrote", folder, out_dir / "tiny-lcm-sdxl", "and", refs / "lcm*.{safetensors,json}")
 
 
 if __name__ == "__main__":
