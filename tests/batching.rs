@@ -13,10 +13,14 @@ use sdserve::engine::{Engine, EngineConfig, EngineState, JobOutput, JobStatus, T
 use sdserve::request::{GenerateParams, GenerateRequest};
 
 fn engine(max_batch_images: usize) -> Engine {
+    engine_for("tiny-sd1", max_batch_images)
+}
+
+fn engine_for(model: &'static str, max_batch_images: usize) -> Engine {
     Engine::start(
-        || {
+        move || {
             sdserve::diffusion::pipelines::StableDiffusion::load(
-                &common::model_dir("tiny-sd1"),
+                &common::model_dir(model),
                 &Default::default(),
             )
         },
@@ -162,5 +166,72 @@ fn a_cancelled_job_leaves_its_batch_running() {
         assert!(matches!(drop_me.wait().await, JobStatus::Cancelled));
         let kept = done(keep).await;
         assert_eq!(kept.images.dims()[0], 1);
+    });
+}
+
+/// A change to a request's parameters.
+type Edit<'a> = &'a dyn Fn(&mut GenerateParams);
+
+/// SDXL jobs batch through the queue as SD ones do, each row keeping its own
+/// pooled embedding and time ids: a job with no negative prompt (zero
+/// embeddings), one with a second prompt and one with size conditioning run
+/// as one batch and give the images they give alone.
+#[test]
+fn sdxl_jobs_share_a_batch_with_their_own_conditioning() {
+    use sdserve::request::MicroConditioning;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let batched = engine_for("tiny-sdxl", 4);
+        let alone = engine_for("tiny-sdxl", 1);
+        let info = ready(&batched).await;
+        ready(&alone).await;
+        let xl = |prompt: &str, seed, steps, edit: &dyn Fn(&mut GenerateParams)| {
+            let mut p = GenerateParams {
+                prompt: Some(prompt.into()),
+                width: Some(64),
+                height: Some(48),
+                steps: Some(steps),
+                scheduler: Some("euler".into()),
+                seed: Some(seed),
+                ..Default::default()
+            };
+            edit(&mut p);
+            p.validate(&info, &Default::default(), None).unwrap()
+        };
+        let none = |_: &mut GenerateParams| {};
+        let edits: [(&str, u64, Edit); 3] = [
+            ("a fox", 10, &none),
+            ("a boat", 20, &|p| {
+                p.prompt_2 = Some("an oil painting".into());
+                p.negative_prompt = Some("fog".into());
+            }),
+            ("a tree", 30, &|p| {
+                p.micro = MicroConditioning {
+                    original_size: Some([96, 128]),
+                    crops_coords_top_left: Some([8, 0]),
+                    ..Default::default()
+                };
+            }),
+        ];
+        let blocker = batched.submit(xl("wait", 1, 30, &none)).unwrap();
+        let tickets: Vec<Ticket> = edits
+            .iter()
+            .map(|(p, seed, edit)| batched.submit(xl(p, *seed, 4, *edit)).unwrap())
+            .collect();
+        done(blocker).await;
+        let mut outs = Vec::new();
+        for t in tickets {
+            outs.push(done(t).await);
+        }
+        let t0 = outs[0].timings.denoise.to_bits();
+        assert!(
+            outs.iter().all(|o| o.timings.denoise.to_bits() == t0),
+            "one batch"
+        );
+        for ((p, seed, edit), out) in edits.iter().zip(&outs) {
+            let solo = done(alone.submit(xl(p, *seed, 4, *edit)).unwrap()).await;
+            let d = max_diff(&out.images, &solo.images);
+            assert!(d <= 1e-4, "{p}: batched vs alone differ by {d}");
+        }
     });
 }

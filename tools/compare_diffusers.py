@@ -20,6 +20,8 @@ the quality cost of bf16.
     .venv/bin/python tools/compare_diffusers.py --size 256 --size 512 --steps 4 --json results.json
     .venv/bin/python tools/compare_diffusers.py --size 512 --steps 4 --dtype bf16
     .venv/bin/python tools/compare_diffusers.py --size 512 --steps 4 --repeat 3   # medians
+    .venv/bin/python tools/make_fullsize_model.py --family sdxl                     # models/sdxl-random
+    .venv/bin/python tools/compare_diffusers.py --model models/sdxl-random --size 512 --steps 2
 
 Timings on the sdserve side come from the `generate` log line (text_encoder_s, denoise_s,
 vae_decode_s; RUST_LOG=info, JSON log format). On the diffusers side: the pipeline runs with
@@ -77,9 +79,9 @@ def diffusers_worker(args):
     TORCH_DTYPES.update(f32=torch.float32, bf16=torch.bfloat16)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        args.model, dtype=TORCH_DTYPES[args.dtype], safety_checker=None,
-        requires_safety_checker=False)
+    # The folder's own pipeline class (model_index.json): StableDiffusionPipeline or
+    # StableDiffusionXLPipeline; the SD folders here ship no safety checker.
+    pipe = diffusers.DiffusionPipeline.from_pretrained(args.model, dtype=TORCH_DTYPES[args.dtype])
     pipe.set_progress_bar_config(disable=True)
     cls, implied = KINDS[args.scheduler]
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **implied)
@@ -135,6 +137,7 @@ def diffusers_worker(args):
         "generate_s": (t_loop_end - t_call) + decode_s,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        "pipeline": type(pipe).__name__,
         "torch_threads": torch.get_num_threads(),
     }
     pathlib.Path(args.result).write_text(json.dumps(result))
@@ -284,7 +287,7 @@ ROWS = [
 
 def print_table(size, steps, r):
     s, d = r["sdserve"], r["diffusers"]
-    print(f"\n{size}x{size}, {steps} steps, CFG, threads={ARGS.threads}, scheduler={ARGS.scheduler}, "
+    print(f"\n{d.get('pipeline', '')} {size}x{size}, {steps} steps, CFG, threads={ARGS.threads}, scheduler={ARGS.scheduler}, "
           f"dtype={ARGS.dtype}" + (f" (sdserve kernel {s['bf16_kernel']})" if s.get("bf16_kernel") else ""))
     print(f"| {'':36} | {'sdserve':>9} | {'diffusers':>9} | {'sdserve/diffusers':>17} |")
     print(f"|{'-' * 38}|{'-' * 11}|{'-' * 11}|{'-' * 19}|")
