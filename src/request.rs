@@ -400,7 +400,7 @@ fn check_scheduler(
     match built {
         Ok(()) => Ok(()),
         Err(Error::InvalidRequest { field, message })
-            if field == "scheduler" && !options.is_empty() =>
+            if (field == "scheduler" || field == "steps") && !options.is_empty() =>
         {
             // The options are at fault when the model's own config builds;
             // one that fails on its own is named.

@@ -177,6 +177,20 @@ fn an_lcm_folder_defaults_to_four_steps_at_its_guidance_and_refuses_too_many() {
             if field == "steps" && message.contains("original_inference_steps")),
         "{err:?}"
     );
+    // A shorter distillation schedule asked for is named when it is what fails.
+    let err = GenerateParams {
+        prompt: Some("a fox".into()),
+        steps: Some(20),
+        scheduler_options: json!({"original_inference_steps": 10}).as_object().cloned(),
+        ..Default::default()
+    }
+    .validate(sd.info(), &Limits::default(), None)
+    .unwrap_err();
+    assert!(
+        matches!(&err, sdserve::Error::InvalidRequest { field, .. }
+            if field == "scheduler_options.original_inference_steps"),
+        "{err:?}"
+    );
     // The distillation schedule is a scheduler option.
     let req = GenerateParams {
         prompt: Some("a fox".into()),

@@ -717,6 +717,11 @@ fn lcm_config_errors_name_the_key() {
     assert!(msg.contains("num_train_timesteps"), "{msg}");
     let msg = build_err(k, json!({"thresholding": true}), 4);
     assert!(msg.contains("thresholding"), "{msg}");
+    // Zero terminal SNR with ε prediction divides by ᾱ = 0 at t = 999.
+    let msg = build_err(k, json!({"rescale_betas_zero_snr": true}), 4);
+    assert!(msg.contains("rescale_betas_zero_snr"), "{msg}");
+    let ok = json!({"rescale_betas_zero_snr": true, "prediction_type": "v_prediction"});
+    assert!(fixture().base.build(k, &overrides(&ok), 4).is_ok());
 }
 
 /// UniPC configurations that end in NaN in diffusers (B(h) = h, or the ε form,

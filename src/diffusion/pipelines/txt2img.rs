@@ -44,7 +44,8 @@ impl StableDiffusion {
             ));
         }
         let mut timings = Timings::default();
-        let guided = first.guided;
+        // The loop decides the same way (`run_denoise`): rows and passes agree.
+        let guided = self.info.runs_cfg(first.guidance);
         let t0 = Instant::now();
         let per_request = reqs
             .iter()

@@ -49,20 +49,31 @@ impl LcmConfig {
                  pixel-space models, not latent diffusion",
             ));
         }
+        let betas = BetaConfig::read_with_defaults(&cfg, true, (0.00085, 0.012, "scaled_linear"))?;
+        let prediction_type = PredictionType::read(
+            &cfg,
+            &[
+                PredictionType::Epsilon,
+                PredictionType::Sample,
+                PredictionType::VPrediction,
+            ],
+        )?;
+        if betas.rescale_betas_zero_snr && prediction_type == PredictionType::Epsilon {
+            // ᾱ = 0 at the last training timestep, where every schedule starts:
+            // x₀ = (x − √β·ε) / √ᾱ divides by zero (diffusers returns inf there).
+            return Err(cfg.invalid(
+                "rescale_betas_zero_snr",
+                "true",
+                "with epsilon prediction the first step divides by zero; use v_prediction",
+            ));
+        }
         Ok(Self {
-            betas: BetaConfig::read_with_defaults(&cfg, true, (0.00085, 0.012, "scaled_linear"))?,
+            betas,
             original_inference_steps: cfg.positive("original_inference_steps", 50)?,
             clip_sample: cfg.bool("clip_sample", false)?,
             clip_sample_range: cfg.f64("clip_sample_range", 1.0)?,
             set_alpha_to_one: cfg.bool("set_alpha_to_one", true)?,
-            prediction_type: PredictionType::read(
-                &cfg,
-                &[
-                    PredictionType::Epsilon,
-                    PredictionType::Sample,
-                    PredictionType::VPrediction,
-                ],
-            )?,
+            prediction_type,
             timestep_scaling: cfg.f64("timestep_scaling", 10.0)?,
         })
     }
