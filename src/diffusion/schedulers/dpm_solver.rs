@@ -204,6 +204,18 @@ pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     (alpha, sigma * alpha)
 }
 
+/// `α_t · original + σ_t · noise` at σ (`add_noise` of the classes that
+/// parameterise by α and σ: DPM-Solver and UniPC).
+pub(super) fn add_noise_alpha_sigma(
+    original: &Tensor,
+    noise: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma(sigma);
+    let (original, noise) = common::promote(original, noise)?;
+    Ok((scale(&original, alpha_t)? + scale(&noise, sigma_t)?)?)
+}
+
 /// λ = ln α − ln σ (float32; +∞ at σ = 0).
 pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
@@ -428,9 +440,7 @@ impl Scheduler for DpmSolverMultistep {
     /// `DPMSolverMultistepScheduler.add_noise` (`_sigma_to_alpha_sigma_t`).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         common::check_step_index(CLASS, step_index, self.timesteps.len())?;
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        let (original, noise) = common::promote(original, noise)?;
-        Ok((scale(&original, alpha_t)? + scale(&noise, sigma_t)?)?)
+        add_noise_alpha_sigma(original, noise, self.sigmas[step_index])
     }
 
     /// The model output at `timesteps()[step_index]` → the sample at the next sigma.

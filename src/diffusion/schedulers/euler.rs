@@ -124,6 +124,39 @@ pub fn euler_timesteps(
     }
 }
 
+/// The timesteps and their sigmas (float64, before the final one is appended)
+/// of `EulerDiscreteScheduler.set_timesteps`, which `LMSDiscreteScheduler`
+/// shares: `euler_timesteps`, the training sigmas interpolated at them, and with
+/// `karras = Some((sigma_min, sigma_max))` Karras sigmas over that range (each
+/// bound, when `None`, the interpolated one: the range depends on the spacing)
+/// with `_sigma_to_t` timesteps.
+pub(crate) fn euler_sigmas(
+    (spacing, n_train, steps_offset): (TimestepSpacing, usize, i64),
+    alphas_cumprod: &[f32],
+    num_inference_steps: usize,
+    karras: Option<(Option<f64>, Option<f64>)>,
+) -> (Vec<f32>, Vec<f64>) {
+    let timesteps = euler_timesteps(spacing, n_train, num_inference_steps, steps_offset);
+    let train_sigmas = common::train_sigmas(alphas_cumprod);
+    let train_f64: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
+    let sigmas: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| interp(t as f64, &train_f64))
+        .collect();
+    let Some((sigma_min, sigma_max)) = karras else {
+        return (timesteps, sigmas);
+    };
+    let log_sigmas = common::log_sigmas(&train_sigmas);
+    let sigma_min = sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
+    let sigma_max = sigma_max.unwrap_or(sigmas[0]);
+    let sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps);
+    let timesteps = sigmas
+        .iter()
+        .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
+        .collect();
+    (timesteps, sigmas)
+}
+
 /// `init_noise_sigma` of the Euler schedulers: the largest sigma for `linspace` /
 /// `trailing` spacing, `(max_sigma ** 2 + 1) ** 0.5` for `leading` (float32).
 pub(crate) fn init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
@@ -169,31 +202,15 @@ impl Euler {
         common::check_steps(CLASS, num_inference_steps, n_train)?;
         let alphas_cumprod = config.betas.alphas_cumprod_for_sigmas(CLASS)?;
 
-        let mut timesteps = euler_timesteps(
-            config.timestep_spacing,
-            n_train,
+        let karras = config
+            .use_karras_sigmas
+            .then_some((config.sigma_min, config.sigma_max));
+        let (timesteps, sigmas) = euler_sigmas(
+            (config.timestep_spacing, n_train, config.steps_offset),
+            &alphas_cumprod,
             num_inference_steps,
-            config.steps_offset,
+            karras,
         );
-        let train_sigmas = common::train_sigmas(&alphas_cumprod);
-        let train_sigmas_f64: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| interp(t as f64, &train_sigmas_f64))
-            .collect();
-
-        if config.use_karras_sigmas {
-            let log_sigmas = common::log_sigmas(&train_sigmas);
-            // in_sigmas are the interpolated sigmas, so the range depends on the spacing.
-            let sigma_min = config.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
-            let sigma_max = config.sigma_max.unwrap_or(sigmas[0]);
-            sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps);
-            timesteps = sigmas
-                .iter()
-                .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
-                .collect();
-        }
-
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         sigmas.push(config.final_sigmas.last_sigma(&alphas_cumprod));
 

@@ -20,10 +20,9 @@ use candle_core::Tensor;
 use serde_json::{Map, Value};
 
 use super::common::{
-    self, BetaConfig, ClassConfig, PredictionType, TimestepSpacing, interp, karras_sigmas, scale,
-    sigma_to_t, upcast,
+    self, BetaConfig, ClassConfig, PredictionType, TimestepSpacing, scale, upcast,
 };
-use super::euler::{euler_timesteps, init_noise_sigma, predict_x0};
+use super::euler::{euler_sigmas, init_noise_sigma, predict_x0};
 use super::sigma::{SigmaSchedule, SigmaStep};
 use crate::diffusion::latents::NoiseSource;
 use crate::error::Result;
@@ -101,28 +100,15 @@ impl Lms {
         let n_train = config.betas.num_train_timesteps;
         common::check_steps(CLASS, num_inference_steps, n_train)?;
         let alphas_cumprod = config.betas.alphas_cumprod(CLASS)?;
-        let mut timesteps = euler_timesteps(
-            config.timestep_spacing,
-            n_train,
+        // `_convert_to_karras(in_sigmas)` over the interpolated range: this class
+        // has no sigma_min / sigma_max.
+        let karras = config.use_karras_sigmas.then_some((None, None));
+        let (timesteps, sigmas) = euler_sigmas(
+            (config.timestep_spacing, n_train, config.steps_offset),
+            &alphas_cumprod,
             num_inference_steps,
-            config.steps_offset,
+            karras,
         );
-        let train_sigmas = common::train_sigmas(&alphas_cumprod);
-        let train_f64: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| interp(t as f64, &train_f64))
-            .collect();
-        if config.use_karras_sigmas {
-            // `_convert_to_karras(in_sigmas)`: the interpolated range (this class
-            // has no sigma_min / sigma_max), then `_sigma_to_t` of each.
-            let log_sigmas = common::log_sigmas(&train_sigmas);
-            sigmas = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], num_inference_steps);
-            timesteps = sigmas
-                .iter()
-                .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
-                .collect();
-        }
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         sigmas.push(0.0);
         let init_noise_sigma = init_noise_sigma(&sigmas, config.timestep_spacing);

@@ -26,7 +26,7 @@ use super::common::{
     self, BetaConfig, ClassConfig, FinalSigmas, PredictionType, TimestepSpacing, interp,
     karras_sigmas, np_round, scale, sigma_to_t, upcast,
 };
-use super::dpm_solver::{alpha_sigma, dpm_timesteps, lambda};
+use super::dpm_solver::{add_noise_alpha_sigma, alpha_sigma, dpm_timesteps, lambda};
 use crate::diffusion::latents::NoiseSource;
 use crate::error::Result;
 
@@ -436,9 +436,7 @@ impl Scheduler for UniPc {
     /// `α_t · original + σ_t · noise` at `sigmas[step_index]` (`add_noise`).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         common::check_step_index(CLASS, step_index, self.timesteps.len())?;
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        let (original, noise) = common::promote(original, noise)?;
-        Ok((scale(&original, alpha_t)? + scale(&noise, sigma_t)?)?)
+        add_noise_alpha_sigma(original, noise, self.sigmas[step_index])
     }
 
     /// Corrects `sample` with this step's output (after the first step), then
