@@ -140,7 +140,8 @@ fn matmul(c: &mut Criterion) {
     // n = pixels), one at 16x16 (1280), one tile of pixels (what the bf16 conv
     // multiplies at once) of the VAE decoder's 3x3 convs at 512 and 256 px, and
     // token-major linears of the CFG batch: attention projection and the GEGLU input
-    // at 64x64.
+    // at 64x64; SDXL's at 512 px (its transformer blocks at 32x32 with 640 channels
+    // and at 16x16 with 1280, 10 deep: the GEGLU input and the feed-forward output).
     for (name, m, n, k) in [
         ("conv3x3_320_64x64", 320, 4096, 2880),
         ("conv3x3_1280_16x16", 1280, 256, 11520),
@@ -148,6 +149,9 @@ fn matmul(c: &mut Criterion) {
         ("vae_conv3x3_256_256x256_tile", 256, 1824, 2304),
         ("linear_8192x320x320", 8192, 320, 320),
         ("linear_8192x2560x320", 8192, 2560, 320),
+        ("sdxl_linear_2048x5120x640", 2048, 5120, 640),
+        ("sdxl_linear_512x10240x1280", 512, 10240, 1280),
+        ("sdxl_linear_512x1280x5120", 512, 1280, 5120),
     ] {
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
         let a = fixed(m * k, 0.1);
