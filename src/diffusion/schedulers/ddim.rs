@@ -16,6 +16,7 @@ use candle_core::Tensor;
 use serde_json::{Map, Value};
 
 use super::Scheduler;
+use super::alpha::AlphaSchedule;
 use super::common::{
     self, BetaConfig, ClassConfig, PredictionType, TimestepSpacing, np_arange, np_linspace,
     np_round, scale,
@@ -101,11 +102,8 @@ pub fn ddim_timesteps(
 #[derive(Debug, Clone)]
 pub struct Ddim {
     config: DdimConfig,
-    alphas_cumprod: Vec<f32>,
-    final_alpha_cumprod: f32,
+    schedule: AlphaSchedule,
     num_inference_steps: usize,
-    timesteps: Vec<f64>,
-    int_timesteps: Vec<i64>,
 }
 
 impl Ddim {
@@ -113,27 +111,17 @@ impl Ddim {
         let config = DdimConfig::from_values(values)?;
         let n_train = config.betas.num_train_timesteps;
         common::check_steps(CLASS, num_inference_steps, n_train)?;
-        let alphas_cumprod = config.betas.alphas_cumprod(CLASS)?;
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
         let int_timesteps = ddim_timesteps(
             config.timestep_spacing,
             n_train,
             num_inference_steps,
             config.steps_offset,
         );
-        for &t in &int_timesteps {
-            common::alpha_at(CLASS, &alphas_cumprod, t)?;
-        }
+        let schedule =
+            AlphaSchedule::new(CLASS, &config.betas, config.set_alpha_to_one, int_timesteps)?;
         Ok(Self {
-            timesteps: int_timesteps.iter().map(|&t| t as f64).collect(),
-            int_timesteps,
             config,
-            alphas_cumprod,
-            final_alpha_cumprod,
+            schedule,
             num_inference_steps,
         })
     }
@@ -144,7 +132,7 @@ impl Ddim {
 
     /// The training ᾱ table (float32).
     pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        self.schedule.alphas_cumprod()
     }
 }
 
@@ -154,14 +142,11 @@ impl Scheduler for Ddim {
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.schedule.timesteps()
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.int_timesteps.len())?;
-        let t = self.int_timesteps[step_index];
-        let alpha = common::alpha_at(CLASS, &self.alphas_cumprod, t)?;
-        common::add_noise_alpha(original, noise, alpha)
+        self.schedule.add_noise(original, noise, step_index)
     }
 
     /// DDIM's update from `timesteps()[step_index]` to `t - num_train // steps` (η = 0).
@@ -172,17 +157,12 @@ impl Scheduler for Ddim {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.int_timesteps.len())?;
+        let t = self.schedule.timestep(step_index)?;
         let (model_output, sample) = common::promote(model_output, sample)?;
-        let t = self.int_timesteps[step_index];
         let prev_t = t - (self.config.betas.num_train_timesteps / self.num_inference_steps) as i64;
 
-        let alpha_prod_t = common::alpha_at(CLASS, &self.alphas_cumprod, t)?;
-        let alpha_prod_t_prev = if prev_t >= 0 {
-            common::alpha_at(CLASS, &self.alphas_cumprod, prev_t)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let alpha_prod_t = self.schedule.alpha(t)?;
+        let alpha_prod_t_prev = self.schedule.alpha_prev(prev_t)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
 

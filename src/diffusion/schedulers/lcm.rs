@@ -21,6 +21,7 @@ use candle_core::Tensor;
 use serde_json::{Map, Value};
 
 use super::Scheduler;
+use super::alpha::AlphaSchedule;
 use super::common::{self, BetaConfig, ClassConfig, PredictionType, scale};
 use crate::diffusion::latents::NoiseSource;
 use crate::error::{Error, Result};
@@ -115,10 +116,7 @@ pub fn lcm_timesteps(
 #[derive(Debug, Clone)]
 pub struct Lcm {
     config: LcmConfig,
-    alphas_cumprod: Vec<f32>,
-    final_alpha_cumprod: f32,
-    timesteps: Vec<f64>,
-    int_timesteps: Vec<i64>,
+    schedule: AlphaSchedule,
 }
 
 impl Lcm {
@@ -126,12 +124,6 @@ impl Lcm {
         let config = LcmConfig::from_values(values)?;
         let n_train = config.betas.num_train_timesteps;
         common::check_steps(CLASS, num_inference_steps, n_train)?;
-        let alphas_cumprod = config.betas.alphas_cumprod(CLASS)?;
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
         let int_timesteps = lcm_timesteps(
             n_train,
             config.original_inference_steps,
@@ -144,16 +136,9 @@ impl Lcm {
                 common::config_error(CLASS, e)
             }
         })?;
-        for &t in &int_timesteps {
-            common::alpha_at(CLASS, &alphas_cumprod, t)?;
-        }
-        Ok(Self {
-            timesteps: int_timesteps.iter().map(|&t| t as f64).collect(),
-            int_timesteps,
-            config,
-            alphas_cumprod,
-            final_alpha_cumprod,
-        })
+        let schedule =
+            AlphaSchedule::new(CLASS, &config.betas, config.set_alpha_to_one, int_timesteps)?;
+        Ok(Self { config, schedule })
     }
 
     pub fn config(&self) -> &LcmConfig {
@@ -177,14 +162,11 @@ impl Scheduler for Lcm {
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.schedule.timesteps()
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.int_timesteps.len())?;
-        let t = self.int_timesteps[step_index];
-        let alpha = common::alpha_at(CLASS, &self.alphas_cumprod, t)?;
-        common::add_noise_alpha(original, noise, alpha)
+        self.schedule.add_noise(original, noise, step_index)
     }
 
     /// The denoised estimate at `timesteps()[step_index]`, noised to the next
@@ -196,17 +178,13 @@ impl Scheduler for Lcm {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        let n = self.int_timesteps.len();
-        common::check_step_index(CLASS, step_index, n)?;
+        let t = self.schedule.timestep(step_index)?;
+        let timesteps = &self.schedule.int_timesteps;
+        let n = timesteps.len();
         let (model_output, sample) = common::promote(model_output, sample)?;
-        let t = self.int_timesteps[step_index];
-        let prev_t = self.int_timesteps.get(step_index + 1).copied().unwrap_or(t);
-        let alpha_prod_t = common::alpha_at(CLASS, &self.alphas_cumprod, t)?;
-        let alpha_prod_t_prev = if prev_t >= 0 {
-            common::alpha_at(CLASS, &self.alphas_cumprod, prev_t)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let prev_t = timesteps.get(step_index + 1).copied().unwrap_or(t);
+        let alpha_prod_t = self.schedule.alpha(t)?;
+        let alpha_prod_t_prev = self.schedule.alpha_prev(prev_t)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
         let (c_skip, c_out) = self.boundary_scalings(t);

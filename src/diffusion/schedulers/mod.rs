@@ -2,10 +2,13 @@
 //! builds them: the model's `scheduler/scheduler_config.json`, keys it lacks taking
 //! the chosen class's own `__init__` defaults, plus per-request overrides.
 //!
-//! One file per diffusers scheduler class, each implementing [`Scheduler`].
+//! One file per diffusers scheduler class, each implementing [`Scheduler`]; what
+//! the ᾱ classes (DDIM, PNDM, LCM) share is in [`alpha`], what the σ classes
+//! (Euler, Euler ancestral, LMS) share in [`sigma`].
 //! Tables and coefficients follow torch's float32 arithmetic on the host and are
 //! applied to device tensors as scalars.
 
+pub mod alpha;
 pub mod common;
 pub mod ddim;
 pub mod dpm_solver;

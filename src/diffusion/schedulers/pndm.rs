@@ -25,6 +25,7 @@ use candle_core::Tensor;
 use serde_json::{Map, Value};
 
 use super::Scheduler;
+use super::alpha::AlphaSchedule;
 use super::common::{
     self, BetaConfig, ClassConfig, PredictionType, TimestepSpacing, np_arange, np_linspace,
     np_round, scale,
@@ -95,12 +96,10 @@ pub fn pndm_base_timesteps(
 #[derive(Debug, Clone)]
 pub struct Pndm {
     config: PndmConfig,
-    alphas_cumprod: Vec<f32>,
-    final_alpha_cumprod: f32,
+    /// Runge–Kutta timesteps first (if any), then PLMS.
+    schedule: AlphaSchedule,
     num_inference_steps: usize,
     prk_timesteps: Vec<i64>,
-    int_timesteps: Vec<i64>,
-    timesteps: Vec<f64>,
     counter: usize,
     ets: Vec<Tensor>,
     cur_sample: Option<Tensor>,
@@ -113,13 +112,6 @@ impl Pndm {
         let n_train = config.betas.num_train_timesteps;
         let n = num_inference_steps;
         common::check_steps(CLASS, n, n_train)?;
-        let alphas_cumprod = config.betas.alphas_cumprod(CLASS)?;
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
-
         let base = pndm_base_timesteps(config.timestep_spacing, n_train, n, config.steps_offset);
         let len = base.len();
         let (prk_timesteps, plms_timesteps): (Vec<i64>, Vec<i64>) = if config.skip_prk_steps {
@@ -160,16 +152,12 @@ impl Pndm {
             .chain(&plms_timesteps)
             .copied()
             .collect();
-        for &t in &int_timesteps {
-            common::alpha_at(CLASS, &alphas_cumprod, t)?;
-        }
+        let schedule =
+            AlphaSchedule::new(CLASS, &config.betas, config.set_alpha_to_one, int_timesteps)?;
         Ok(Self {
-            timesteps: int_timesteps.iter().map(|&t| t as f64).collect(),
-            int_timesteps,
+            schedule,
             prk_timesteps,
             config,
-            alphas_cumprod,
-            final_alpha_cumprod,
             num_inference_steps: n,
             counter: 0,
             ets: Vec::new(),
@@ -285,12 +273,8 @@ impl Pndm {
         prev_timestep: i64,
         model_output: &Tensor,
     ) -> Result<Tensor> {
-        let alpha_prod_t = common::alpha_at(CLASS, &self.alphas_cumprod, timestep)?;
-        let alpha_prod_t_prev = if prev_timestep >= 0 {
-            common::alpha_at(CLASS, &self.alphas_cumprod, prev_timestep)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let alpha_prod_t = self.schedule.alpha(timestep)?;
+        let alpha_prod_t_prev = self.schedule.alpha_prev(prev_timestep)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
 
@@ -318,14 +302,11 @@ impl Scheduler for Pndm {
 
     /// The UNet timesteps: Runge–Kutta ones first (if any), then PLMS.
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.schedule.timesteps()
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.int_timesteps.len())?;
-        let t = self.int_timesteps[step_index];
-        let alpha = common::alpha_at(CLASS, &self.alphas_cumprod, t)?;
-        common::add_noise_alpha(original, noise, alpha)
+        self.schedule.add_noise(original, noise, step_index)
     }
 
     fn step(
@@ -335,9 +316,8 @@ impl Scheduler for Pndm {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        common::check_step_index(CLASS, step_index, self.int_timesteps.len())?;
+        let t = self.schedule.timestep(step_index)?;
         let (model_output, sample) = common::promote(model_output, sample)?;
-        let t = self.int_timesteps[step_index];
         if self.counter < self.prk_timesteps.len() && !self.config.skip_prk_steps {
             self.step_prk(model_output, t, sample)
         } else {
