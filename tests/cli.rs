@@ -49,16 +49,8 @@ fn run_case(
     dir: &Path,
 ) -> Vec<PathBuf> {
     let name = case["name"].as_str().unwrap();
-    let mut tensors = std::collections::HashMap::new();
-    tensors.insert(
-        "latents".to_string(),
-        reference.get(&format!("case/{name}/latents")),
-    );
-    if let Some(noise) = reference.tensors.get(&format!("case/{name}/noise")) {
-        tensors.insert("noise".to_string(), noise.clone());
-    }
     let latents_file = dir.join(format!("{name}.safetensors"));
-    candle_core::safetensors::save(&tensors, &latents_file).unwrap();
+    reference.save_latents(name, &latents_file);
     let out = dir.join(format!("{name}.png"));
     let s = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s.clone(),
@@ -126,17 +118,9 @@ fn cli_matches_diffusers(model: &str, refname: &str) {
         let (n, h, w, _) = expected.dims4().unwrap();
         assert_eq!(paths.len(), n, "{name}: image count");
         for (i, p) in paths.iter().enumerate() {
-            let img = rgb(p);
-            assert_eq!(
-                (img.width() as usize, img.height() as usize),
-                (w, h),
-                "{name}: size"
-            );
-            let got = Tensor::from_vec(img.into_raw(), (h, w, 3), &Device::Cpu)
-                .unwrap()
-                .to_dtype(candle_core::DType::F32)
-                .unwrap();
-            let want = (expected.get(i).unwrap() * 255.0).unwrap().round().unwrap();
+            let got = common::png_levels(p);
+            assert_eq!(got.dims(), [h, w, 3], "{name}: size");
+            let want = reference.image_levels(name, i);
             // One 8-bit level: the float images agree to ~1e-4 (tests/parity.rs),
             // so only values within that of a rounding boundary may flip.
             let d = common::max_abs_diff(&got, &want);

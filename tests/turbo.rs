@@ -7,10 +7,8 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
 use common::Reference;
 use common::server::{Server, accepted, client, wait_final};
 use serde_json::{Value, json};
@@ -24,15 +22,6 @@ fn turbo_copy() -> tempfile::TempDir {
     cfg["timestep_spacing"] = json!("trailing");
     std::fs::write(&path, cfg.to_string()).unwrap();
     tmp
-}
-
-fn pixels(path: &Path) -> Tensor {
-    let img = image::open(path).unwrap().to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    Tensor::from_vec(img.into_raw(), (h, w, 3), &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
 }
 
 /// diffusers' "turbo" case (`EulerAncestralDiscreteScheduler` with trailing
@@ -55,14 +44,8 @@ fn the_cli_runs_a_turbo_folder_with_its_one_step_default() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let latents = tmp.path().join("latents.safetensors");
-    let tensors: std::collections::HashMap<String, Tensor> = [
-        ("latents", reference.get("case/turbo/latents")),
-        ("noise", reference.get("case/turbo/noise")),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    candle_core::safetensors::save(&tensors, &latents).unwrap();
+    assert!(reference.tensors.contains_key("case/turbo/noise"));
+    reference.save_latents("turbo", &latents);
     let out = tmp.path().join("turbo.png");
     let o = Command::new(env!("CARGO_BIN_EXE_sdserve"))
         .args(["generate", "--model"])
@@ -82,11 +65,8 @@ fn the_cli_runs_a_turbo_folder_with_its_one_step_default() {
     let meta = sdserve::output::read_png_metadata(&out).unwrap();
     assert_eq!((meta.steps, meta.guidance), (1, 0.0));
     assert_eq!(meta.negative_prompt, None);
-    let want = (reference.get("case/turbo/image").get(0).unwrap() * 255.0)
-        .unwrap()
-        .round()
-        .unwrap();
-    let d = common::max_abs_diff(&pixels(&out), &want);
+    let want = reference.image_levels("turbo", 0);
+    let d = common::max_abs_diff(&common::png_levels(&out), &want);
     assert!(d <= 1.0, "max pixel difference {d} levels");
 }
 

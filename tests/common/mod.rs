@@ -95,6 +95,39 @@ impl Reference {
             .unwrap_or_else(|| panic!("reference tensor {key} missing"))
             .clone()
     }
+
+    /// Writes case `name`'s starting latents (and the per-step noise it drew,
+    /// if any) as the safetensors file `sdserve generate --latents` reads.
+    pub fn save_latents(&self, name: &str, path: &Path) {
+        let mut tensors = HashMap::new();
+        tensors.insert(
+            "latents".to_string(),
+            self.get(&format!("case/{name}/latents")),
+        );
+        if let Some(noise) = self.tensors.get(&format!("case/{name}/noise")) {
+            tensors.insert("noise".to_string(), noise.clone());
+        }
+        candle_core::safetensors::save(&tensors, path).unwrap();
+    }
+
+    /// Image `i` of case `name` as 8-bit levels `[h, w, 3]` (f32), as diffusers'
+    /// `numpy_to_pil` rounds it.
+    pub fn image_levels(&self, name: &str, i: usize) -> Tensor {
+        let image = self.get(&format!("case/{name}/image")).get(i).unwrap();
+        (image * 255.0).unwrap().round().unwrap()
+    }
+}
+
+/// A PNG's pixels as levels `[h, w, 3]` (f32).
+pub fn png_levels(path: &Path) -> Tensor {
+    let img = image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    Tensor::from_vec(img.into_raw(), (h, w, 3), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
 }
 
 /// max |a - b| over all elements (shapes must match).
