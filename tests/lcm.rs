@@ -127,20 +127,11 @@ fn every_case_matches_diffusers_through_the_pipeline() {
         let d = max_abs_diff(w, &r.get(&key("w_embedding")));
         assert!(d <= 1e-6, "{name}: w_embedding differs by {d}");
 
-        let step_latents = r.get(&key("step_latents"));
-        let (mut worst, mut steps_seen) = (0f32, 0);
-        let out = sd
-            .generate(&req, &mut |p| {
-                let want = step_latents.get(p.step - 1).unwrap();
-                worst = worst.max(max_abs_diff(p.latents, &want));
-                steps_seen += 1;
-                true
-            })
-            .unwrap();
+        let (image, worst, steps_seen) =
+            common::generate_against(&sd, &req, &r.get(&key("step_latents")));
         assert_eq!(steps_seen, timesteps.len(), "{name}: steps");
         eprintln!("lcm/{name}: worst step latent diff {worst:.3e} (tolerance {step_tol:.3e})");
         assert!(worst <= step_tol, "{name}: step latents differ by {worst}");
-        let image = out.images.permute((0, 2, 3, 1)).unwrap();
         let d = max_abs_diff(&image, &r.get(&key("image")));
         eprintln!("lcm/{name}: image diff {d:.3e} (tolerance {image_tol:.3e})");
         assert!(d <= image_tol, "{name}: image differs by {d}");
@@ -296,18 +287,9 @@ fn an_sdxl_lcm_unet_matches_stable_diffusion_xl_pipeline() {
             let d = max_abs_diff(got, &r.get(&key(what)));
             assert!(d <= tol, "{name}: {what} differs by {d}");
         }
-        let step_latents = r.get(&key("step_latents"));
-        let mut worst = 0f32;
-        let out = sd
-            .generate(&req, &mut |p| {
-                let want = step_latents.get(p.step - 1).unwrap();
-                worst = worst.max(max_abs_diff(p.latents, &want));
-                true
-            })
-            .unwrap();
+        let (image, worst, _) = common::generate_against(&sd, &req, &r.get(&key("step_latents")));
         eprintln!("lcm-sdxl/{name}: worst step latent diff {worst:.3e} (tolerance {step_tol:.3e})");
         assert!(worst <= step_tol, "{name}: step latents differ by {worst}");
-        let image = out.images.permute((0, 2, 3, 1)).unwrap();
         let d = max_abs_diff(&image, &r.get(&key("image")));
         assert!(d <= image_tol, "{name}: image differs by {d}");
     }

@@ -218,19 +218,10 @@ fn every_case_matches_diffusers_through_the_pipeline() {
         );
 
         let step_latents = r.get(&key("step_latents"));
-        let (mut worst, mut steps_seen) = (0f32, 0);
-        let out = sd
-            .generate(&req, &mut |p| {
-                let want = step_latents.get(p.step - 1).unwrap();
-                worst = worst.max(max_abs_diff(p.latents, &want));
-                steps_seen += 1;
-                true
-            })
-            .unwrap();
+        let (image, worst, steps_seen) = common::generate_against(&sd, &req, &step_latents);
         assert_eq!(steps_seen, step_latents.dim(0).unwrap(), "{name}: steps");
         eprintln!("sdxl/{name}: worst step latent diff {worst:.3e} (tolerance {step_tol:.3e})");
         assert!(worst <= step_tol, "{name}: step latents differ by {worst}");
-        let image = out.images.permute((0, 2, 3, 1)).unwrap();
         let d = max_abs_diff(&image, &r.get(&key("image")));
         eprintln!("sdxl/{name}: image diff {d:.3e} (tolerance {image_tol:.3e})");
         assert!(d <= image_tol, "{name}: image differs by {d}");

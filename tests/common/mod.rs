@@ -118,6 +118,26 @@ impl Reference {
     }
 }
 
+/// Runs `req` through `generate` (the path the CLI and the server take),
+/// comparing each step's latents with `step_latents` `[T, n, c, h, w]`: the
+/// images as `[n, H, W, 3]`, the worst step difference, and the steps seen.
+pub fn generate_against(
+    sd: &StableDiffusion,
+    req: &sdserve::request::GenerateRequest,
+    step_latents: &Tensor,
+) -> (Tensor, f32, usize) {
+    let (mut worst, mut steps) = (0f32, 0);
+    let out = sd
+        .generate(req, &mut |p| {
+            let want = step_latents.get(p.step - 1).unwrap();
+            worst = worst.max(max_abs_diff(p.latents, &want));
+            steps += 1;
+            true
+        })
+        .unwrap();
+    (out.images.permute((0, 2, 3, 1)).unwrap(), worst, steps)
+}
+
 /// A PNG's pixels as levels `[h, w, 3]` (f32).
 pub fn png_levels(path: &Path) -> Tensor {
     let img = image::open(path)
