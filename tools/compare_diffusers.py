@@ -202,7 +202,7 @@ def compare_one(args, size, work: pathlib.Path, diffusers_first: bool) -> dict:
 
     results = {}
     order = ["diffusers", "sdserve"] if diffusers_first else ["sdserve", "diffusers"]
-    if args.dtype != "f32":
+    if args.dtype != "f32" and not args.no_reference:
         # The quality cost of lower precision: both sides against diffusers in f32.
         order.append("reference")
     for side in order:
@@ -339,6 +339,8 @@ def main():
     ap.add_argument("--json", type=pathlib.Path, help="also write all numbers here")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
                     help="both sides; with bf16, diffusers also runs in f32 as the quality reference")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="with bf16: skip the diffusers f32 quality reference (timing runs only)")
     # worker mode (internal)
     ap.add_argument("--worker", choices=["diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--latents", help=argparse.SUPPRESS)
