@@ -17,6 +17,7 @@
 pub mod alloc;
 pub mod cli;
 pub mod diffusion;
+pub mod edit;
 pub mod engine;
 pub mod error;
 pub mod fields;

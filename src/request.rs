@@ -8,9 +8,12 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::diffusion::params::{GenerateRequest, GivenLatents, MicroConditioning};
+pub use crate::diffusion::params::{
+    GenerateRequest, GivenLatents, InitImage, MicroConditioning, img2img_start,
+};
 use crate::diffusion::pipelines::{ModelInfo, SamplingDefaults};
 use crate::diffusion::schedulers::{SchedulerKind, check_overrides};
+pub use crate::edit::SourceImage;
 use crate::error::{Error, Result};
 
 /// Server- or CLI-wide bounds on what one request may ask for.
@@ -128,7 +131,24 @@ pub struct GenerateParams {
     pub scheduler_options: Option<serde_json::Map<String, serde_json::Value>>,
     pub seed: Option<u64>,
     pub num_images: Option<usize>,
+    /// Image to image: how much of the schedule runs, in (0, 1] (default 0.8,
+    /// diffusers' `strength`); needs an init image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
+
+/// What a request brings beyond its parameters.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// Replaces the seeded noise and fixes the number of images.
+    pub latents: Option<GivenLatents>,
+    /// Image to image: the picture to start from, and the field it came in
+    /// (`init_image`, the CLI's `--init-image`).
+    pub init_image: Option<(SourceImage, String)>,
+}
+
+/// diffusers' `StableDiffusionImg2ImgPipeline` default `strength`.
+pub const DEFAULT_STRENGTH: f64 = 0.8;
 
 fn check_side(field: &str, v: usize, factor: usize, limits: &Limits) -> Result<usize> {
     if v == 0 || !v.is_multiple_of(factor) {
@@ -177,6 +197,26 @@ impl GenerateParams {
         limits: &Limits,
         latents: Option<GivenLatents>,
     ) -> Result<GenerateRequest> {
+        let inputs = Inputs {
+            latents,
+            init_image: None,
+        };
+        self.validate_with(model, limits, inputs)
+    }
+
+    /// [`Self::validate`] with every input: an init image makes the request
+    /// image to image, its size (rounded down to the VAE's factor) the default
+    /// width and height.
+    pub fn validate_with(
+        &self,
+        model: &ModelInfo,
+        limits: &Limits,
+        inputs: Inputs,
+    ) -> Result<GenerateRequest> {
+        let Inputs {
+            latents,
+            init_image,
+        } = inputs;
         let prompt = self.prompt.clone().unwrap_or_default();
         check_text("prompt", &prompt, limits)?;
         for (field, text) in [
@@ -190,8 +230,25 @@ impl GenerateParams {
 
         let f = model.vae_scale_factor;
         let default_side = limits.default_side(model.default_size, f);
-        let width = check_side("width", self.width.unwrap_or(default_side), f, limits)?;
-        let height = check_side("height", self.height.unwrap_or(default_side), f, limits)?;
+        let (default_w, default_h) = match &init_image {
+            Some((img, field)) => {
+                let (w, h) = img.default_size(f);
+                if w == 0 || h == 0 {
+                    return Err(Error::invalid(
+                        field.clone(),
+                        format!(
+                            "{}x{} is smaller than {f} pixels on a side",
+                            img.width(),
+                            img.height()
+                        ),
+                    ));
+                }
+                (w, h)
+            }
+            None => (default_side, default_side),
+        };
+        let width = check_side("width", self.width.unwrap_or(default_w), f, limits)?;
+        let height = check_side("height", self.height.unwrap_or(default_h), f, limits)?;
         // Checked: sides come from callers, and a wrapped product would pass.
         let pixels = width.saturating_mul(height);
         if pixels > limits.max_pixels {
@@ -303,6 +360,35 @@ impl GenerateParams {
                 ),
             ));
         }
+        let init = match init_image {
+            Some((img, _)) => Some(InitImage {
+                pixels: img.to_tensor(width, height)?,
+                strength: check_strength(self.strength, steps, scheduler, model)?,
+            }),
+            None if self.strength.is_some() => {
+                return Err(Error::invalid(
+                    "strength",
+                    "needs an init image to change (init_image)",
+                ));
+            }
+            None => None,
+        };
+        if let Some(vae_noise) = latents.as_ref().and_then(|l| l.vae_noise.as_ref()) {
+            let want = (model.latent_channels, height / f, width / f);
+            let ok = matches!(vae_noise.dims4(), Ok((n, c, h, w)) if (n == 1 || n == num_images) && (c, h, w) == want);
+            if init.is_none() || !ok {
+                return Err(Error::invalid(
+                    "latents",
+                    format!(
+                        "`vae_noise` {:?} needs an init image and the shape [1 or {num_images}, {}, {}, {}]",
+                        vae_noise.dims(),
+                        want.0,
+                        want.1,
+                        want.2
+                    ),
+                ));
+            }
+        }
         let seed = self.seed.unwrap_or_else(random_seed);
         Ok(GenerateRequest {
             prompt,
@@ -320,8 +406,47 @@ impl GenerateParams {
             seed,
             num_images,
             latents,
+            init,
         })
     }
+}
+
+/// `strength` (default [`DEFAULT_STRENGTH`]) in (0, 1], leaving at least one of
+/// `steps` to run (diffusers refuses the same), on a scheduler whose image to
+/// image this is.
+fn check_strength(
+    strength: Option<f64>,
+    steps: usize,
+    scheduler: SchedulerKind,
+    model: &ModelInfo,
+) -> Result<f64> {
+    let strength = strength.unwrap_or(DEFAULT_STRENGTH);
+    if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
+        return Err(Error::invalid(
+            "strength",
+            format!("{strength} is outside (0, 1]"),
+        ));
+    }
+    if img2img_start(steps, strength).is_none() {
+        return Err(Error::invalid(
+            "strength",
+            format!(
+                "{strength} of {steps} steps runs none (at least 1 / steps = {:.3} is needed)",
+                1.0 / steps as f64
+            ),
+        ));
+    }
+    // LCM's image to image (diffusers' LatentConsistencyModelImg2ImgPipeline)
+    // sets its timesteps from the strength itself: not this pipeline's.
+    let lcm = scheduler == SchedulerKind::Lcm
+        || (scheduler == SchedulerKind::Default && model.default_scheduler == "LCMScheduler");
+    if lcm {
+        return Err(Error::invalid(
+            "scheduler",
+            "image to image with the LCM scheduler is not supported yet; choose another scheduler",
+        ));
+    }
+    Ok(strength)
 }
 
 /// The largest value a micro-conditioning field may hold (SDXL was trained on
@@ -440,6 +565,8 @@ impl GenerateRequest {
             && self.guidance.to_bits() == other.guidance.to_bits()
             && self.latents.is_none()
             && other.latents.is_none()
+            && self.init.is_none()
+            && other.init.is_none()
     }
 
     /// One seed per image: `seed, seed + 1, ...`.

@@ -79,6 +79,7 @@ fn case_request(sd: &StableDiffusion, r: &Reference, case: &Value) -> GenerateRe
     let latents = GivenLatents {
         latents: r.get(&format!("case/{name}/latents")),
         step_noise: r.tensors.get(&format!("case/{name}/noise")).cloned(),
+        vae_noise: None,
     };
     params
         .validate(sd.info(), &Limits::default(), Some(latents))
@@ -271,6 +272,7 @@ fn an_sdxl_lcm_unet_matches_stable_diffusion_xl_pipeline() {
         let latents = GivenLatents {
             latents: r.get(&key("latents")),
             step_noise: r.tensors.get(&key("noise")).cloned(),
+            vae_noise: None,
         };
         let req = params
             .validate(sd.info(), &Limits::default(), Some(latents))

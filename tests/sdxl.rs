@@ -170,10 +170,12 @@ fn case_request(sd: &StableDiffusion, r: &Reference, case: &Value) -> GenerateRe
         scheduler_options: case["overrides"].as_object().cloned(),
         seed: Some(0),
         num_images: case["num_images"].as_u64().map(|v| v as usize),
+        strength: None,
     };
     let latents = GivenLatents {
         latents: r.get(&key("latents")),
         step_noise: r.tensors.get(&key("noise")).cloned(),
+        vae_noise: None,
     };
     params
         .validate(sd.info(), &Limits::default(), Some(latents))

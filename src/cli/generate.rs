@@ -9,7 +9,7 @@ use clap::Args;
 use super::ModelArgs;
 use crate::error::{Error, Result};
 use crate::output::{ImageMetadata, encode_png, read_png_metadata, to_rgb8};
-use crate::request::{GenerateParams, GivenLatents, Limits};
+use crate::request::{GenerateParams, GivenLatents, Inputs, Limits, SourceImage};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -53,8 +53,18 @@ pub struct GenerateArgs {
     /// A safetensors file whose `latents` tensor [n, 4, h/8, w/8] (f32) replaces
     /// the seeded initial noise, like diffusers' `latents=` argument. An optional
     /// `noise` tensor [steps, n, 4, h/8, w/8] replaces ancestral schedulers' noise.
+    /// With --init-image, `latents` is the noise `add_noise` mixes in, and an
+    /// optional `vae_noise` [1 or n, 4, h/8, w/8] the VAE posterior sample's draw.
     #[arg(long)]
     pub latents: Option<PathBuf>,
+    /// Image to image: a PNG, JPEG or WebP picture to start from; the output
+    /// is its size rounded down to a multiple of 8 unless --width/--height say.
+    #[arg(long, value_name = "FILE")]
+    pub init_image: Option<PathBuf>,
+    /// Image to image: how much to change --init-image, in (0, 1]: the share
+    /// of the steps that run [default: 0.8].
+    #[arg(long)]
+    pub strength: Option<f64>,
     /// Take every parameter from a PNG that sdserve wrote (flags given here win).
     #[arg(long)]
     pub from_image: Option<PathBuf>,
@@ -161,9 +171,14 @@ fn load_latents(path: &Path) -> Result<GivenLatents> {
         .get("noise")
         .map(|n| n.to_dtype(DType::F32))
         .transpose()?;
+    let vae_noise = tensors
+        .get("vae_noise")
+        .map(|n| n.to_dtype(DType::F32))
+        .transpose()?;
     Ok(GivenLatents {
         latents: t.to_dtype(DType::F32)?,
         step_noise,
+        vae_noise,
     })
 }
 
@@ -201,6 +216,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
                 scheduler_options: Some(m.scheduler_options),
                 seed: Some(m.seed),
                 num_images: None,
+                strength: None,
             }
         }
         None => GenerateParams::default(),
@@ -217,7 +233,8 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
         guidance,
         scheduler,
         seed,
-        num_images
+        num_images,
+        strength
     );
     args.xl.apply(&mut params);
     if !args.scheduler_option.is_empty() {
@@ -239,6 +256,14 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
         return Err(Error::invalid("prompt", "required (or give --from-image)"));
     }
     let latents = args.latents.as_deref().map(load_latents).transpose()?;
+    let init_image = args
+        .init_image
+        .as_deref()
+        .map(|p| {
+            let img = SourceImage::read(p, "init_image", args.max_pixels)?;
+            Ok::<_, Error>((img, "init_image".to_string()))
+        })
+        .transpose()?;
     // No per-side cap on the command line beyond the area: the caller is the
     // operator, and sizes are checked (and memory bounded) all the same.
     let limits = Limits {
@@ -258,7 +283,11 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
     }
 
     let model = args.model.load()?;
-    let req = params.validate(model.info(), &limits, latents)?;
+    let inputs = Inputs {
+        latents,
+        init_image,
+    };
+    let req = params.validate_with(model.info(), &limits, inputs)?;
     let scheduler = model.scheduler_config().resolve(req.scheduler)?;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(

@@ -36,6 +36,26 @@ pub struct GenerateRequest {
     pub num_images: usize,
     /// Replaces the seeded noise (diffusers parity, reproducing other tools' images).
     pub latents: Option<GivenLatents>,
+    /// Image to image: the picture to start from and how much to change it.
+    pub init: Option<InitImage>,
+}
+
+/// The starting picture of an image-to-image request.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// `[1, 3, height, width]` f32 in [-1, 1], at the request's size
+    /// (diffusers' `VaeImageProcessor.preprocess`).
+    pub pixels: Tensor,
+    /// In (0, 1]: the share of the schedule that runs (diffusers' `strength`).
+    pub strength: f64,
+}
+
+/// diffusers' img2img `get_timesteps`: the index of the first of `steps`
+/// inference steps that runs at `strength`, `steps - min(⌊steps · strength⌋,
+/// steps)` (every scheduler here has `order` 1). `None` when no step would run.
+pub fn img2img_start(steps: usize, strength: f64) -> Option<usize> {
+    let init = ((steps as f64 * strength).floor() as usize).min(steps);
+    (init > 0).then(|| steps - init)
 }
 
 /// A `[height, width]` pair in pixels (diffusers' `(h, w)` tuples), or a crop
@@ -136,11 +156,25 @@ pub struct GivenLatents {
     /// Fresh noise for ancestral schedulers, one `[num_images, c, h, w]` slice per
     /// step along dim 0; seeded noise is used when absent.
     pub step_noise: Option<Tensor>,
+    /// Image to image: the unit-variance draw of each image's VAE posterior
+    /// sample, `[1 or num_images, c, h, w]`; seeded noise is used when absent.
+    pub vae_noise: Option<Tensor>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn img2img_start_is_diffusers_get_timesteps() {
+        assert_eq!(img2img_start(10, 0.6), Some(4));
+        assert_eq!(img2img_start(8, 0.75), Some(2));
+        assert_eq!(img2img_start(6, 0.5), Some(3));
+        assert_eq!(img2img_start(4, 1.0), Some(0));
+        // int(5 * 0.19) = 0: nothing would run
+        assert_eq!(img2img_start(5, 0.19), None);
+        assert_eq!(img2img_start(5, 0.2), Some(4));
+    }
 
     #[test]
     fn time_ids_default_to_the_image_size_and_negatives_need_both_sizes() {

@@ -251,6 +251,7 @@ fn params(obj: &Map<String, Value>) -> Result<GenerateParams, ApiError> {
         scheduler_options: body.scheduler_options,
         seed: body.seed,
         num_images: body.num_images_per_prompt,
+        strength: None,
     })
 }
 

@@ -167,6 +167,7 @@ impl JobRequest {
             scheduler_options: self.scheduler_options.clone(),
             seed: self.seed,
             num_images: self.num_images,
+            strength: None,
         })
     }
 }

@@ -14,7 +14,7 @@ use crate::diffusion::loading::tokenizer::ClipTokenizer;
 use crate::diffusion::loading::weights::WeightFiles;
 use crate::diffusion::models::clip::ClipTextModel;
 use crate::diffusion::models::unet::UNet2DConditionModel;
-use crate::diffusion::models::vae::VaeDecoder;
+use crate::diffusion::models::vae::AutoencoderKL;
 use crate::diffusion::params::GenerateRequest;
 use crate::diffusion::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::error::{Error, Result};
@@ -47,7 +47,7 @@ pub struct StableDiffusion {
     pub(super) info: ModelInfo,
     pub(super) text: TextEncoders,
     pub(super) unet: UNet2DConditionModel,
-    pub(super) vae: VaeDecoder,
+    pub(super) vae: AutoencoderKL,
     /// The dtype the VAE decoder takes.
     pub(super) vae_dtype: DType,
     pub(super) vae_scaling_factor: f64,
@@ -176,8 +176,8 @@ impl Precision {
         )
     }
 
-    /// The VAE decoder and the dtype its inputs take (f32 in the CPU's mixed precision).
-    fn vae(&self, dir: &Path, cfgs: &Configs) -> Result<(VaeDecoder, DType)> {
+    /// The VAE and the dtype its inputs take (f32 in the CPU's mixed precision).
+    fn vae(&self, dir: &Path, cfgs: &Configs) -> Result<(AutoencoderKL, DType)> {
         // diffusers upcasts the VAE to f32 in f16 when `force_upcast` is set: its
         // decoder overflows f16 on real images.
         let dtype = if self.dtype == DType::F16 && cfgs.vae.force_upcast {
@@ -383,8 +383,8 @@ pub fn build_vae(
     cfg: &VaeConfig,
     cfg_path: &Path,
     weights: &Path,
-) -> Result<VaeDecoder> {
-    VaeDecoder::new(vb, cfg, cfg_path).map_err(|e| match e {
+) -> Result<AutoencoderKL> {
+    AutoencoderKL::new(vb, cfg, cfg_path).map_err(|e| match e {
         Error::Candle(e) => Error::model_file(weights, e),
         other => other,
     })

@@ -5,7 +5,8 @@
 //! denoising loop every task shares ([`denoise`], with [`StepHooks`] for what
 //! a task adds), and one file per
 //! task over them ([`txt2img`]: diffusers' `StableDiffusionPipeline.__call__`
-//! and `StableDiffusionXLPipeline.__call__`), plus what the model accepts ([`info`]).
+//! and `StableDiffusionXLPipeline.__call__`; [`img2img`]: their image-to-image
+//! pipelines), plus what the model accepts ([`info`]).
 //!
 //! Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
 //! Models"; classifier-free guidance after Ho & Salimans 2022. Components load
@@ -15,6 +16,7 @@ mod clip_text;
 mod components;
 mod configs;
 mod denoise;
+mod img2img;
 mod info;
 mod lcm;
 mod sdxl;
@@ -82,6 +84,8 @@ pub struct Timings {
     pub text_encoder: f64,
     pub denoise: f64,
     pub steps: usize,
+    /// Image to image: encoding the init image.
+    pub vae_encode: f64,
     pub vae_decode: f64,
 }
 

@@ -2,7 +2,8 @@
 //! (`pipelines/stable_diffusion/pipeline_stable_diffusion.py`) and
 //! `StableDiffusionXLPipeline.__call__`, which differ only in what the prompt
 //! encodes to ([`super::TextEncoders`]): encode the prompts, draw the seeded
-//! noise, run the shared denoising loop, decode.
+//! noise, run the shared denoising loop, decode. A request with an init image
+//! goes to [`super::img2img`] instead.
 
 use std::time::Instant;
 
@@ -43,28 +44,15 @@ impl StableDiffusion {
                     .into(),
             ));
         }
+        if let Some(init) = &first.init {
+            // Edits never batch (`batches_with`): one request, its own image.
+            return Ok(vec![self.img2img(first, init, progress)?]);
+        }
         let mut timings = Timings::default();
         // The loop decides the same way (`run_denoise`): rows and passes agree.
         let guided = self.info.runs_cfg(first.guidance);
         let t0 = Instant::now();
-        let per_request = reqs
-            .iter()
-            .map(|r| self.conditioning(r, guided))
-            .collect::<Result<Vec<_>>>()?;
-        let conditioning = if per_request.len() == 1 {
-            per_request.into_iter().next().expect("one request")
-        } else if guided {
-            // [uncond of every request..., cond of every request...], as denoise expects.
-            let half = |second: bool| {
-                reqs.iter()
-                    .zip(&per_request)
-                    .map(move |(r, c)| c.rows(if second { r.num_images } else { 0 }, r.num_images))
-            };
-            let rows = half(false).chain(half(true)).collect::<Result<Vec<_>>>()?;
-            Conditioning::cat(&rows)?
-        } else {
-            Conditioning::cat(&per_request)?
-        };
+        let conditioning = self.batch_conditioning(reqs, guided)?;
         timings.text_encoder = t0.elapsed().as_secs_f64();
 
         let seeds: Vec<u64> = reqs.iter().flat_map(|r| r.seeds()).collect();
@@ -79,21 +67,11 @@ impl StableDiffusion {
                 &Device::Cpu,
             )?,
         };
-        let mut replay;
-        let noise: &mut dyn NoiseSource =
-            match first.latents.as_ref().and_then(|g| g.step_noise.as_ref()) {
-                Some(steps) => {
-                    replay = ReplayNoise::new(
-                        steps
-                            .chunk(steps.dim(0)?, 0)?
-                            .into_iter()
-                            .map(|t| t.squeeze(0))
-                            .collect::<candle_core::Result<Vec<_>>>()?,
-                    );
-                    &mut replay
-                }
-                None => &mut seeded,
-            };
+        let mut replay = replay_noise(first)?;
+        let noise: &mut dyn NoiseSource = match &mut replay {
+            Some(r) => r,
+            None => &mut seeded,
+        };
         let mut scheduler =
             self.scheduler(first.scheduler, &first.scheduler_options, first.steps)?;
         timings.steps = scheduler.timesteps().len();
@@ -110,16 +88,64 @@ impl StableDiffusion {
         let t2 = Instant::now();
         let images = self.decode(&latents)?;
         timings.vae_decode = t2.elapsed().as_secs_f64();
-        let mut offset = 0;
-        let mut out = Vec::with_capacity(reqs.len());
-        for r in reqs {
-            out.push(Generated {
-                images: images.narrow(0, offset, r.num_images)?,
-                seeds: r.seeds(),
-                timings: timings.clone(),
-            });
-            offset += r.num_images;
-        }
-        Ok(out)
+        split_results(reqs, &images, &timings)
     }
+
+    /// Every request's conditioning as one UNet batch: under guidance
+    /// `[uncond of every request..., cond of every request...]`, as the loop expects.
+    pub(super) fn batch_conditioning(
+        &self,
+        reqs: &[&GenerateRequest],
+        guided: bool,
+    ) -> Result<Conditioning> {
+        let per_request = reqs
+            .iter()
+            .map(|r| self.conditioning(r, guided))
+            .collect::<Result<Vec<_>>>()?;
+        if per_request.len() == 1 {
+            return Ok(per_request.into_iter().next().expect("one request"));
+        }
+        if !guided {
+            return Conditioning::cat(&per_request);
+        }
+        let half = |second: bool| {
+            reqs.iter()
+                .zip(&per_request)
+                .map(move |(r, c)| c.rows(if second { r.num_images } else { 0 }, r.num_images))
+        };
+        let rows = half(false).chain(half(true)).collect::<Result<Vec<_>>>()?;
+        Conditioning::cat(&rows)
+    }
+}
+
+/// The per-step noise a request brought (`--latents`' `noise`), to replay.
+pub(super) fn replay_noise(req: &GenerateRequest) -> Result<Option<ReplayNoise>> {
+    let Some(steps) = req.latents.as_ref().and_then(|g| g.step_noise.as_ref()) else {
+        return Ok(None);
+    };
+    let slices = steps
+        .chunk(steps.dim(0)?, 0)?
+        .into_iter()
+        .map(|t| t.squeeze(0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Some(ReplayNoise::new(slices)))
+}
+
+/// One result per request from the batch's `images`, in order.
+pub(super) fn split_results(
+    reqs: &[&GenerateRequest],
+    images: &candle_core::Tensor,
+    timings: &Timings,
+) -> Result<Vec<Generated>> {
+    let mut offset = 0;
+    let mut out = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        out.push(Generated {
+            images: images.narrow(0, offset, r.num_images)?,
+            seeds: r.seeds(),
+            timings: timings.clone(),
+        });
+        offset += r.num_images;
+    }
+    Ok(out)
 }

@@ -7,42 +7,17 @@
 //! `resnet.py::ResnetBlock2D` (no time embedding), `upsampling.py::Upsample2D`
 //! and `attention_processor.py::AttnProcessor2_0`.
 //!
-//! Text-to-image only decodes, so the encoder is not loaded (a third of the
-//! VAE's weights). The blocks are the UNet's ([`crate::diffusion::layers`]): resnets
-//! without a time embedding, spatial self-attention, `Upsample2D`.
-
-use std::path::Path;
+//! The blocks are the UNet's ([`crate::diffusion::layers`]): resnets without a
+//! time embedding, spatial self-attention, `Upsample2D`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
+use super::blocks::{EPS, MidBlock, conv3, resnet};
 use crate::diffusion::layers::conv::{Conv2d, conv2d};
 use crate::diffusion::layers::norm::{GroupNorm, group_norm};
-use crate::diffusion::layers::resnet::{ResnetBlock2D, ResnetConfig, Upsample2D};
-use crate::diffusion::layers::transformer::SpatialSelfAttention;
-use crate::diffusion::loading::config::{VaeConfig, require, require_groups_divide};
-
-/// diffusers builds every VAE norm with eps 1e-6.
-const EPS: f64 = 1e-6;
-
-fn conv3(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    conv2d(c_in, c_out, 3, cfg, vb)
-}
-
-/// `ResnetBlock2D(temb_channels=None)` with the VAE's groups and eps.
-fn resnet(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<ResnetBlock2D> {
-    let cfg = ResnetConfig {
-        groups,
-        eps: EPS,
-        temb_channels: None,
-        output_scale_factor: 1.0,
-    };
-    ResnetBlock2D::new(vb, c_in, c_out, &cfg)
-}
+use crate::diffusion::layers::resnet::{ResnetBlock2D, Upsample2D};
+use crate::diffusion::loading::config::VaeConfig;
 
 /// `UpDecoderBlock2D`: resnets, then (except the last block) `Upsample2D`.
 #[derive(Debug)]
@@ -69,46 +44,16 @@ impl UpBlock {
 pub struct VaeDecoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnets: [ResnetBlock2D; 2],
-    mid_attention: Option<SpatialSelfAttention>,
+    mid: MidBlock,
     up_blocks: Vec<UpBlock>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
 }
 
 impl VaeDecoder {
-    /// Builds the decoder described by `vae/config.json` (`cfg`, read from `path`)
-    /// from `vb`, the VAE's weights.
-    pub fn new(vb: VarBuilder, cfg: &VaeConfig, path: &Path) -> crate::Result<Self> {
-        let n = cfg.block_out_channels.len();
-        require(path, n > 0, "block_out_channels", "empty")?;
-        require(path, cfg.act_fn == "silu", "act_fn", &cfg.act_fn)?;
-        require(
-            path,
-            cfg.out_channels == 3,
-            "out_channels",
-            "only RGB (3) is supported",
-        )?;
-        require(
-            path,
-            cfg.up_block_types.len() == n
-                && cfg.up_block_types.iter().all(|t| t == "UpDecoderBlock2D"),
-            "up_block_types",
-            "expected UpDecoderBlock2D per block",
-        )?;
-        // SD3/Flux-style VAEs shift latents before scaling; SD 1.x/2.x do not.
-        require(
-            path,
-            cfg.shift_factor.is_none_or(|f| f == 0.0),
-            "shift_factor",
-            format!("{:?}", cfg.shift_factor),
-        )?;
-        let groups = cfg.norm_num_groups;
-        require_groups_divide(path, groups, &cfg.block_out_channels)?;
-        Ok(Self::build(vb, cfg)?)
-    }
-
-    fn build(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+    /// Builds the decoder from `vb`, the VAE's weights, for a config
+    /// [`super::AutoencoderKL::new`] has checked.
+    pub(super) fn build(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
         let groups = cfg.norm_num_groups;
         let latent = cfg.latent_channels;
         let top = *cfg.block_out_channels.last().expect("checked non-empty");
@@ -124,21 +69,6 @@ impl VaeDecoder {
             None
         };
         let vb = vb.pp("decoder");
-        let mid = vb.pp("mid_block");
-        let mid_resnets = [
-            resnet(mid.pp("resnets.0"), top, top, groups)?,
-            resnet(mid.pp("resnets.1"), top, top, groups)?,
-        ];
-        let mid_attention = if cfg.mid_block_add_attention {
-            Some(SpatialSelfAttention::new(
-                mid.pp("attentions.0"),
-                top,
-                groups,
-                EPS,
-            )?)
-        } else {
-            None
-        };
         let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(reversed.len());
         let mut prev = reversed[0];
@@ -162,8 +92,7 @@ impl VaeDecoder {
         Ok(Self {
             post_quant_conv,
             conv_in: conv3(latent, top, vb.pp("conv_in"))?,
-            mid_resnets,
-            mid_attention,
+            mid: MidBlock::new(vb.pp("mid_block"), top, cfg)?,
             up_blocks,
             norm_out: group_norm(groups, first, EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv3(first, cfg.out_channels, vb.pp("conv_out"))?,
@@ -177,11 +106,7 @@ impl VaeDecoder {
             None => z.clone(),
         };
         xs = self.conv_in.forward(&xs)?;
-        xs = self.mid_resnets[0].forward(&xs, None)?;
-        if let Some(a) = &self.mid_attention {
-            xs = a.forward(&xs)?;
-        }
-        xs = self.mid_resnets[1].forward(&xs, None)?;
+        xs = self.mid.forward(&xs)?;
         for b in &self.up_blocks {
             xs = b.forward(&xs)?;
         }

@@ -1,0 +1,317 @@
+//! Image to image against diffusers on tiny-sd1 (`tools/make_edit_fixtures.py`):
+//! the input picture read as `VaeImageProcessor.preprocess` makes it, the VAE
+//! encoder's posterior and a round trip, and every
+//! `StableDiffusionImg2ImgPipeline.__call__` case (five schedulers, strengths
+//! 0.5-1, with and without guidance) step by step through validation and
+//! `generate`, and through `sdserve generate --init-image`. Every random draw
+//! diffusers made is injected. Tolerances: 50 × the f32-vs-f64 drift diffusers
+//! itself shows, as in `tests/parity.rs`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{DRIFT_FACTOR, Reference, max_abs, max_abs_diff};
+use sdserve::request::{
+    GenerateParams, GenerateRequest, GivenLatents, Inputs, Limits, SourceImage,
+};
+use serde_json::Value;
+
+fn input_png(r: &Reference) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(r.json["input"].as_str().unwrap())
+}
+
+fn picture(r: &Reference) -> SourceImage {
+    SourceImage::read(&input_png(r), "init_image", 1 << 20).unwrap()
+}
+
+#[test]
+fn the_vae_encodes_as_diffusers_does() {
+    let r = Reference::load("img2img");
+    let sd = common::model("tiny-sd1");
+    // The picture as VaeImageProcessor.preprocess hands it to the VAE, exactly.
+    let img = picture(&r);
+    let pixels = img.to_tensor(img.width(), img.height()).unwrap();
+    assert_eq!(max_abs_diff(&pixels, &r.get("vae/image")), 0.0);
+
+    let post = sd.encode_image(&pixels).unwrap();
+    for (key, got) in [("mean", &post.mean), ("logvar", &post.logvar)] {
+        let want = r.get(&format!("vae/{key}"));
+        let d = max_abs_diff(got, &want);
+        let tol = r.tolerance(&format!("vae/{key}"), max_abs(&want));
+        assert!(d <= tol, "posterior {key} differs by {d} (tolerance {tol})");
+    }
+    let want = r.get("vae/sample");
+    let d = max_abs_diff(&post.sample(&r.get("vae/noise")).unwrap(), &want);
+    let tol = r.tolerance("vae/sample", max_abs(&want));
+    assert!(
+        d <= tol,
+        "posterior sample differs by {d} (tolerance {tol})"
+    );
+
+    let want = r.get("vae/roundtrip");
+    let d = max_abs_diff(&sd.decode_raw(post.mode()).unwrap(), &want);
+    let tol = r.tolerance("vae/roundtrip", max_abs(&want));
+    assert!(d <= tol, "round trip differs by {d} (tolerance {tol})");
+}
+
+fn case_params(case: &Value) -> GenerateParams {
+    let scheduler = case["scheduler"].as_str().unwrap();
+    GenerateParams {
+        prompt: case["prompt"].as_str().map(str::to_string),
+        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
+        steps: case["num_inference_steps"].as_u64().map(|v| v as usize),
+        guidance: case["guidance_scale"].as_f64(),
+        scheduler: (scheduler != "default").then(|| scheduler.to_string()),
+        strength: case["strength"].as_f64(),
+        seed: Some(0),
+        ..Default::default()
+    }
+}
+
+fn case_request(r: &Reference, case: &Value) -> GenerateRequest {
+    let name = case["name"].as_str().unwrap();
+    let key = |k: &str| format!("case/{name}/{k}");
+    let inputs = Inputs {
+        latents: Some(GivenLatents {
+            latents: r.get(&key("latents")),
+            step_noise: r.tensors.get(&key("noise")).cloned(),
+            vae_noise: Some(r.get(&key("vae_noise"))),
+        }),
+        init_image: Some((picture(r), "init_image".into())),
+    };
+    let sd = common::model("tiny-sd1");
+    case_params(case)
+        .validate_with(sd.info(), &Limits::default(), inputs)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn every_case_matches_diffusers_step_by_step() {
+    let r = Reference::load("img2img");
+    let sd = common::model("tiny-sd1");
+    let cases = r.json["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    let (step_tol, image_tol) = (
+        DRIFT_FACTOR * r.case_drift("step_latents"),
+        DRIFT_FACTOR * r.case_drift("image"),
+    );
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let key = |k: &str| format!("case/{name}/{k}");
+        let req = case_request(&r, case);
+        assert_eq!(
+            (req.width, req.height),
+            (96, 96),
+            "{name}: the picture's size"
+        );
+        assert_eq!(
+            req.guided,
+            case["do_classifier_free_guidance"].as_bool().unwrap()
+        );
+        // The kept timesteps are diffusers' (get_timesteps: from `start` on).
+        let scheduler = sd
+            .scheduler(req.scheduler, &req.scheduler_options, req.steps)
+            .unwrap();
+        assert_eq!(
+            scheduler.class_name(),
+            case["scheduler_class"].as_str().unwrap()
+        );
+        let start = case["start"].as_u64().unwrap() as usize;
+        let kept: Vec<f64> = case["timesteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_f64().unwrap())
+            .collect();
+        assert_eq!(&scheduler.timesteps()[start..], kept.as_slice(), "{name}");
+
+        let (image, worst, steps_seen) =
+            common::generate_against(&sd, &req, &r.get(&key("step_latents")));
+        assert_eq!(steps_seen, kept.len(), "{name}: steps run");
+        eprintln!("img2img/{name}: worst step latent diff {worst:.3e} (tolerance {step_tol:.3e})");
+        assert!(worst <= step_tol, "{name}: step latents differ by {worst}");
+        let d = max_abs_diff(&image, &r.get(&key("image")));
+        eprintln!("img2img/{name}: image diff {d:.3e} (tolerance {image_tol:.3e})");
+        assert!(d <= image_tol, "{name}: image differs by {d}");
+    }
+}
+
+#[test]
+fn the_init_image_and_strength_reach_the_result() {
+    let r = Reference::load("img2img");
+    let sd = common::model("tiny-sd1");
+    let case = &r.json["cases"][1]; // ddim, strength 0.6
+    let base = case_request(&r, case);
+    let run = |req: &GenerateRequest| sd.generate(req, &mut |_| true).unwrap().images;
+    let first = run(&base);
+    // A different picture: a different result from the same draws.
+    let mut flipped = base.clone();
+    let init = flipped.init.as_mut().unwrap();
+    init.pixels = init.pixels.flip(&[3]).unwrap();
+    let d = max_abs_diff(&first, &run(&flipped));
+    assert!(d > 0.05, "the init image changed nothing ({d})");
+    // A lower strength keeps more of the picture: fewer steps, closer to it.
+    let mut params = case_params(case);
+    params.strength = Some(0.3);
+    let inputs = Inputs {
+        latents: base.latents.clone(),
+        init_image: Some((picture(&r), "init_image".into())),
+    };
+    let low = params
+        .validate_with(sd.info(), &Limits::default(), inputs)
+        .unwrap();
+    let mut steps = 0;
+    let out = sd
+        .generate(&low, &mut |p| {
+            steps = p.total;
+            true
+        })
+        .unwrap();
+    assert_eq!(steps, 3, "int(10 * 0.3) steps");
+    // Against the picture as this (random-weight) VAE reproduces it, by mean
+    // distance (the tiny model's images saturate, so the largest is 1 either way).
+    let roundtrip = ((r.get("vae/roundtrip") / 2.0).unwrap() + 0.5)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap();
+    let mean_dist = |a: &candle_core::Tensor| {
+        (a - &roundtrip)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (far, near) = (mean_dist(&first), mean_dist(&out.images));
+    assert!(
+        near < far,
+        "strength 0.3 ({near}) not closer than 0.6 ({far})"
+    );
+}
+
+#[test]
+fn bad_edit_requests_name_the_field() {
+    let r = Reference::load("img2img");
+    let sd = common::model("tiny-sd1");
+    let check = |params: GenerateParams, image: bool, field: &str, words: &str| {
+        let inputs = Inputs {
+            latents: None,
+            init_image: image.then(|| (picture(&r), "init_image".into())),
+        };
+        match params.validate_with(sd.info(), &Limits::default(), inputs) {
+            Err(sdserve::Error::InvalidRequest { field: f, message }) => {
+                assert_eq!(f, field, "{message}");
+                assert!(message.contains(words), "{message}");
+            }
+            other => panic!("{field}: {other:?}"),
+        }
+    };
+    let p = |strength: Option<f64>, steps: usize, scheduler: Option<&str>| GenerateParams {
+        prompt: Some("x".into()),
+        strength,
+        steps: Some(steps),
+        scheduler: scheduler.map(str::to_string),
+        ..Default::default()
+    };
+    check(p(Some(0.0), 10, None), true, "strength", "outside (0, 1]");
+    check(p(Some(1.5), 10, None), true, "strength", "outside (0, 1]");
+    check(p(Some(f64::NAN), 10, None), true, "strength", "outside");
+    check(p(Some(0.1), 5, None), true, "strength", "runs none");
+    check(p(Some(0.5), 10, None), false, "strength", "init image");
+    check(p(Some(0.5), 4, Some("lcm")), true, "scheduler", "LCM");
+    // A picture smaller than the VAE's factor has no size to default to.
+    let tiny = SourceImage {
+        rgb: image::RgbImage::new(5, 40),
+    };
+    let inputs = Inputs {
+        latents: None,
+        init_image: Some((tiny, "init_image".into())),
+    };
+    let err = p(None, 10, None)
+        .validate_with(sd.info(), &Limits::default(), inputs)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("init_image") && err.contains("5x40"), "{err}");
+}
+
+fn sdserve() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sdserve"))
+}
+
+/// `sdserve generate --init-image --strength --latents` reproduces diffusers'
+/// images within one 8-bit level, and bad inputs fail naming the flag.
+#[test]
+fn the_cli_edits_an_image_as_diffusers_does() {
+    let r = Reference::load("img2img");
+    let dir = tempfile::tempdir().unwrap();
+    for i in [2, 3] {
+        // euler at strength 1, euler_a (with its step noise) at 0.5
+        let case = &r.json["cases"][i];
+        let name = case["name"].as_str().unwrap();
+        let latents = dir.path().join(format!("{name}.safetensors"));
+        let mut tensors = std::collections::HashMap::new();
+        for (k, file_key) in [
+            ("latents", "latents"),
+            ("vae_noise", "vae_noise"),
+            ("noise", "noise"),
+        ] {
+            if let Some(t) = r.tensors.get(&format!("case/{name}/{file_key}")) {
+                tensors.insert(k.to_string(), t.clone());
+            }
+        }
+        candle_core::safetensors::save(&tensors, &latents).unwrap();
+        let out = dir.path().join(format!("{name}.png"));
+        let status = sdserve()
+            .args(["generate", "--model"])
+            .arg(common::model_dir("tiny-sd1"))
+            .args(["--prompt", case["prompt"].as_str().unwrap()])
+            .args([
+                "--negative-prompt",
+                case["negative_prompt"].as_str().unwrap(),
+            ])
+            .args(["--scheduler", case["scheduler"].as_str().unwrap()])
+            .args(["--steps", &case["num_inference_steps"].to_string()])
+            .args(["--guidance", &case["guidance_scale"].to_string()])
+            .args(["--strength", &case["strength"].to_string()])
+            .arg("--init-image")
+            .arg(input_png(&r))
+            .arg("--latents")
+            .arg(&latents)
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{name}");
+        let got = common::png_levels(&out);
+        let d = max_abs_diff(&got, &r.image_levels(name, 0));
+        assert!(
+            d <= 1.0,
+            "{name}: PNG differs from diffusers' by {d} levels"
+        );
+    }
+
+    let missing = dir.path().join("nope.png");
+    let garbage = dir.path().join("garbage.png");
+    std::fs::write(&garbage, b"definitely not a picture").unwrap();
+    for (file, want) in [(&missing, "nope.png"), (&garbage, "unknown format")] {
+        let out = sdserve()
+            .args(["generate", "--model"])
+            .arg(common::model_dir("tiny-sd1"))
+            .args(["--prompt", "x", "--init-image"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("init_image") || err.contains("init-image"),
+            "{err}"
+        );
+        assert!(err.contains(want), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
