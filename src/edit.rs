@@ -65,6 +65,46 @@ impl SourceImage {
         Ok(Self { rgb: img.to_rgb8() })
     }
 
+    /// Decodes an image sent as text: base64 (standard alphabet, padding
+    /// optional, whitespace ignored) or a `data:image/...;base64,` URL.
+    pub fn from_base64(text: &str, field: &str, max_pixels: usize) -> Result<Self> {
+        use base64::Engine as _;
+        let payload = match text.trim_start().strip_prefix("data:") {
+            Some(rest) => {
+                let (meta, data) = rest.split_once(',').ok_or_else(|| {
+                    Error::invalid(field, "a data: URL needs a comma before its data")
+                })?;
+                if !meta.ends_with(";base64") {
+                    return Err(Error::invalid(
+                        field,
+                        "a data: URL must be base64 (;base64,)",
+                    ));
+                }
+                data
+            }
+            None => text,
+        };
+        let compact: String = payload
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect();
+        let engine = base64::engine::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        );
+        if compact.len() / 4 * 3 > MAX_IMAGE_BYTES {
+            return Err(Error::invalid(
+                field,
+                format!("over the limit of {MAX_IMAGE_BYTES} bytes"),
+            ));
+        }
+        let bytes = engine
+            .decode(compact.as_bytes())
+            .map_err(|e| Error::invalid(field, format!("not base64: {e}")))?;
+        Self::decode(&bytes, field, max_pixels)
+    }
+
     /// Reads an image file (the CLI's `--init-image`); errors name `flag` and the path.
     pub fn read(path: &std::path::Path, flag: &str, max_pixels: usize) -> Result<Self> {
         let bytes = std::fs::read(path)
@@ -152,6 +192,31 @@ mod tests {
             (16, 8)
         );
         assert_eq!(img.to_tensor(32, 16).unwrap().dims(), [1, 3, 16, 32]);
+    }
+
+    #[test]
+    fn base64_and_data_urls_decode_alike() {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(png(8, 4));
+        let plain = SourceImage::from_base64(&b64, "image", 1 << 20).unwrap();
+        let url = format!("data:image/png;base64,{b64}");
+        assert_eq!(
+            SourceImage::from_base64(&url, "image", 1 << 20).unwrap(),
+            plain
+        );
+        let unpadded = b64.trim_end_matches('=');
+        assert_eq!(
+            SourceImage::from_base64(unpadded, "image", 1 << 20).unwrap(),
+            plain
+        );
+        for (text, want) in [
+            ("%%%", "not base64"),
+            ("data:image/png,abc", "must be base64"),
+            ("data:image/png;base64", "comma"),
+        ] {
+            let err = SourceImage::from_base64(text, "image", 1 << 20).unwrap_err();
+            assert!(err.to_string().contains(want), "{err}");
+        }
     }
 
     #[test]

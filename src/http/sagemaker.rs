@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 use super::{ApiError, AppState, Bodies, body_object, ready_model};
 use crate::engine::JobStatus;
 use crate::output::{ImageMetadata, encode_png, to_rgb8};
-use crate::request::GenerateParams;
+use crate::request::{GenerateParams, Inputs, SourceImage};
 
 /// SageMaker real-time inference refuses responses over 6 MB.
 pub const MAX_RESPONSE_BYTES: usize = 6_000_000;
@@ -55,6 +55,8 @@ pub(crate) const FIELDS: &[(&str, &str)] = &[
     ("num_images_per_prompt", "num_images"),
     ("scheduler", "scheduler"),
     ("scheduler_options", "scheduler_options"),
+    ("image", "init_image"),
+    ("strength", "strength"),
 ];
 
 /// Names a request field as this route's callers spell it.
@@ -146,7 +148,8 @@ fn custom_attributes(headers: &HeaderMap) -> Map<String, Value> {
     for pair in raw.split(';') {
         if let Some((k, v)) = pair.split_once('=') {
             let (k, v) = (k.trim(), v.trim());
-            if FIELDS.iter().any(|(name, _)| *name == k) {
+            // An image does not fit a header.
+            if k != "image" && FIELDS.iter().any(|(name, _)| *name == k) {
                 let value =
                     serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
                 out.insert(k.to_string(), value);
@@ -164,6 +167,7 @@ fn custom_attributes(headers: &HeaderMap) -> Map<String, Value> {
 // Unknown fields are refused by name in `params` before this parses (serde's
 // `deny_unknown_fields` can't be combined with the flattened fields).
 #[derive(Debug, Default, serde::Deserialize, schemars::JsonSchema)]
+#[schemars(extend("dependentSchemas" = {"strength": {"required": ["image"], "properties": {"image": {"type": "string"}}}}))]
 pub struct Invocation {
     /// The prompt; no NUL.
     #[schemars(required, with = "String", pattern(crate::fields::NO_NUL))]
@@ -205,6 +209,16 @@ pub struct Invocation {
     /// Scheduler config overrides, as diffusers' `from_config(config, **options)`.
     #[serde(default, deserialize_with = "crate::fields::integer::options")]
     pub scheduler_options: Option<Map<String, Value>>,
+    /// Image to image: the picture to start from, base64 (PNG, JPEG or WebP;
+    /// a `data:` URL too). The output is its size rounded down to a multiple
+    /// of 8 unless `width` / `height` say.
+    #[schemars(extend("contentEncoding" = "base64"))]
+    pub image: Option<String>,
+    /// Image to image: how much of `image` to change, in (0, 1] (default 0.8);
+    /// needs `image`, and at least one step to run (`strength` ×
+    /// `num_inference_steps` ≥ 1).
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
+    pub strength: Option<f64>,
     /// DDIM's `eta`, which JumpStart clients send: only the deterministic 0 is implemented.
     #[schemars(extend("enum" = [0, null]))]
     pub eta: Option<f64>,
@@ -251,7 +265,7 @@ fn params(obj: &Map<String, Value>) -> Result<GenerateParams, ApiError> {
         scheduler_options: body.scheduler_options,
         seed: body.seed,
         num_images: body.num_images_per_prompt,
-        strength: None,
+        strength: body.strength,
     })
 }
 
@@ -302,8 +316,26 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
     let reply = negotiate(headers)?;
     let mut obj = body_object(headers, body, Bodies::JsonOrText)?;
     obj.extend(custom_attributes(headers));
+    let init_image = match obj.get("image") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => {
+            let img = SourceImage::from_base64(text, "init_image", state.limits.max_pixels)
+                .map_err(|e| ApiError::from_error(e, caller_name))?;
+            Some((img, "init_image".to_string()))
+        }
+        Some(_) => {
+            return Err(ApiError::BadRequest {
+                field: "image".into(),
+                message: "expected a base64 string".into(),
+            });
+        }
+    };
+    let inputs = Inputs {
+        latents: None,
+        init_image,
+    };
     let request = params(&obj)?
-        .validate(&info, &state.limits, None)
+        .validate_with(&info, &state.limits, inputs)
         .map_err(|e| ApiError::from_error(e, caller_name))?;
     if matches!(reply, Reply::Image(_)) && request.num_images > 1 {
         return Err(ApiError::BadRequest {
