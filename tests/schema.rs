@@ -87,7 +87,8 @@ fn schemathesis() -> Command {
 /// schema states: it still fails the run, as does every other rejection.
 /// Image to image adds two things a schema can't say: whether an `image`
 /// string decodes to a picture (a 400 naming `image` is let pass when the body
-/// sent one), and whether a `strength` leaves a step to run with the steps
+/// sent one; `init_image` likewise, which may also name an earlier result that
+/// does not exist), and whether a `strength` leaves a step to run with the steps
 /// asked for (a 400 naming `strength` that says it "runs none").
 const HOOKS: &str = r#"
 import re
@@ -106,6 +107,8 @@ def filter_failure(context, failure, case, response):
         return True
     if isinstance(case.body, dict):
         if field == "image" and isinstance(case.body.get("image"), str):
+            return False
+        if field == "init_image" and case.body.get("init_image") is not None:
             return False
         if field == "strength" and "runs none" in message:
             return False

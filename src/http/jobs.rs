@@ -42,6 +42,8 @@ pub const FIELDS: &[&str] = &[
     "scheduler",
     "num_images",
     "scheduler_options",
+    "init_image",
+    "strength",
 ];
 
 /// Parses the body, naming the first unknown or mistyped field.

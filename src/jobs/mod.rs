@@ -23,10 +23,10 @@ use crate::diffusion::pipelines::SamplingDefaults;
 use crate::engine::{Engine, EngineState, JobStatus, SubmitError, Ticket};
 use crate::error::{Error, Result};
 use crate::output::{encode_png, to_rgb8};
-use crate::request::{GenerateRequest, Limits};
+use crate::request::{GenerateRequest, Limits, SourceImage};
 use crate::storage::Storage;
 pub use error::JobError;
-pub use record::{JobRecord, JobRequest, JobState, JobTimings, MAX_ATTEMPTS};
+pub use record::{ImageSource, JobRecord, JobRequest, JobState, JobTimings, MAX_ATTEMPTS};
 
 /// Longest pause between two tries of a storage write that must happen.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -204,9 +204,22 @@ impl Jobs {
             return Err(JobError::NotReady("the server is shutting down".into()));
         }
         let info = self.inner.engine.ready_info().map_err(JobError::NotReady)?;
+        let image_id = uuid::Uuid::new_v4().to_string();
+        let source = match &request.init_image {
+            Some(src) => Some(self.fetch_image(src).await?),
+            None => None,
+        };
         let validated: GenerateRequest = request
-            .validate(&info, &self.inner.limits)
+            .validate_with_image(&info, &self.inner.limits, source.clone())
             .map_err(JobError::invalid)?;
+        // The input is kept beside the record, which names it, not in it.
+        let input = match &source {
+            Some(img) => Some((
+                JobRecord::input_key(&image_id),
+                crate::output::encode_png(&img.rgb, None).map_err(JobError::invalid)?,
+            )),
+            None => None,
+        };
         let resolved = JobRequest {
             style: Some(
                 request
@@ -220,6 +233,8 @@ impl Jobs {
             seed: Some(validated.seed),
             scheduler: Some(validated.scheduler.name().to_string()),
             num_images: Some(validated.num_images),
+            strength: validated.init.as_ref().map(|i| i.strength),
+            init_image: None,
             ..request
         };
         let ticket = self
@@ -233,8 +248,15 @@ impl Jobs {
                 },
                 SubmitError::ShuttingDown => JobError::NotReady(e.to_string()),
             })?;
+        if let Some((key, png)) = &input
+            && let Err(e) = self.inner.storage.put(key, png.clone()).await
+        {
+            ticket.cancel();
+            tracing::warn!("storing a job's input image failed: {e}");
+            return Err(JobError::storage_unavailable());
+        }
         let record = JobRecord {
-            image_id: uuid::Uuid::new_v4().to_string(),
+            image_id,
             status: JobState::Queued,
             created_at: Utc::now(),
             started_at: None,
@@ -246,6 +268,7 @@ impl Jobs {
             timings: None,
             attempts: 0,
             heartbeat_at: None,
+            init_image: input.map(|(key, _)| key),
         };
         if let Err(e) = self.write(&record).await {
             // Not stored, so not accepted: nothing may run that nobody can find.
@@ -254,6 +277,40 @@ impl Jobs {
             return Err(JobError::storage_unavailable());
         }
         Ok(self.watch(record, ticket, false))
+    }
+
+    /// An edit's input picture: decoded from the request, or read from an
+    /// earlier job's stored result. Errors name `init_image`.
+    async fn fetch_image(&self, src: &ImageSource) -> Result<SourceImage, JobError> {
+        let max = self.inner.limits.max_pixels;
+        let bad = |msg: String| JobError::invalid(Error::invalid("init_image", msg));
+        let (image_id, index) = match src {
+            ImageSource::Encoded(text) => {
+                return SourceImage::from_base64(text, "init_image", max)
+                    .map_err(JobError::invalid);
+            }
+            ImageSource::Result { image_id, index } => (image_id, *index),
+        };
+        let record = if valid_id(image_id) {
+            self.stored_record(image_id).await
+        } else {
+            None
+        };
+        let Some(record) = record else {
+            return Err(bad(format!("no image with id {image_id:?}")));
+        };
+        let Some(key) = record.images.get(index) else {
+            return Err(bad(format!(
+                "image {image_id} has {} result(s); index {index} is not one",
+                record.images.len()
+            )));
+        };
+        let bytes = self.inner.storage.get(key).await.map_err(|e| {
+            tracing::warn!(image_id, "reading an edit's input image failed: {e}");
+            JobError::storage_unavailable()
+        })?;
+        let bytes = bytes.ok_or_else(|| bad(format!("image {image_id} {index} is gone")))?;
+        SourceImage::decode(&bytes, "init_image", max).map_err(JobError::invalid)
     }
 
     /// Registers a queued job and spawns the task that follows it through the

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::diffusion::pipelines::ModelInfo;
 use crate::error::{Error, Result};
-use crate::request::{GenerateParams, GenerateRequest, Limits, MicroConditioning, check_text};
+use crate::request::{
+    GenerateParams, GenerateRequest, Inputs, Limits, MicroConditioning, SourceImage, check_text,
+};
 use crate::styles;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +39,7 @@ impl JobState {
 // (serde's `deny_unknown_fields` can't be combined with the flattened fields).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[schemars(rename = "GenerateRequest")]
+#[schemars(extend("dependentSchemas" = {"strength": {"required": ["init_image"], "properties": {"init_image": {"not": {"type": "null"}}}}}))]
 pub struct JobRequest {
     /// The prompt (`prompt` is accepted instead): not blank, no NUL.
     // Not `default`: schemars then lists it as required (serde still takes
@@ -86,6 +89,33 @@ pub struct JobRequest {
     /// Scheduler config overrides, as diffusers' `from_config(config, **options)`.
     #[serde(default, deserialize_with = "crate::fields::integer::options")]
     pub scheduler_options: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Image to image: the picture to start from, as base64 (PNG, JPEG or
+    /// WebP; a `data:` URL too) or an earlier result. The output is its size
+    /// rounded down to a multiple of 8 unless `resolution` says. Kept in
+    /// storage with the job (the record holds no image bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<ImageSource>,
+    /// Image to image: how much of `init_image` to change, in (0, 1] (default
+    /// 0.8): the share of the steps that run; at least one must.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
+    pub strength: Option<f64>,
+}
+
+/// Where an edit's input picture comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum ImageSource {
+    /// The image's bytes, base64 (or a `data:image/...;base64,` URL).
+    #[schemars(extend("contentEncoding" = "base64"))]
+    Encoded(String),
+    /// Image `index` (default 0) of an earlier job's result.
+    Result {
+        #[schemars(extend("format" = "uuid"))]
+        image_id: String,
+        #[serde(default)]
+        index: usize,
+    },
 }
 
 /// Request fields named as `POST /generate` callers spell them.
@@ -117,6 +147,17 @@ impl JobRequest {
     /// prompt limit bounds what the caller typed (`text`, `negative_prompt`),
     /// not the longer prompt its style makes of it.
     pub fn validate(&self, model: &ModelInfo, limits: &Limits) -> Result<GenerateRequest> {
+        self.validate_with_image(model, limits, None)
+    }
+
+    /// [`Self::validate`] for an edit: `image` is the `init_image`, already
+    /// fetched and decoded.
+    pub fn validate_with_image(
+        &self,
+        model: &ModelInfo,
+        limits: &Limits,
+        image: Option<SourceImage>,
+    ) -> Result<GenerateRequest> {
         for (field, value) in [
             ("text", &self.text),
             ("negative_prompt", &self.negative_prompt),
@@ -126,7 +167,11 @@ impl JobRequest {
             check_text(field, value.as_deref().unwrap_or(""), limits)?;
         }
         let styled = limits.with_prompt_room(styles::overheads());
-        self.to_params()?.validate(model, &styled, None)
+        let inputs = Inputs {
+            latents: None,
+            init_image: image.map(|img| (img, "init_image".to_string())),
+        };
+        self.to_params()?.validate_with(model, &styled, inputs)
     }
 
     /// The pipeline parameters: the style applied to the text and negative prompt.
@@ -167,7 +212,7 @@ impl JobRequest {
             scheduler_options: self.scheduler_options.clone(),
             seed: self.seed,
             num_images: self.num_images,
-            strength: None,
+            strength: self.strength,
         })
     }
 }
@@ -211,6 +256,9 @@ pub struct JobRecord {
     /// Last time the server running the job said it still runs it.
     #[serde(default)]
     pub heartbeat_at: Option<DateTime<Utc>>,
+    /// An edit's input picture, stored as PNG: its storage key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<String>,
 }
 
 /// Runs a job may start before one that was running whenever its server
@@ -221,6 +269,11 @@ impl JobRecord {
     /// Storage key of job `id`'s record.
     pub fn key(id: &str) -> String {
         format!("jobs/{id}.json")
+    }
+
+    /// Storage key of job `id`'s input picture (an edit's `init_image`).
+    pub fn input_key(id: &str) -> String {
+        format!("inputs/{id}/init.png")
     }
 
     /// Storage key of job `id`'s image `index`.
@@ -291,6 +344,7 @@ mod tests {
             timings: None,
             attempts: 1,
             heartbeat_at: None,
+            init_image: None,
         };
         let back: JobRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back.status, JobState::Processing);

@@ -100,7 +100,12 @@ impl Jobs {
         mut record: JobRecord,
     ) -> bool {
         let id = record.image_id.clone();
-        let validated = record.request.validate(info, &self.inner.limits);
+        let validated = match self.stored_input(&record).await {
+            Ok(image) => record
+                .request
+                .validate_with_image(info, &self.inner.limits, image),
+            Err(e) => Err(e),
+        };
         let result = match validated {
             Ok(req) => self.inner.engine.resubmit(req).map_err(|e| e.to_string()),
             // Named as the job API names it, as a submit's 400 would.
@@ -125,5 +130,16 @@ impl Jobs {
                 false
             }
         }
+    }
+
+    /// A recovered edit's input picture, from storage (`None` for text to image).
+    async fn stored_input(&self, record: &JobRecord) -> Result<Option<SourceImage>> {
+        let Some(key) = &record.init_image else {
+            return Ok(None);
+        };
+        let bytes = self.inner.storage.get(key).await?.ok_or_else(|| {
+            Error::invalid("init_image", format!("the stored input {key} is gone"))
+        })?;
+        SourceImage::decode(&bytes, "init_image", usize::MAX).map(Some)
     }
 }
