@@ -268,6 +268,7 @@ fn png_encode(c: &mut Criterion) {
             seed: 42,
             width: size,
             height: size,
+            strength: None,
             model: "bench".into(),
             generator: "sdserve bench".into(),
         };

@@ -50,6 +50,10 @@ pub struct ImageMetadata {
     pub seed: u64,
     pub width: usize,
     pub height: usize,
+    /// Image to image: the strength it ran with (its source is not stored in
+    /// the PNG: `--from-image` needs `--init-image` to redo an edit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
     pub model: String,
     pub generator: String,
 }
@@ -76,6 +80,7 @@ impl ImageMetadata {
             seed,
             width: request.width,
             height: request.height,
+            strength: request.init.as_ref().map(|i| i.strength),
             model: model.to_string(),
             generator: GENERATOR.to_string(),
         }
@@ -101,6 +106,10 @@ impl ImageMetadata {
             "\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: {}",
             self.steps, self.guidance, self.seed, self.width, self.height, self.model, self.generator
         ));
+        if let Some(strength) = self.strength {
+            // What the web UI writes for its img2img results.
+            s.push_str(&format!(", Denoising strength: {strength}"));
+        }
         s
     }
 }
@@ -209,6 +218,7 @@ mod tests {
             seed: 42,
             width: 64,
             height: 64,
+            strength: None,
             model: "tiny".into(),
             generator: "sdserve test".into(),
         }

@@ -216,7 +216,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
                 scheduler_options: Some(m.scheduler_options),
                 seed: Some(m.seed),
                 num_images: None,
-                strength: None,
+                strength: m.strength,
             }
         }
         None => GenerateParams::default(),
