@@ -22,6 +22,12 @@ fn input_png(r: &Reference) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(r.json["input"].as_str().unwrap())
 }
 
+/// The fixture model a reference was made with (tiny-sd1, tiny-sd2).
+fn model_of(r: &Reference) -> std::sync::Arc<sdserve::diffusion::pipelines::StableDiffusion> {
+    let dir = r.json["model_dir"].as_str().unwrap();
+    common::model(dir.rsplit('/').next().unwrap())
+}
+
 fn picture(r: &Reference) -> SourceImage {
     SourceImage::read(&input_png(r), "init_image", 1 << 20).unwrap()
 }
@@ -81,7 +87,7 @@ fn case_request(r: &Reference, case: &Value) -> GenerateRequest {
         }),
         init_image: Some((picture(r), "init_image".into())),
     };
-    let sd = common::model("tiny-sd1");
+    let sd = model_of(r);
     case_params(case)
         .validate_with(sd.info(), &Limits::default(), inputs)
         .unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -89,10 +95,22 @@ fn case_request(r: &Reference, case: &Value) -> GenerateRequest {
 
 #[test]
 fn every_case_matches_diffusers_step_by_step() {
-    let r = Reference::load("img2img");
-    let sd = common::model("tiny-sd1");
+    check_cases("img2img", 6);
+}
+
+/// SD 2.x: v-prediction through DDIM (the folder's own), Euler and DPM++ 2M.
+#[test]
+fn every_sd2_v_prediction_case_matches_diffusers_step_by_step() {
+    let r = Reference::load("img2img-sd2");
+    assert_eq!(r.json["prediction_type"], "v_prediction");
+    check_cases("img2img-sd2", 3);
+}
+
+fn check_cases(reference: &str, count: usize) {
+    let r = Reference::load(reference);
+    let sd = model_of(&r);
     let cases = r.json["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 6);
+    assert_eq!(cases.len(), count);
     let (step_tol, image_tol) = (
         DRIFT_FACTOR * r.case_drift("step_latents"),
         DRIFT_FACTOR * r.case_drift("image"),
@@ -130,10 +148,12 @@ fn every_case_matches_diffusers_step_by_step() {
         let (image, worst, steps_seen) =
             common::generate_against(&sd, &req, &r.get(&key("step_latents")));
         assert_eq!(steps_seen, kept.len(), "{name}: steps run");
-        eprintln!("img2img/{name}: worst step latent diff {worst:.3e} (tolerance {step_tol:.3e})");
+        eprintln!(
+            "{reference}/{name}: worst step latent diff {worst:.3e} (tolerance {step_tol:.3e})"
+        );
         assert!(worst <= step_tol, "{name}: step latents differ by {worst}");
         let d = max_abs_diff(&image, &r.get(&key("image")));
-        eprintln!("img2img/{name}: image diff {d:.3e} (tolerance {image_tol:.3e})");
+        eprintln!("{reference}/{name}: image diff {d:.3e} (tolerance {image_tol:.3e})");
         assert!(d <= image_tol, "{name}: image differs by {d}");
     }
 }

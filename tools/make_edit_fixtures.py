@@ -12,7 +12,8 @@ What it writes
 --------------
 tests/fixtures/edit/input-96.png    A deterministic 96 x 96 RGB test picture (gradients, a
                                     disc and stripes), the image every case edits.
-tests/fixtures/references/img2img.safetensors + img2img.json
+tests/fixtures/references/img2img.safetensors + img2img.json (tiny-sd1), img2img-sd2.* (tiny-sd2:
+v-prediction, DDIM by default)
     - vae/*: `AutoencoderKL.encode` of the picture as `VaeImageProcessor.preprocess` makes it
       ([-1, 1]): the posterior's mean and (clamped) logvar, the unit-variance noise its
       `sample()` drew and the sample; `decode` of the mode (a round trip).
@@ -74,6 +75,13 @@ CASES = [
     case("no_cfg", "dpmpp_2m", 0.7, 4, guidance_scale=1.0),
 ]
 DRIFT_CASES = ["ddim", "euler_a", "dpmpp_2m"]
+# tiny-sd2: v-prediction, DDIMScheduler by default (stable-diffusion-2-1's layout)
+SD2_CASES = [
+    case("default", "default", 0.6, 10),
+    case("euler", "euler", 0.8, 5),
+    case("dpmpp_2m", "dpmpp_2m", 0.5, 6),
+]
+SD2_DRIFT_CASES = ["default", "euler", "dpmpp_2m"]
 
 
 class Tapes:
@@ -177,7 +185,6 @@ def main():
     args = parser.parse_args()
     out_dir = args.out.resolve()
     torch.set_grad_enabled(False)
-    folder = mf.ROOT / "tests" / "fixtures" / "tiny-sd1"
 
     picture = test_picture(SIZE)
     edit_dir = out_dir / "edit"
@@ -186,8 +193,17 @@ def main():
     picture.save(picture_path)
     picture = PIL.Image.open(picture_path).convert("RGB")  # what every reader gets back
 
+    for kind, name, cases, drift_cases in [("sd1", "img2img", CASES, DRIFT_CASES),
+                                           ("sd2", "img2img-sd2", SD2_CASES, SD2_DRIFT_CASES)]:
+        drift = write_refs(kind, name, cases, drift_cases, picture, out_dir)
+        print(name, json.dumps({k: v for k, v in drift.items() if k != "note"}, indent=1))
+    mf.make_readable([picture_path])
+
+
+def write_refs(kind, name, cases, drift_cases, picture, out_dir):
+    folder = mf.ROOT / "tests" / "fixtures" / f"tiny-{kind}"
     tensors, meta = {}, {"generated_by": "tools/make_edit_fixtures.py",
-                         "model_dir": "tests/fixtures/tiny-sd1",
+                         "model_dir": f"tests/fixtures/tiny-{kind}",
                          "input": f"tests/fixtures/edit/input-{SIZE}.png",
                          "versions": {"torch": torch.__version__,
                                       "diffusers": diffusers.__version__},
@@ -195,13 +211,14 @@ def main():
     pipe = load_pipeline(folder, torch.float32)
     base_config = dict(pipe.scheduler.config)
     meta["vae_scaling_factor"] = pipe.vae.config.scaling_factor
+    meta["prediction_type"] = base_config["prediction_type"]
 
     vae32 = vae_refs(pipe, picture, tensors)
     for k, v in vae32.items():
         tensors[f"vae/{k}"] = mf.f32(v)
 
     entries, raw = [], {}
-    for index, spec in enumerate(CASES):
+    for index, spec in enumerate(cases):
         result = run_case(pipe, base_config, spec, picture, seed=3000 + 10 * index)
         raw[spec["name"]] = result
         for k in ("vae_noise", "latents", "step_latents", "image", "noise"):
@@ -218,25 +235,25 @@ def main():
     vae64 = vae_refs(pipe64, picture, {})
     for k in ("mean", "logvar", "sample", "roundtrip"):
         drift[f"vae/{k}"] = mf.diff(vae32[k], vae64[k])
-    by_name = {c["name"]: c for c in CASES}
-    for name in DRIFT_CASES:
-        r32 = raw[name]
+    by_name = {c["name"]: c for c in cases}
+    for case_name in drift_cases:
+        r32 = raw[case_name]
         replay = {k: [r32[k].double()] for k in ("vae_noise", "latents")}
         if "noise" in r32:
             replay["noise"] = [x.double() for x in r32["noise"]]
-        r64 = run_case(pipe64, base_config, by_name[name], picture, 0, replay)
+        r64 = run_case(pipe64, base_config, by_name[case_name], picture, 0, replay)
         for k in ("step_latents", "image"):
-            drift[f"case/{name}/{k}"] = mf.diff(r32[k], r64[k])
+            drift[f"case/{case_name}/{k}"] = mf.diff(r32[k], r64[k])
     drift["note"] = "max |f32 - f64| (max_abs_diff) and max |f64| (max_abs), same draws"
     meta["drift"] = drift
 
     refs = out_dir / "references"
     refs.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(refs / "img2img.safetensors"))
-    (refs / "img2img.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n",
+    save_file(tensors, str(refs / f"{name}.safetensors"))
+    (refs / f"{name}.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n",
                                        encoding="utf-8")
-    mf.make_readable([refs / "img2img.safetensors", refs / "img2img.json", picture_path])
-    print(json.dumps({k: v for k, v in drift.items() if k != "note"}, indent=1))
+    mf.make_readable([refs / f"{name}.safetensors", refs / f"{name}.json"])
+    return drift
 
 
 if __name__ == "__main__":
