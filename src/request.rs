@@ -361,10 +361,13 @@ impl GenerateParams {
             ));
         }
         let init = match init_image {
-            Some((img, _)) => Some(InitImage {
-                pixels: img.to_tensor(width, height)?,
-                strength: check_strength(self.strength, steps, scheduler, model)?,
-            }),
+            Some((img, _)) => {
+                let strength = check_strength(self.strength, steps, scheduler, model)?;
+                Some(InitImage {
+                    pixels: img.to_tensor(width, height)?,
+                    strength,
+                })
+            }
             None if self.strength.is_some() => {
                 return Err(Error::invalid(
                     "strength",
@@ -438,9 +441,7 @@ fn check_strength(
     }
     // LCM's image to image (diffusers' LatentConsistencyModelImg2ImgPipeline)
     // sets its timesteps from the strength itself: not this pipeline's.
-    let lcm = scheduler == SchedulerKind::Lcm
-        || (scheduler == SchedulerKind::Default && model.default_scheduler == "LCMScheduler");
-    if lcm {
+    if model.scheduler_config.resolve(scheduler)? == SchedulerKind::Lcm {
         return Err(Error::invalid(
             "scheduler",
             "image to image with the LCM scheduler is not supported yet; choose another scheduler",

@@ -316,6 +316,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<Vec<PathBuf>> {
     tracing::info!(
         text_encoder_s = out.timings.text_encoder,
         denoise_s = out.timings.denoise,
+        vae_encode_s = out.timings.vae_encode,
         vae_decode_s = out.timings.vae_decode,
         "generated {n} image(s)"
     );

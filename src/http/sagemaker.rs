@@ -316,25 +316,21 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
     let reply = negotiate(headers)?;
     let mut obj = body_object(headers, body, Bodies::JsonOrText)?;
     obj.extend(custom_attributes(headers));
-    let init_image = match obj.get("image") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(text)) => {
+    // `params` has refused an `image` that is not a string.
+    let params = params(&obj)?;
+    let init_image = match obj.get("image").and_then(Value::as_str) {
+        Some(text) => {
             let img = SourceImage::from_base64(text, "init_image", state.limits.max_pixels)
                 .map_err(|e| ApiError::from_error(e, caller_name))?;
             Some((img, "init_image".to_string()))
         }
-        Some(_) => {
-            return Err(ApiError::BadRequest {
-                field: "image".into(),
-                message: "expected a base64 string".into(),
-            });
-        }
+        None => None,
     };
     let inputs = Inputs {
         latents: None,
         init_image,
     };
-    let request = params(&obj)?
+    let request = params
         .validate_with(&info, &state.limits, inputs)
         .map_err(|e| ApiError::from_error(e, caller_name))?;
     if matches!(reply, Reply::Image(_)) && request.num_images > 1 {

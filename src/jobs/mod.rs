@@ -209,17 +209,17 @@ impl Jobs {
             Some(src) => Some(self.fetch_image(src).await?),
             None => None,
         };
-        let validated: GenerateRequest = request
-            .validate_with_image(&info, &self.inner.limits, source.clone())
-            .map_err(JobError::invalid)?;
         // The input is kept beside the record, which names it, not in it.
         let input = match &source {
             Some(img) => Some((
                 JobRecord::input_key(&image_id),
-                crate::output::encode_png(&img.rgb, None).map_err(JobError::invalid)?,
+                encode_png(&img.rgb, None).map_err(JobError::invalid)?,
             )),
             None => None,
         };
+        let validated: GenerateRequest = request
+            .validate_with_image(&info, &self.inner.limits, source)
+            .map_err(JobError::invalid)?;
         let resolved = JobRequest {
             style: Some(
                 request

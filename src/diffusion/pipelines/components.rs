@@ -48,7 +48,7 @@ pub struct StableDiffusion {
     pub(super) text: TextEncoders,
     pub(super) unet: UNet2DConditionModel,
     pub(super) vae: AutoencoderKL,
-    /// The dtype the VAE decoder takes.
+    /// The dtype the VAE (encoder and decoder) takes.
     pub(super) vae_dtype: DType,
     pub(super) vae_scaling_factor: f64,
     pub(super) scheduler_config: SchedulerConfig,

@@ -70,9 +70,8 @@ impl StableDiffusion {
         timings.vae_encode = t1.elapsed().as_secs_f64();
 
         let mut scheduler = self.scheduler(req.scheduler, &req.scheduler_options, req.steps)?;
-        let start = img2img_start(req.steps, init.strength).ok_or_else(|| {
-            Error::invalid("strength", "leaves no step to run (checked on validation)")
-        })?;
+        let start = img2img_start(req.steps, init.strength)
+            .ok_or_else(|| Error::Internal("a validated strength leaves no step to run".into()))?;
         let latents = scheduler.add_noise(&image_latents, &noise, start)?;
         timings.steps = scheduler.timesteps().len() - start;
         let mut replay = replay_noise(req)?;

@@ -7,7 +7,7 @@
 //! DiagonalGaussianDistribution}`, `unets/unet_2d_blocks.py::DownEncoderBlock2D`
 //! and `autoencoder_kl.py::AutoencoderKL._encode`.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::blocks::{EPS, MidBlock, conv3, resnet};
@@ -140,18 +140,5 @@ impl DiagonalGaussian {
     /// `mode()`: the mean (diffusers' `retrieve_latents(..., sample_mode="argmax")`).
     pub fn mode(&self) -> &Tensor {
         &self.mean
-    }
-
-    /// Rows `start..start + len` (one image of a batch).
-    pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self {
-            mean: self.mean.narrow(0, start, len)?,
-            logvar: self.logvar.narrow(0, start, len)?,
-        })
-    }
-
-    /// The latent height and width.
-    pub fn spatial(&self) -> Result<(usize, usize)> {
-        Ok((self.mean.dim(D::Minus2)?, self.mean.dim(D::Minus1)?))
     }
 }
