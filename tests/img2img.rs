@@ -12,7 +12,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{DRIFT_FACTOR, Reference, max_abs, max_abs_diff};
+use common::{Reference, max_abs, max_abs_diff};
 use sdserve::request::{
     GenerateParams, GenerateRequest, GivenLatents, Inputs, Limits, SourceImage,
 };
@@ -111,10 +111,7 @@ fn check_cases(reference: &str, count: usize) {
     let sd = model_of(&r);
     let cases = r.json["cases"].as_array().unwrap();
     assert_eq!(cases.len(), count);
-    let (step_tol, image_tol) = (
-        DRIFT_FACTOR * r.case_drift("step_latents"),
-        DRIFT_FACTOR * r.case_drift("image"),
-    );
+    let (step_tol, image_tol) = r.case_tolerances();
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let key = |k: &str| format!("case/{name}/{k}");

@@ -11,7 +11,7 @@ mod common;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use common::{DRIFT_FACTOR, Reference, max_abs, max_abs_diff};
+use common::{Reference, max_abs, max_abs_diff};
 use sdserve::diffusion::loading::config::{UNetConfig, read_json};
 use sdserve::diffusion::loading::weights::WeightFiles;
 use sdserve::diffusion::models::unet::Extra;
@@ -97,10 +97,7 @@ fn every_case_matches_diffusers_through_the_pipeline() {
     assert!(sd.info().guidance_embedded);
     let cases = r.json["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 6);
-    let (step_tol, image_tol) = (
-        DRIFT_FACTOR * r.case_drift("step_latents"),
-        DRIFT_FACTOR * r.case_drift("image"),
-    );
+    let (step_tol, image_tol) = r.case_tolerances();
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let key = |k: &str| format!("case/{name}/{k}");
@@ -246,10 +243,7 @@ fn an_sdxl_lcm_unet_matches_stable_diffusion_xl_pipeline() {
         StableDiffusion::load(&common::model_dir("tiny-lcm-sdxl"), &Default::default()).unwrap();
     assert_eq!(sd.info().family, Family::Sdxl);
     assert_eq!(sd.info().defaults, SamplingDefaults::LCM);
-    let (step_tol, image_tol) = (
-        DRIFT_FACTOR * r.case_drift("step_latents"),
-        DRIFT_FACTOR * r.case_drift("image"),
-    );
+    let (step_tol, image_tol) = r.case_tolerances();
     let cases = r.json["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 2);
     for case in cases {

@@ -9,7 +9,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{DRIFT_FACTOR, Reference, max_abs, max_abs_diff};
+use common::{Reference, max_abs, max_abs_diff};
 use sdserve::diffusion::loading::config::{ClipTextConfig, UNetConfig, read_json};
 use sdserve::diffusion::loading::tokenizer::ClipTokenizer;
 use sdserve::diffusion::loading::weights::WeightFiles;
@@ -192,10 +192,7 @@ fn every_case_matches_diffusers_through_the_pipeline() {
     assert_eq!(sd.info().family, Family::Sdxl);
     let cases = r.json["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 16);
-    let (step_tol, image_tol) = (
-        DRIFT_FACTOR * r.case_drift("step_latents"),
-        DRIFT_FACTOR * r.case_drift("image"),
-    );
+    let (step_tol, image_tol) = r.case_tolerances();
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let key = |k: &str| format!("case/{name}/{k}");

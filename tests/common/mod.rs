@@ -89,6 +89,16 @@ impl Reference {
             .fold(0.0, f32::max)
     }
 
+    /// The allowed step-latent and image differences of a pipeline case:
+    /// [`DRIFT_FACTOR`] × the largest drift measured for any case's
+    /// `step_latents` and `image`.
+    pub fn case_tolerances(&self) -> (f32, f32) {
+        (
+            DRIFT_FACTOR * self.case_drift("step_latents"),
+            DRIFT_FACTOR * self.case_drift("image"),
+        )
+    }
+
     pub fn get(&self, key: &str) -> Tensor {
         self.tensors
             .get(key)
