@@ -269,6 +269,7 @@ fn png_encode(c: &mut Criterion) {
             width: size,
             height: size,
             strength: None,
+            masked: false,
             model: "bench".into(),
             generator: "sdserve bench".into(),
         };

@@ -1,11 +1,18 @@
-//! Input images of edit requests (image to image): bytes to pixels, checked
-//! once, and pixels to the tensor the VAE encoder takes.
+//! Input images of edit requests (image to image, inpainting): bytes to
+//! pixels, checked once, and pixels to the tensors the pipeline takes (the
+//! picture the VAE encodes, the binary mask).
 //!
 //! Reading follows what diffusers users feed its pipelines,
 //! `diffusers.utils.load_image`: the EXIF orientation is applied
 //! (`PIL.ImageOps.exif_transpose`), then `convert("RGB")`, which drops an alpha
 //! channel without compositing (the colour under a transparent pixel is kept).
 //! PNG, JPEG and WebP are read. Errors name the request field the image came in.
+//!
+//! A mask is an image like any other, read as diffusers' `mask_processor`
+//! (`VaeImageProcessor(do_normalize=False, do_binarize=True,
+//! do_convert_grayscale=True)`) reads it: white repaints, black keeps, gray is
+//! cut at half. Its alpha channel is dropped like the picture's; neither
+//! picture's alpha is taken as a mask.
 
 use std::io::Cursor;
 
@@ -132,24 +139,26 @@ impl SourceImage {
         (self.width() / f * f, self.height() / f * f)
     }
 
+    /// The picture at `width` x `height`: itself when the size matches, else
+    /// resized with a Lanczos-3 filter (diffusers' default `resample="lanczos"`,
+    /// PIL's `LANCZOS`; the two filters' rounding differs, so a resized input is
+    /// close to diffusers' but not bit for bit).
+    fn at_size(&self, width: usize, height: usize) -> std::borrow::Cow<'_, RgbImage> {
+        if (self.width(), self.height()) == (width, height) {
+            return std::borrow::Cow::Borrowed(&self.rgb);
+        }
+        std::borrow::Cow::Owned(image::imageops::resize(
+            &self.rgb,
+            width as u32,
+            height as u32,
+            FilterType::Lanczos3,
+        ))
+    }
+
     /// `[1, 3, height, width]` f32 in [-1, 1]: `VaeImageProcessor.preprocess`
-    /// (resize, `/ 255`, `2x - 1`). The resize runs only when the size differs,
-    /// with a Lanczos-3 filter (diffusers' default `resample="lanczos"`, PIL's
-    /// `LANCZOS`; the two filters' rounding differs, so a resized input is close
-    /// to diffusers' but not bit for bit).
+    /// (resize, `/ 255`, `2x - 1`).
     pub fn to_tensor(&self, width: usize, height: usize) -> Result<Tensor> {
-        let resized;
-        let rgb = if (self.width(), self.height()) == (width, height) {
-            &self.rgb
-        } else {
-            resized = image::imageops::resize(
-                &self.rgb,
-                width as u32,
-                height as u32,
-                FilterType::Lanczos3,
-            );
-            &resized
-        };
+        let rgb = self.at_size(width, height);
         let (w, h) = (width, height);
         let mut data = vec![0f32; 3 * w * h];
         for (i, px) in rgb.pixels().enumerate() {
@@ -159,6 +168,29 @@ impl SourceImage {
         }
         Ok(Tensor::from_vec(data, (1, 3, h, w), &Device::Cpu)?)
     }
+
+    /// This image as an inpainting mask, `[1, 1, height, width]` f32 of 0 and 1:
+    /// the `mask_processor.preprocess` of diffusers' inpainting pipelines —
+    /// resize (as [`Self::to_tensor`]), `convert("L")` (PIL's integer ITU-R
+    /// 601-2 luma), `/ 255`, then `binarize`: 1 where the gray is at least 0.5
+    /// (128 and up), 0 below.
+    pub fn to_mask(&self, width: usize, height: usize) -> Result<Tensor> {
+        let rgb = self.at_size(width, height);
+        let data: Vec<f32> = rgb
+            .pixels()
+            .map(|px| {
+                let gray = pil_luma(px.0);
+                if gray as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 }
+            })
+            .collect();
+        Ok(Tensor::from_vec(data, (1, 1, height, width), &Device::Cpu)?)
+    }
+}
+
+/// PIL's `convert("L")` of one RGB pixel: `L = R·299/1000 + G·587/1000 +
+/// B·114/1000` in 16-bit fixed point, rounded (Pillow's `rgb2l`).
+fn pil_luma([r, g, b]: [u8; 3]) -> u8 {
+    ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
 }
 
 #[cfg(test)]
@@ -192,6 +224,22 @@ mod tests {
             (16, 8)
         );
         assert_eq!(img.to_tensor(32, 16).unwrap().dims(), [1, 3, 16, 32]);
+    }
+
+    #[test]
+    fn masks_are_pil_gray_cut_at_half() {
+        // PIL's convert("L") of these pixels: 128, 127, 76 (pure red), 150 (pure green)
+        assert_eq!(pil_luma([128, 128, 128]), 128);
+        assert_eq!(pil_luma([127, 127, 127]), 127);
+        assert_eq!(pil_luma([255, 0, 0]), 76);
+        assert_eq!(pil_luma([0, 255, 0]), 150);
+        assert_eq!(pil_luma([255, 255, 255]), 255);
+        let px = [[128, 128, 128], [127, 127, 127], [255, 0, 0], [0, 255, 0]];
+        let img = RgbImage::from_fn(4, 1, |x, _| image::Rgb(px[x as usize]));
+        let mask = SourceImage { rgb: img }.to_mask(4, 1).unwrap();
+        assert_eq!(mask.dims(), [1, 1, 1, 4]);
+        let v = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v, [1.0, 0.0, 0.0, 1.0]);
     }
 
     #[test]

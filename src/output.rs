@@ -54,6 +54,10 @@ pub struct ImageMetadata {
     /// the PNG: `--from-image` needs `--init-image` to redo an edit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Inpainting: the edit was masked (the mask is not stored either:
+    /// `--from-image` needs `--init-image` and `--mask` to redo it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub masked: bool,
     pub model: String,
     pub generator: String,
 }
@@ -81,6 +85,7 @@ impl ImageMetadata {
             width: request.width,
             height: request.height,
             strength: request.init.as_ref().map(|i| i.strength),
+            masked: request.init.as_ref().is_some_and(|i| i.mask.is_some()),
             model: model.to_string(),
             generator: GENERATOR.to_string(),
         }
@@ -219,6 +224,7 @@ mod tests {
             width: 64,
             height: 64,
             strength: None,
+            masked: false,
             model: "tiny".into(),
             generator: "sdserve test".into(),
         }

@@ -84,8 +84,10 @@ fn case_request(r: &Reference, case: &Value) -> GenerateRequest {
             latents: r.get(&key("latents")),
             step_noise: r.tensors.get(&key("noise")).cloned(),
             vae_noise: Some(r.get(&key("vae_noise"))),
+            masked_image_vae_noise: None,
         }),
         init_image: Some((picture(r), "init_image".into())),
+        mask_image: None,
     };
     let sd = model_of(r);
     case_params(case)
@@ -175,6 +177,7 @@ fn the_init_image_and_strength_reach_the_result() {
     let inputs = Inputs {
         latents: base.latents.clone(),
         init_image: Some((picture(&r), "init_image".into())),
+        mask_image: None,
     };
     let low = params
         .validate_with(sd.info(), &Limits::default(), inputs)
@@ -218,6 +221,7 @@ fn bad_edit_requests_name_the_field() {
         let inputs = Inputs {
             latents: None,
             init_image: image.then(|| (picture(&r), "init_image".into())),
+            mask_image: None,
         };
         match params.validate_with(sd.info(), &Limits::default(), inputs) {
             Err(sdserve::Error::InvalidRequest { field: f, message }) => {
@@ -247,6 +251,7 @@ fn bad_edit_requests_name_the_field() {
     let inputs = Inputs {
         latents: None,
         init_image: Some((tiny, "init_image".into())),
+        mask_image: None,
     };
     let err = p(None, 10, None)
         .validate_with(sd.info(), &Limits::default(), inputs)

@@ -80,6 +80,7 @@ fn case_request(sd: &StableDiffusion, r: &Reference, case: &Value) -> GenerateRe
         latents: r.get(&format!("case/{name}/latents")),
         step_noise: r.tensors.get(&format!("case/{name}/noise")).cloned(),
         vae_noise: None,
+        masked_image_vae_noise: None,
     };
     params
         .validate(sd.info(), &Limits::default(), Some(latents))
@@ -267,6 +268,7 @@ fn an_sdxl_lcm_unet_matches_stable_diffusion_xl_pipeline() {
             latents: r.get(&key("latents")),
             step_noise: r.tensors.get(&key("noise")).cloned(),
             vae_noise: None,
+            masked_image_vae_noise: None,
         };
         let req = params
             .validate(sd.info(), &Limits::default(), Some(latents))

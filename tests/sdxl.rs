@@ -176,6 +176,7 @@ fn case_request(sd: &StableDiffusion, r: &Reference, case: &Value) -> GenerateRe
         latents: r.get(&key("latents")),
         step_noise: r.tensors.get(&key("noise")).cloned(),
         vae_noise: None,
+        masked_image_vae_noise: None,
     };
     params
         .validate(sd.info(), &Limits::default(), Some(latents))

@@ -111,10 +111,11 @@ pub struct DownloadArgs {
 pub fn describe_error(e: &Error) -> String {
     match e {
         Error::InvalidRequest { field, message } => {
-            // Request fields are named like the flags, except this plural; an
+            // Request fields are named like the flags, except these two; an
             // environment variable (upper case) is named as it is.
             let flag = match field.as_str() {
                 "scheduler_options" => "--scheduler-option".to_string(),
+                "mask_image" => "--mask".to_string(),
                 f if f.starts_with("scheduler_options.") => {
                     format!("--scheduler-option {}", &f["scheduler_options.".len()..])
                 }

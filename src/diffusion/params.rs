@@ -40,7 +40,7 @@ pub struct GenerateRequest {
     pub init: Option<InitImage>,
 }
 
-/// The starting picture of an image-to-image request.
+/// The starting picture of an image-to-image or inpainting request.
 #[derive(Debug, Clone)]
 pub struct InitImage {
     /// `[1, 3, height, width]` f32 in [-1, 1], at the request's size
@@ -48,6 +48,10 @@ pub struct InitImage {
     pub pixels: Tensor,
     /// In (0, 1]: the share of the schedule that runs (diffusers' `strength`).
     pub strength: f64,
+    /// Inpainting: `[1, 1, height, width]` f32, 1 where the picture is
+    /// repainted and 0 where it is kept (diffusers' `mask_processor.preprocess`:
+    /// grayscale, binarised at 0.5).
+    pub mask: Option<Tensor>,
 }
 
 /// diffusers' img2img `get_timesteps`: the index of the first of `steps`
@@ -159,6 +163,9 @@ pub struct GivenLatents {
     /// Image to image: the unit-variance draw of each image's VAE posterior
     /// sample, `[1 or num_images, c, h, w]`; seeded noise is used when absent.
     pub vae_noise: Option<Tensor>,
+    /// Inpainting: the same for the masked picture's posterior sample (what a
+    /// 9-channel UNet is conditioned on).
+    pub masked_image_vae_noise: Option<Tensor>,
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@ pub const FIELDS: &[&str] = &[
     "num_images",
     "scheduler_options",
     "init_image",
+    "mask_image",
     "strength",
 ];
 

@@ -56,6 +56,7 @@ pub(crate) const FIELDS: &[(&str, &str)] = &[
     ("scheduler", "scheduler"),
     ("scheduler_options", "scheduler_options"),
     ("image", "init_image"),
+    ("mask_image", "mask_image"),
     ("strength", "strength"),
 ];
 
@@ -149,7 +150,7 @@ fn custom_attributes(headers: &HeaderMap) -> Map<String, Value> {
         if let Some((k, v)) = pair.split_once('=') {
             let (k, v) = (k.trim(), v.trim());
             // An image does not fit a header.
-            if k != "image" && FIELDS.iter().any(|(name, _)| *name == k) {
+            if k != "image" && k != "mask_image" && FIELDS.iter().any(|(name, _)| *name == k) {
                 let value =
                     serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
                 out.insert(k.to_string(), value);
@@ -167,7 +168,10 @@ fn custom_attributes(headers: &HeaderMap) -> Map<String, Value> {
 // Unknown fields are refused by name in `params` before this parses (serde's
 // `deny_unknown_fields` can't be combined with the flattened fields).
 #[derive(Debug, Default, serde::Deserialize, schemars::JsonSchema)]
-#[schemars(extend("dependentSchemas" = {"strength": {"required": ["image"], "properties": {"image": {"type": "string"}}}}))]
+#[schemars(extend("dependentSchemas" = {
+    "strength": {"required": ["image"], "properties": {"image": {"type": "string"}}},
+    "mask_image": {"required": ["image"], "properties": {"image": {"type": "string"}}}
+}))]
 pub struct Invocation {
     /// The prompt; no NUL.
     #[schemars(required, with = "String", pattern(crate::fields::NO_NUL))]
@@ -214,9 +218,13 @@ pub struct Invocation {
     /// of 8 unless `width` / `height` say.
     #[schemars(extend("contentEncoding" = "base64"))]
     pub image: Option<String>,
-    /// Image to image: how much of `image` to change, in (0, 1] (default 0.8);
-    /// needs `image`, and at least one step to run (`strength` ×
-    /// `num_inference_steps` ≥ 1).
+    /// Inpainting (JumpStart's field): where to repaint `image`, base64 like
+    /// it, white (repainted) on black (kept); resized to the output size.
+    #[schemars(extend("contentEncoding" = "base64"))]
+    pub mask_image: Option<String>,
+    /// Image to image and inpainting: how much of `image` to change, in (0, 1]
+    /// (default 0.8; with a mask 1.0, SDXL 0.9999); needs `image`, and at
+    /// least one step to run (`strength` × `num_inference_steps` ≥ 1).
     #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
     pub strength: Option<f64>,
     /// DDIM's `eta`, which JumpStart clients send: only the deterministic 0 is implemented.
@@ -316,19 +324,22 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<R
     let reply = negotiate(headers)?;
     let mut obj = body_object(headers, body, Bodies::JsonOrText)?;
     obj.extend(custom_attributes(headers));
-    // `params` has refused an `image` that is not a string.
+    // `params` has refused an `image` or `mask_image` that is not a string.
     let params = params(&obj)?;
-    let init_image = match obj.get("image").and_then(Value::as_str) {
-        Some(text) => {
-            let img = SourceImage::from_base64(text, "init_image", state.limits.max_pixels)
-                .map_err(|e| ApiError::from_error(e, caller_name))?;
-            Some((img, "init_image".to_string()))
-        }
-        None => None,
+    let decode = |key: &str, field: &str| {
+        obj.get(key)
+            .and_then(Value::as_str)
+            .map(|text| {
+                let img = SourceImage::from_base64(text, field, state.limits.max_pixels)
+                    .map_err(|e| ApiError::from_error(e, caller_name))?;
+                Ok::<_, ApiError>((img, field.to_string()))
+            })
+            .transpose()
     };
     let inputs = Inputs {
         latents: None,
-        init_image,
+        init_image: decode("image", "init_image")?,
+        mask_image: decode("mask_image", "mask_image")?,
     };
     let request = params
         .validate_with(&info, &state.limits, inputs)

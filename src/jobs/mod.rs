@@ -26,7 +26,9 @@ use crate::output::{encode_png, to_rgb8};
 use crate::request::{GenerateRequest, Limits, SourceImage};
 use crate::storage::Storage;
 pub use error::JobError;
-pub use record::{ImageSource, JobRecord, JobRequest, JobState, JobTimings, MAX_ATTEMPTS};
+pub use record::{
+    EditInputs, ImageSource, JobRecord, JobRequest, JobState, JobTimings, MAX_ATTEMPTS,
+};
 
 /// Longest pause between two tries of a storage write that must happen.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -205,20 +207,22 @@ impl Jobs {
         }
         let info = self.inner.engine.ready_info().map_err(JobError::NotReady)?;
         let image_id = uuid::Uuid::new_v4().to_string();
-        let source = match &request.init_image {
-            Some(src) => Some(self.fetch_image(src).await?),
-            None => None,
-        };
-        // The input is kept beside the record, which names it, not in it.
-        let input = match &source {
-            Some(img) => Some((
-                JobRecord::input_key(&image_id),
-                encode_png(&img.rgb, None).map_err(JobError::invalid)?,
-            )),
-            None => None,
-        };
+        let init = self
+            .fetch_image(request.init_image.as_ref(), "init_image")
+            .await?;
+        let mask = self
+            .fetch_image(request.mask_image.as_ref(), "mask_image")
+            .await?;
+        // The inputs are kept beside the record, which names them, not in it.
+        let mut inputs = Vec::new();
+        for (img, field) in [(&init, "init_image"), (&mask, "mask_image")] {
+            if let Some(img) = img {
+                let png = encode_png(&img.rgb, None).map_err(JobError::invalid)?;
+                inputs.push((field, JobRecord::input_key(&image_id, field), png));
+            }
+        }
         let validated: GenerateRequest = request
-            .validate_with_image(&info, &self.inner.limits, source)
+            .validate_with_images(&info, &self.inner.limits, EditInputs { init, mask })
             .map_err(JobError::invalid)?;
         let resolved = JobRequest {
             style: Some(
@@ -235,6 +239,7 @@ impl Jobs {
             num_images: Some(validated.num_images),
             strength: validated.init.as_ref().map(|i| i.strength),
             init_image: None,
+            mask_image: None,
             ..request
         };
         let ticket = self
@@ -248,13 +253,19 @@ impl Jobs {
                 },
                 SubmitError::ShuttingDown => JobError::NotReady(e.to_string()),
             })?;
-        if let Some((key, png)) = &input
-            && let Err(e) = self.inner.storage.put(key, png.clone()).await
-        {
-            ticket.cancel();
-            tracing::warn!("storing a job's input image failed: {e}");
-            return Err(JobError::storage_unavailable());
+        for (_, key, png) in &inputs {
+            if let Err(e) = self.inner.storage.put(key, png.clone()).await {
+                ticket.cancel();
+                tracing::warn!("storing a job's input image failed: {e}");
+                return Err(JobError::storage_unavailable());
+            }
         }
+        let input_key = |field: &str| {
+            inputs
+                .iter()
+                .find(|(f, _, _)| *f == field)
+                .map(|(_, key, _)| key.clone())
+        };
         let record = JobRecord {
             image_id,
             status: JobState::Queued,
@@ -268,7 +279,8 @@ impl Jobs {
             timings: None,
             attempts: 0,
             heartbeat_at: None,
-            init_image: input.map(|(key, _)| key),
+            init_image: input_key("init_image"),
+            mask_image: input_key("mask_image"),
         };
         if let Err(e) = self.write(&record).await {
             // Not stored, so not accepted: nothing may run that nobody can find.
@@ -279,17 +291,23 @@ impl Jobs {
         Ok(self.watch(record, ticket, false))
     }
 
-    /// An edit's input picture: decoded from the request, or read from an
-    /// earlier job's stored result. Errors name `init_image`.
-    async fn fetch_image(&self, src: &ImageSource) -> Result<SourceImage, JobError> {
+    /// An edit's input picture (`field`): decoded from the request, or read
+    /// from an earlier job's stored result. Errors name `field`.
+    async fn fetch_image(
+        &self,
+        src: Option<&ImageSource>,
+        field: &str,
+    ) -> Result<Option<SourceImage>, JobError> {
         let max = self.inner.limits.max_pixels;
-        let bad = |msg: String| JobError::invalid(Error::invalid("init_image", msg));
+        let bad = |msg: String| JobError::invalid(Error::invalid(field, msg));
         let (image_id, index) = match src {
-            ImageSource::Encoded(text) => {
-                return SourceImage::from_base64(text, "init_image", max)
+            None => return Ok(None),
+            Some(ImageSource::Encoded(text)) => {
+                return SourceImage::from_base64(text, field, max)
+                    .map(Some)
                     .map_err(JobError::invalid);
             }
-            ImageSource::Result { image_id, index } => (image_id, *index),
+            Some(ImageSource::Result { image_id, index }) => (image_id, *index),
         };
         let record = if valid_id(image_id) {
             self.stored_record(image_id).await
@@ -310,7 +328,9 @@ impl Jobs {
             JobError::storage_unavailable()
         })?;
         let bytes = bytes.ok_or_else(|| bad(format!("image {image_id} {index} is gone")))?;
-        SourceImage::decode(&bytes, "init_image", max).map_err(JobError::invalid)
+        SourceImage::decode(&bytes, field, max)
+            .map(Some)
+            .map_err(JobError::invalid)
     }
 
     /// Registers a queued job and spawns the task that follows it through the

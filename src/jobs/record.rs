@@ -39,7 +39,10 @@ impl JobState {
 // (serde's `deny_unknown_fields` can't be combined with the flattened fields).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[schemars(rename = "GenerateRequest")]
-#[schemars(extend("dependentSchemas" = {"strength": {"required": ["init_image"], "properties": {"init_image": {"not": {"type": "null"}}}}}))]
+#[schemars(extend("dependentSchemas" = {
+    "strength": {"required": ["init_image"], "properties": {"init_image": {"not": {"type": "null"}}}},
+    "mask_image": {"required": ["init_image"], "properties": {"init_image": {"not": {"type": "null"}}}}
+}))]
 pub struct JobRequest {
     /// The prompt (`prompt` is accepted instead): not blank, no NUL.
     // Not `default`: schemars then lists it as required (serde still takes
@@ -95,14 +98,27 @@ pub struct JobRequest {
     /// storage with the job (the record holds no image bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_image: Option<ImageSource>,
-    /// Image to image: how much of `init_image` to change, in (0, 1] (default
-    /// 0.8): the share of the steps that run; at least one must.
+    /// Inpainting: where to repaint `init_image`, white (repainted) on black
+    /// (kept), in the same forms; resized to the output size. Kept in storage
+    /// with the job too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_image: Option<ImageSource>,
+    /// Image to image and inpainting: how much of `init_image` to change, in
+    /// (0, 1] (default 0.8; with a mask 1.0, SDXL 0.9999): the share of the
+    /// steps that run; at least one must.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
     pub strength: Option<f64>,
 }
 
-/// Where an edit's input picture comes from.
+/// An edit job's pictures, decoded.
+#[derive(Debug, Clone, Default)]
+pub struct EditInputs {
+    pub init: Option<SourceImage>,
+    pub mask: Option<SourceImage>,
+}
+
+/// Where an edit's input picture (or mask) comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum ImageSource {
@@ -147,16 +163,16 @@ impl JobRequest {
     /// prompt limit bounds what the caller typed (`text`, `negative_prompt`),
     /// not the longer prompt its style makes of it.
     pub fn validate(&self, model: &ModelInfo, limits: &Limits) -> Result<GenerateRequest> {
-        self.validate_with_image(model, limits, None)
+        self.validate_with_images(model, limits, EditInputs::default())
     }
 
-    /// [`Self::validate`] for an edit: `image` is the `init_image`, already
-    /// fetched and decoded.
-    pub fn validate_with_image(
+    /// [`Self::validate`] for an edit: its `init_image` and `mask_image`,
+    /// already fetched and decoded.
+    pub fn validate_with_images(
         &self,
         model: &ModelInfo,
         limits: &Limits,
-        image: Option<SourceImage>,
+        images: EditInputs,
     ) -> Result<GenerateRequest> {
         for (field, value) in [
             ("text", &self.text),
@@ -167,9 +183,11 @@ impl JobRequest {
             check_text(field, value.as_deref().unwrap_or(""), limits)?;
         }
         let styled = limits.with_prompt_room(styles::overheads());
+        let named = |img: Option<SourceImage>, field: &str| img.map(|i| (i, field.to_string()));
         let inputs = Inputs {
             latents: None,
-            init_image: image.map(|img| (img, "init_image".to_string())),
+            init_image: named(images.init, "init_image"),
+            mask_image: named(images.mask, "mask_image"),
         };
         self.to_params()?.validate_with(model, &styled, inputs)
     }
@@ -259,6 +277,9 @@ pub struct JobRecord {
     /// An edit's input picture, stored as PNG: its storage key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_image: Option<String>,
+    /// An inpainting job's mask, stored as PNG: its storage key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_image: Option<String>,
 }
 
 /// Runs a job may start before one that was running whenever its server
@@ -271,9 +292,11 @@ impl JobRecord {
         format!("jobs/{id}.json")
     }
 
-    /// Storage key of job `id`'s input picture (an edit's `init_image`).
-    pub fn input_key(id: &str) -> String {
-        format!("inputs/{id}/init.png")
+    /// Storage key of job `id`'s input `field` (`init_image`: `init.png`,
+    /// `mask_image`: `mask.png`).
+    pub fn input_key(id: &str, field: &str) -> String {
+        let name = field.strip_suffix("_image").unwrap_or(field);
+        format!("inputs/{id}/{name}.png")
     }
 
     /// Storage key of job `id`'s image `index`.
@@ -345,6 +368,7 @@ mod tests {
             attempts: 1,
             heartbeat_at: None,
             init_image: None,
+            mask_image: None,
         };
         let back: JobRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back.status, JobState::Processing);

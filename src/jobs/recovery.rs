@@ -100,10 +100,10 @@ impl Jobs {
         mut record: JobRecord,
     ) -> bool {
         let id = record.image_id.clone();
-        let validated = match self.stored_input(&record).await {
-            Ok(image) => record
+        let validated = match self.stored_inputs(&record).await {
+            Ok(images) => record
                 .request
-                .validate_with_image(info, &self.inner.limits, image),
+                .validate_with_images(info, &self.inner.limits, images),
             Err(e) => Err(e),
         };
         let result = match validated {
@@ -132,14 +132,25 @@ impl Jobs {
         }
     }
 
-    /// A recovered edit's input picture, from storage (`None` for text to image).
-    async fn stored_input(&self, record: &JobRecord) -> Result<Option<SourceImage>> {
-        let Some(key) = &record.init_image else {
+    /// A recovered edit's input picture and mask, from storage (none for text
+    /// to image).
+    async fn stored_inputs(&self, record: &JobRecord) -> Result<EditInputs> {
+        Ok(EditInputs {
+            init: self.stored_input(&record.init_image, "init_image").await?,
+            mask: self.stored_input(&record.mask_image, "mask_image").await?,
+        })
+    }
+
+    async fn stored_input(&self, key: &Option<String>, field: &str) -> Result<Option<SourceImage>> {
+        let Some(key) = key else {
             return Ok(None);
         };
-        let bytes = self.inner.storage.get(key).await?.ok_or_else(|| {
-            Error::invalid("init_image", format!("the stored input {key} is gone"))
-        })?;
-        SourceImage::decode(&bytes, "init_image", usize::MAX).map(Some)
+        let bytes = self
+            .inner
+            .storage
+            .get(key)
+            .await?
+            .ok_or_else(|| Error::invalid(field, format!("the stored input {key} is gone")))?;
+        SourceImage::decode(&bytes, field, usize::MAX).map(Some)
     }
 }

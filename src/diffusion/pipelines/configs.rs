@@ -18,6 +18,10 @@ const SUPPORTED_PIPELINES: &[(&str, Family)] = &[
     // An SD 1.x/2.x folder with an LCM-distilled UNet (SimianLuo/LCM_Dreamshaper_v7).
     ("LatentConsistencyModelPipeline", Family::Sd),
     ("StableDiffusionXLPipeline", Family::Sdxl),
+    // Inpainting folders (stable-diffusion-inpainting, stable-diffusion-2-inpainting,
+    // stable-diffusion-xl-1.0-inpainting-0.1): a 9-channel UNet, else the same parts.
+    ("StableDiffusionInpaintPipeline", Family::Sd),
+    ("StableDiffusionXLInpaintPipeline", Family::Sdxl),
 ];
 
 /// Reads and checks the configs of the diffusers folder `dir` without loading
@@ -159,20 +163,29 @@ impl Configs {
         Ok(())
     }
 
-    /// The UNet must take and give the VAE's latents (an inpainting UNet's 9
-    /// input channels are refused here).
+    /// The UNet must give the VAE's latents and take them, or (an inpainting
+    /// UNet) take them with the mask and the masked picture's latents: `2c + 1`
+    /// channels, diffusers' `StableDiffusionInpaintPipeline` layout.
     fn check_latent_channels(&self) -> Result<()> {
-        let (unet, vae) = (&self.unet, &self.vae);
-        if unet.in_channels != vae.latent_channels || unet.out_channels != vae.latent_channels {
+        let (unet, c) = (&self.unet, self.vae.latent_channels);
+        if unet.out_channels != c || (unet.in_channels != c && unet.in_channels != 2 * c + 1) {
             return Err(Error::model_file(
                 &self.unet_path,
                 format!(
-                    "in_channels {} / out_channels {} do not match the VAE's latent_channels {} (inpainting UNets are not supported)",
-                    unet.in_channels, unet.out_channels, vae.latent_channels
+                    "in_channels {} / out_channels {} do not fit the VAE's latent_channels {c} \
+                     (a UNet takes {c} channels, or {} to inpaint, and gives {c})",
+                    unet.in_channels,
+                    unet.out_channels,
+                    2 * c + 1
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// Whether the UNet is an inpainting one (takes the mask and masked picture).
+    fn inpainting(&self) -> bool {
+        self.unet.in_channels == 2 * self.vae.latent_channels + 1
     }
 
     /// What `/info` and image metadata say about the model in `dir`.
@@ -204,6 +217,7 @@ impl Configs {
             memory: MemoryProfile::of(&self.unet, &self.vae),
             defaults,
             guidance_embedded,
+            inpainting: self.inpainting(),
         }
     }
 }

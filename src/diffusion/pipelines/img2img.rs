@@ -37,6 +37,22 @@ impl StableDiffusion {
         })
     }
 
+    /// The latents of `pixels` as the edit pipelines take them
+    /// (`_encode_vae_image`: `retrieve_latents(vae.encode(image),
+    /// sample_mode="sample")`, `* scaling_factor`), the posterior sampled with
+    /// `vae_noise` and broadcast to the shape of `like`, one row per image.
+    pub(super) fn image_latents(
+        &self,
+        pixels: &Tensor,
+        vae_noise: &Tensor,
+        like: &Tensor,
+    ) -> Result<Tensor> {
+        let posterior = self.encode_image(pixels)?;
+        Ok((posterior.sample(vae_noise)? * self.vae_scaling_factor)?
+            .broadcast_as(like.shape())?
+            .contiguous()?)
+    }
+
     /// Runs one validated image-to-image request.
     pub(super) fn img2img(
         &self,
@@ -59,14 +75,12 @@ impl StableDiffusion {
             None => seeded.initial_latents(self.info.latent_channels, h, w, &Device::Cpu)?,
         };
         let t1 = Instant::now();
-        let posterior = self.encode_image(&init.pixels)?;
-        let vae_noise = match req.latents.as_ref().and_then(|g| g.vae_noise.as_ref()) {
-            Some(given) => given.clone(),
-            None => seeded.noise_like(&noise)?,
-        };
-        let image_latents = (posterior.sample(&vae_noise)? * self.vae_scaling_factor)?
-            .broadcast_as(noise.shape())?
-            .contiguous()?;
+        let vae_noise = given_or_drawn(
+            req.latents.as_ref().and_then(|g| g.vae_noise.as_ref()),
+            &mut seeded,
+            &noise,
+        )?;
+        let image_latents = self.image_latents(&init.pixels, &vae_noise, &noise)?;
         timings.vae_encode = t1.elapsed().as_secs_f64();
 
         let mut scheduler = self.scheduler(req.scheduler, &req.scheduler_options, req.steps)?;
@@ -97,5 +111,17 @@ impl StableDiffusion {
             seeds,
             timings,
         })
+    }
+}
+
+/// The noise a request brought (`--latents`), else a draw shaped like `like`.
+pub(super) fn given_or_drawn(
+    given: Option<&Tensor>,
+    seeded: &mut SeededNoise,
+    like: &Tensor,
+) -> Result<Tensor> {
+    match given {
+        Some(t) => Ok(t.clone()),
+        None => seeded.noise_like(like),
     }
 }

@@ -34,6 +34,9 @@ pub struct ModelInfo {
     /// Whether the UNet takes the guidance scale as an embedding
     /// (`time_cond_proj_dim`: LCM-distilled) instead of running guided.
     pub guidance_embedded: bool,
+    /// Whether the UNet is an inpainting one (9 input channels: the latents, the
+    /// mask and the masked picture's latents), which runs only to inpaint.
+    pub inpainting: bool,
 }
 
 /// The steps and guidance scale a request that leaves them out runs with:

@@ -6,7 +6,8 @@
 //! a task adds), and one file per
 //! task over them ([`txt2img`]: diffusers' `StableDiffusionPipeline.__call__`
 //! and `StableDiffusionXLPipeline.__call__`; [`img2img`]: their image-to-image
-//! pipelines), plus what the model accepts ([`info`]).
+//! pipelines; [`inpaint`]: their inpainting ones), plus what the model
+//! accepts ([`info`]).
 //!
 //! Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
 //! Models"; classifier-free guidance after Ho & Salimans 2022. Components load
@@ -18,6 +19,7 @@ mod configs;
 mod denoise;
 mod img2img;
 mod info;
+mod inpaint;
 mod lcm;
 mod sdxl;
 mod text;

@@ -3,7 +3,7 @@
 //! `StableDiffusionXLPipeline.__call__`, which differ only in what the prompt
 //! encodes to ([`super::TextEncoders`]): encode the prompts, draw the seeded
 //! noise, run the shared denoising loop, decode. A request with an init image
-//! goes to [`super::img2img`] instead.
+//! goes to [`super::img2img`] instead, or with a mask too to [`super::inpaint`].
 
 use std::time::Instant;
 
@@ -46,7 +46,11 @@ impl StableDiffusion {
         }
         if let Some(init) = &first.init {
             // Edits never batch (`batches_with`): one request, its own image.
-            return Ok(vec![self.img2img(first, init, progress)?]);
+            let out = match &init.mask {
+                Some(mask) => self.inpaint(first, init, mask, progress)?,
+                None => self.img2img(first, init, progress)?,
+            };
+            return Ok(vec![out]);
         }
         let mut timings = Timings::default();
         // The loop decides the same way (`run_denoise`): rows and passes agree.

@@ -6,107 +6,21 @@
 //! [`GenerateRequest`] that the pipeline can run without further checks.
 //! Errors name the field as [`Error::InvalidRequest`].
 
+mod edit;
+mod limits;
+
 use serde::{Deserialize, Serialize};
 
+pub use self::edit::{DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, DEFAULT_XL_INPAINT_STRENGTH};
+use self::edit::{EditImages, Settled};
+pub use self::limits::{Limits, default_request_bytes};
 pub use crate::diffusion::params::{
     GenerateRequest, GivenLatents, InitImage, MicroConditioning, img2img_start,
 };
-use crate::diffusion::pipelines::{ModelInfo, SamplingDefaults};
+use crate::diffusion::pipelines::ModelInfo;
 use crate::diffusion::schedulers::{SchedulerKind, check_overrides};
 pub use crate::edit::SourceImage;
 use crate::error::{Error, Result};
-
-/// Server- or CLI-wide bounds on what one request may ask for.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Limits {
-    /// Largest width × height in pixels.
-    pub max_pixels: usize,
-    /// Largest width or height in pixels.
-    pub max_side: usize,
-    pub max_steps: usize,
-    pub max_images: usize,
-    /// Longest prompt or negative prompt, in characters.
-    pub max_prompt_chars: usize,
-    /// Most working memory one request may need beyond the loaded weights
-    /// ([`ModelInfo::working_bytes`]): an allocation failure aborts the process,
-    /// so a request that could exhaust memory is refused before it runs.
-    pub max_request_bytes: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_pixels: 1024 * 1024,
-            max_side: 2048,
-            max_steps: 500,
-            max_images: 8,
-            max_prompt_chars: 4000,
-            max_request_bytes: default_request_bytes(),
-        }
-    }
-}
-
-impl Limits {
-    /// The side a request that gives none gets: the model's default, made to
-    /// fit these limits (the largest multiple of `multiple` within the side
-    /// limit whose square is within the area limit), so that leaving the size
-    /// out never asks for more than the server allows.
-    pub fn default_side(&self, model_default: usize, multiple: usize) -> usize {
-        let m = multiple.max(1);
-        let side = model_default
-            .min(self.max_side)
-            .min(self.max_pixels.isqrt());
-        (side / m * m).max(m)
-    }
-
-    /// The steps a request that gives none gets: the model's default
-    /// ([`SamplingDefaults`]), or the limit when that is lower.
-    pub fn default_steps(&self, model: &SamplingDefaults) -> usize {
-        model.steps.min(self.max_steps).max(1)
-    }
-
-    /// These limits with room for a style's template: a styled prompt may be
-    /// longer than what its caller typed, which is what the limit bounds.
-    pub fn with_prompt_room(self, (prompt, negative): (usize, usize)) -> Self {
-        Self {
-            max_prompt_chars: self.max_prompt_chars + prompt.max(negative),
-            ..self
-        }
-    }
-}
-
-/// Half of the memory this process may use: the machine's, or the container's
-/// cgroup limit when lower (the other half holds the weights and the rest of
-/// the process).
-pub fn default_request_bytes() -> u64 {
-    memory_limit_bytes().map_or(8 << 30, |m| m / 2)
-}
-
-/// Physical memory, capped by a cgroup v2 (`memory.max`) or v1 limit.
-fn memory_limit_bytes() -> Option<u64> {
-    let physical = {
-        // SAFETY: sysconf only reads system configuration.
-        let (pages, size) = unsafe {
-            (
-                libc::sysconf(libc::_SC_PHYS_PAGES),
-                libc::sysconf(libc::_SC_PAGESIZE),
-            )
-        };
-        (pages > 0 && size > 0).then(|| (pages as u64).saturating_mul(size as u64))
-    };
-    let cgroup = [
-        "/sys/fs/cgroup/memory.max",
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-    ]
-    .iter()
-    .filter_map(|p| std::fs::read_to_string(p).ok())
-    .filter_map(|s| s.trim().parse::<u64>().ok())
-    .min();
-    match (physical, cgroup) {
-        (Some(p), Some(c)) => Some(p.min(c)),
-        (p, c) => p.or(c),
-    }
-}
 
 /// What a caller asked for; every field optional, defaults applied by `validate`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -131,8 +45,9 @@ pub struct GenerateParams {
     pub scheduler_options: Option<serde_json::Map<String, serde_json::Value>>,
     pub seed: Option<u64>,
     pub num_images: Option<usize>,
-    /// Image to image: how much of the schedule runs, in (0, 1] (default 0.8,
-    /// diffusers' `strength`); needs an init image.
+    /// Image to image and inpainting: how much of the schedule runs, in (0, 1]
+    /// (diffusers' `strength`; default 0.8, inpainting 1.0, SDXL inpainting
+    /// 0.9999, as its pipelines'); needs an init image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
 }
@@ -145,10 +60,10 @@ pub struct Inputs {
     /// Image to image: the picture to start from, and the field it came in
     /// (`init_image`, the CLI's `--init-image`).
     pub init_image: Option<(SourceImage, String)>,
+    /// Inpainting: white where the init image is repainted, and its field
+    /// (`mask_image`, the CLI's `--mask`).
+    pub mask_image: Option<(SourceImage, String)>,
 }
-
-/// diffusers' `StableDiffusionImg2ImgPipeline` default `strength`.
-pub const DEFAULT_STRENGTH: f64 = 0.8;
 
 fn check_side(field: &str, v: usize, factor: usize, limits: &Limits) -> Result<usize> {
     if v == 0 || !v.is_multiple_of(factor) {
@@ -199,7 +114,7 @@ impl GenerateParams {
     ) -> Result<GenerateRequest> {
         let inputs = Inputs {
             latents,
-            init_image: None,
+            ..Default::default()
         };
         self.validate_with(model, limits, inputs)
     }
@@ -216,7 +131,12 @@ impl GenerateParams {
         let Inputs {
             latents,
             init_image,
+            mask_image,
         } = inputs;
+        let images = EditImages {
+            init: init_image,
+            mask: mask_image,
+        };
         let prompt = self.prompt.clone().unwrap_or_default();
         check_text("prompt", &prompt, limits)?;
         for (field, text) in [
@@ -230,23 +150,9 @@ impl GenerateParams {
 
         let f = model.vae_scale_factor;
         let default_side = limits.default_side(model.default_size, f);
-        let (default_w, default_h) = match &init_image {
-            Some((img, field)) => {
-                let (w, h) = img.default_size(f);
-                if w == 0 || h == 0 {
-                    return Err(Error::invalid(
-                        field.clone(),
-                        format!(
-                            "{}x{} is smaller than {f} pixels on a side",
-                            img.width(),
-                            img.height()
-                        ),
-                    ));
-                }
-                (w, h)
-            }
-            None => (default_side, default_side),
-        };
+        let (default_w, default_h) = images
+            .default_size(f)?
+            .unwrap_or((default_side, default_side));
         let width = check_side("width", self.width.unwrap_or(default_w), f, limits)?;
         let height = check_side("height", self.height.unwrap_or(default_h), f, limits)?;
         // Checked: sides come from callers, and a wrapped product would pass.
@@ -360,38 +266,15 @@ impl GenerateParams {
                 ),
             ));
         }
-        let init = match init_image {
-            Some((img, _)) => {
-                let strength = check_strength(self.strength, steps, scheduler, model)?;
-                Some(InitImage {
-                    pixels: img.to_tensor(width, height)?,
-                    strength,
-                })
-            }
-            None if self.strength.is_some() => {
-                return Err(Error::invalid(
-                    "strength",
-                    "needs an init image to change (init_image)",
-                ));
-            }
-            None => None,
+        let settled = Settled {
+            width,
+            height,
+            steps,
+            scheduler,
+            num_images,
+            latents: latents.as_ref(),
         };
-        if let Some(vae_noise) = latents.as_ref().and_then(|l| l.vae_noise.as_ref()) {
-            let want = (model.latent_channels, height / f, width / f);
-            let ok = matches!(vae_noise.dims4(), Ok((n, c, h, w)) if (n == 1 || n == num_images) && (c, h, w) == want);
-            if init.is_none() || !ok {
-                return Err(Error::invalid(
-                    "latents",
-                    format!(
-                        "`vae_noise` {:?} needs an init image and the shape [1 or {num_images}, {}, {}, {}]",
-                        vae_noise.dims(),
-                        want.0,
-                        want.1,
-                        want.2
-                    ),
-                ));
-            }
-        }
+        let init = images.check(self, model, &settled)?;
         let seed = self.seed.unwrap_or_else(random_seed);
         Ok(GenerateRequest {
             prompt,
@@ -412,42 +295,6 @@ impl GenerateParams {
             init,
         })
     }
-}
-
-/// `strength` (default [`DEFAULT_STRENGTH`]) in (0, 1], leaving at least one of
-/// `steps` to run (diffusers refuses the same), on a scheduler whose image to
-/// image this is.
-fn check_strength(
-    strength: Option<f64>,
-    steps: usize,
-    scheduler: SchedulerKind,
-    model: &ModelInfo,
-) -> Result<f64> {
-    let strength = strength.unwrap_or(DEFAULT_STRENGTH);
-    if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
-        return Err(Error::invalid(
-            "strength",
-            format!("{strength} is outside (0, 1]"),
-        ));
-    }
-    if img2img_start(steps, strength).is_none() {
-        return Err(Error::invalid(
-            "strength",
-            format!(
-                "{strength} of {steps} steps runs none (at least 1 / steps = {:.3} is needed)",
-                1.0 / steps as f64
-            ),
-        ));
-    }
-    // LCM's image to image (diffusers' LatentConsistencyModelImg2ImgPipeline)
-    // sets its timesteps from the strength itself: not this pipeline's.
-    if model.scheduler_config.resolve(scheduler)? == SchedulerKind::Lcm {
-        return Err(Error::invalid(
-            "scheduler",
-            "image to image with the LCM scheduler is not supported yet; choose another scheduler",
-        ));
-    }
-    Ok(strength)
 }
 
 /// The largest value a micro-conditioning field may hold (SDXL was trained on
