@@ -15,7 +15,7 @@ use crate::diffusion::schedulers::SchedulerKind;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::output::ImageMetadata;
-use crate::request::{GenerateParams, Limits};
+use crate::request::{GenerateParams, Inputs, Limits, SourceImage};
 
 pub(crate) struct Worker {
     pub queue: Arc<JobQueue>,
@@ -66,20 +66,36 @@ impl Worker {
     }
 
     /// One step of one small image (a quarter of the default area) end to end:
-    /// the first measurement of the step rate.
+    /// the first measurement of the step rate. An inpainting model, which runs
+    /// only with a picture and a mask, repaints the middle of a gray one.
     fn warm_up(&self, model: &dyn Pipeline) -> Result<()> {
         let info = model.info();
         let f = info.vae_scale_factor;
         let side = (info.default_size / 2).div_ceil(f).max(1) * f;
-        let request = GenerateParams {
+        let params = GenerateParams {
             prompt: Some("warm-up".into()),
             width: Some(side),
             height: Some(side),
             steps: Some(1),
             seed: Some(0),
             ..Default::default()
-        }
-        .validate(info, &Limits::default(), None)?;
+        };
+        let inputs = if info.inpainting {
+            let s = side as u32;
+            let gray = image::RgbImage::from_pixel(s, s, image::Rgb([128; 3]));
+            let mask = image::RgbImage::from_fn(s, s, |x, y| {
+                let inside = (s / 4..s * 3 / 4).contains(&x) && (s / 4..s * 3 / 4).contains(&y);
+                image::Rgb([if inside { 255 } else { 0 }; 3])
+            });
+            Inputs {
+                latents: None,
+                init_image: Some((SourceImage { rgb: gray }, "init_image".into())),
+                mask_image: Some((SourceImage { rgb: mask }, "mask_image".into())),
+            }
+        } else {
+            Inputs::default()
+        };
+        let request = params.validate_with(info, &Limits::default(), inputs)?;
         let t = Instant::now();
         let out = model
             .generate_batch(&[&request], &mut |_| true)?

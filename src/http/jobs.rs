@@ -242,6 +242,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
         "model": model.name,
         "family": model.family.name(),
         "pipeline_class": model.pipeline_class,
+        "inpainting": model.inpainting,
         "default_resolution": format!("{0}x{0}", default_side),
         "resolutions": resolutions(
             default_side,

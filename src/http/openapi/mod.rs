@@ -256,13 +256,14 @@ pub fn spec(b: &Bounds) -> Value {
             "model": {"type": "string"}
         }},
         "Info": {"type": "object",
-            "required": ["model", "family", "pipeline_class", "default_resolution", "resolutions", "resolution_multiple", "schedulers",
+            "required": ["model", "family", "pipeline_class", "inpainting", "default_resolution", "resolutions", "resolution_multiple", "schedulers",
                 "default_scheduler", "default_steps", "default_guidance", "max_steps", "max_images", "max_pixels",
                 "queue_length", "queue_capacity"],
             "properties": {
                 "model": {"type": "string"},
                 "family": {"type": "string", "enum": ["sd", "sdxl"], "description": "sd: Stable Diffusion 1.x/2.x; sdxl: SDXL and its descendants (they take prompt_2 and the size conditioning)"},
                 "pipeline_class": {"type": "string", "description": "model_index.json's _class_name"},
+                "inpainting": {"type": "boolean", "description": "an inpainting model (9-channel UNet): every request needs init_image and mask_image"},
                 "default_resolution": {"type": "string"},
                 "resolutions": {"type": "array", "items": {"type": "string"}},
                 "resolution_multiple": {"type": "integer", "minimum": 1},
