@@ -77,6 +77,9 @@ fn edits_from_base64_and_from_an_earlier_result() {
     let done = wait_final(&s, &id);
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["request"]["strength"], 0.75);
+    assert_eq!(done["mask_image_url"], Value::Null, "{done}");
+    let shown = get_png(&s, done["init_image_url"].as_str().unwrap());
+    assert!(shown == image::open(input_png()).unwrap().to_rgb8());
     assert!(
         done["request"].get("init_image").is_none(),
         "no image bytes in the record: {done}"
@@ -186,6 +189,10 @@ fn an_inpainting_job_keeps_its_mask_through_a_restart() {
     // Inpainting's default strength, as diffusers' pipeline has it.
     assert_eq!(done["request"]["strength"], 1.0, "{done}");
     assert!(done["request"].get("mask_image").is_none(), "{done}");
+    // GET /image/{id} shows what was edited: the stored picture and mask.
+    let shown = |key: &str| get_png(&s, done[key].as_str().expect(key));
+    assert!(shown("init_image_url") == image::open(input_png()).unwrap().to_rgb8());
+    assert!(shown("mask_image_url") == image::open(mask_png()).unwrap().to_rgb8());
     let served = get_png(&s, done["image_url"].as_str().unwrap());
     let cli = cli_run(&input_png(), Some(&mask_png()), "a red boat", 9, 1.0);
     assert!(

@@ -53,6 +53,11 @@ fn generate_then_status_file_and_gallery() {
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["progress"], 1.0);
     assert_eq!(done["image_url"], format!("/files/{id}/0.png"));
+    assert_eq!(
+        done["init_image_url"],
+        Value::Null,
+        "text to image has no input"
+    );
     assert!(done["generated_at"].as_str().unwrap().contains('T'));
     assert!(done["error"].is_null());
     assert_eq!(done["request"]["seed"], 7);

@@ -199,6 +199,41 @@ fn images_and_records_live_in_the_bucket() {
         .unwrap();
     assert_eq!(again["status"], "completed");
     assert_eq!(again["seeds"], json!([5]));
+
+    // An inpainting edit of that result: its inputs go to the bucket too, and
+    // GET /image/{id} presigns them.
+    use base64::Engine as _;
+    let mask = std::fs::read(common::fixtures().join("edit/mask-96.png")).unwrap();
+    let mask = base64::engine::general_purpose::STANDARD.encode(mask);
+    let r = client()
+        .post(s.url("/generate"))
+        .json(
+            &json!({"text": "a boat", "steps": 2, "seed": 5, "resolution": "96x96",
+                      "init_image": {"image_id": id}, "mask_image": mask}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let edit = r.json::<Value>().unwrap()["image_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = wait_final(&s, &edit);
+    assert_eq!(done["status"], "completed", "{done}");
+    for (field, name) in [("init_image_url", "init"), ("mask_image_url", "mask")] {
+        let url = done[field].as_str().unwrap();
+        let key = format!("run1/inputs/{edit}/{name}.png");
+        assert!(
+            url.starts_with(&format!("{}/sdserve-test/{key}?", moto.endpoint)),
+            "{url}"
+        );
+        let direct = client().get(url).send().unwrap();
+        assert_eq!(direct.status(), 200, "{url}");
+        assert_eq!(
+            direct.bytes().unwrap(),
+            moto.object("sdserve-test", &key).unwrap()
+        );
+    }
 }
 
 #[test]

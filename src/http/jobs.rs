@@ -166,15 +166,20 @@ pub async fn file(
     State(state): State<Arc<AppState>>,
     Path((id, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let index = file
+    let stem = file
         .strip_suffix(".png")
-        .and_then(|i| i.parse::<usize>().ok())
         .ok_or_else(|| ApiError::NotFound(format!("no file {file:?}")))?;
-    let bytes = state
-        .jobs
-        .image(&id, index)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no image {index} for id {id:?}")))?;
+    let bytes = match stem {
+        // An edit's stored inputs (`init_image_url`, `mask_image_url`).
+        "init" | "mask" => state.jobs.input(&id, &format!("{stem}_image")).await?,
+        _ => {
+            let index = stem
+                .parse::<usize>()
+                .map_err(|_| ApiError::NotFound(format!("no file {file:?}")))?;
+            state.jobs.image(&id, index).await?
+        }
+    };
+    let bytes = bytes.ok_or_else(|| ApiError::NotFound(format!("no {file} for id {id:?}")))?;
     Ok((
         [
             (header::CONTENT_TYPE, "image/png"),

@@ -84,6 +84,10 @@ pub struct StatusBody {
     pub status: JobState,
     pub image_url: Option<String>,
     pub image_urls: Vec<String>,
+    /// An edit's input picture and mask, as stored with the job (`null` for
+    /// text to image).
+    pub init_image_url: Option<String>,
+    pub mask_image_url: Option<String>,
     pub created_at: chrono::DateTime<Utc>,
     pub started_at: Option<chrono::DateTime<Utc>>,
     pub generated_at: Option<chrono::DateTime<Utc>>,
@@ -428,30 +432,26 @@ impl Jobs {
 
     /// The API body for a view: image URLs (presigned for S3) and time estimate.
     pub async fn status_body(&self, view: &JobView) -> Result<StatusBody, JobError> {
-        let mut urls = Vec::with_capacity(view.record.images.len());
-        for (i, key) in view.record.images.iter().enumerate() {
-            let signed = self
-                .inner
-                .storage
-                .signed_url(key, self.inner.config.presign_expiry)
-                .await
-                .map_err(|e| {
-                    tracing::warn!("signing an image URL failed: {e}");
-                    JobError::storage_unavailable()
-                })?;
-            urls.push(signed.unwrap_or_else(|| {
-                format!(
-                    "{}/files/{}/{i}.png",
-                    self.inner.config.public_url, view.record.image_id
-                )
-            }));
-        }
         let r = &view.record;
+        let mut urls = Vec::with_capacity(r.images.len());
+        for (i, key) in r.images.iter().enumerate() {
+            urls.push(self.file_url(key, &r.image_id, &format!("{i}.png")).await?);
+        }
+        let mut input_urls = [None, None];
+        for (url, key) in input_urls.iter_mut().zip([&r.init_image, &r.mask_image]) {
+            if let Some(key) = key {
+                let name = key.rsplit('/').next().unwrap_or("init.png");
+                *url = Some(self.file_url(key, &r.image_id, name).await?);
+            }
+        }
+        let [init_image_url, mask_image_url] = input_urls;
         Ok(StatusBody {
             image_id: r.image_id.clone(),
             status: r.status,
             image_url: urls.first().cloned(),
             image_urls: urls,
+            init_image_url,
+            mask_image_url,
             created_at: r.created_at,
             started_at: r.started_at,
             generated_at: r.generated_at,
@@ -465,6 +465,36 @@ impl Jobs {
             seeds: r.seeds.clone(),
             timings: r.timings,
         })
+    }
+
+    /// Where a client gets stored file `key` of job `id`: a presigned URL on
+    /// S3, else this server's `/files/{id}/{name}`.
+    async fn file_url(&self, key: &str, id: &str, name: &str) -> Result<String, JobError> {
+        let signed = self
+            .inner
+            .storage
+            .signed_url(key, self.inner.config.presign_expiry)
+            .await
+            .map_err(|e| {
+                tracing::warn!("signing an image URL failed: {e}");
+                JobError::storage_unavailable()
+            })?;
+        Ok(signed.unwrap_or_else(|| format!("{}/files/{id}/{name}", self.inner.config.public_url)))
+    }
+
+    /// The stored input `field` (`init_image`, `mask_image`) of edit job `id`.
+    pub async fn input(&self, id: &str, field: &str) -> Result<Option<Vec<u8>>, JobError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        self.inner
+            .storage
+            .get(&JobRecord::input_key(id, field))
+            .await
+            .map_err(|e| {
+                tracing::warn!(image_id = id, "reading an input failed: {e}");
+                JobError::storage_unavailable()
+            })
     }
 
     /// The stored bytes of image `index` of job `id`.

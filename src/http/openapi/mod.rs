@@ -195,7 +195,7 @@ pub fn spec(b: &Bounds) -> Value {
                 "events_url": {"type": "string"}
             }},
         "Status": {"type": "object", "additionalProperties": false,
-            "required": ["image_id", "status", "image_url", "image_urls", "created_at", "started_at",
+            "required": ["image_id", "status", "image_url", "image_urls", "init_image_url", "mask_image_url", "created_at", "started_at",
                 "generated_at", "progress", "step", "total_steps", "queue_position", "estimated_time",
                 "error", "request", "seeds", "timings"],
             "properties": {
@@ -203,6 +203,8 @@ pub fn spec(b: &Bounds) -> Value {
                 "status": {"type": "string", "enum": ["queued", "processing", "completed", "failed", "cancelled"]},
                 "image_url": {"type": ["string", "null"]},
                 "image_urls": {"type": "array", "items": {"type": "string"}},
+                "init_image_url": {"type": ["string", "null"], "description": "an edit's input picture, as stored with the job"},
+                "mask_image_url": {"type": ["string", "null"], "description": "an inpainting job's mask, as stored with the job"},
                 "created_at": {"type": "string", "format": "date-time"},
                 "started_at": {"type": ["string", "null"], "format": "date-time"},
                 "generated_at": {"type": ["string", "null"], "format": "date-time"},
