@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/info", get(jobs::info))
         .route("/", get(ui::index))
         .route("/config.js", get(ui::config_js))
+        .route("/editor.js", get(ui::editor_js))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -7,6 +7,7 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse, Response};
 
 const INDEX: &str = include_str!("ui/index.html");
+const EDITOR: &str = include_str!("ui/editor.js");
 
 /// The page's Content-Security-Policy: its own inline script and style and
 /// `config.js`; images from anywhere (presigned S3 URLs) and API calls to any
@@ -32,6 +33,18 @@ pub async fn config_js() -> Response {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
         "// Served by sdserve itself: the API is on the same origin.\n",
+    )
+        .into_response()
+}
+
+/// The page's image editor (`editor.js`, beside `index.html` wherever the page is hosted).
+pub async fn editor_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        EDITOR,
     )
         .into_response()
 }
