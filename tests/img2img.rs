@@ -14,7 +14,7 @@ use std::process::Command;
 
 use common::{Reference, max_abs, max_abs_diff};
 use sdserve::request::{
-    GenerateParams, GenerateRequest, GivenLatents, Inputs, Limits, SourceImage,
+    GenerateParams, GenerateRequest, GivenLatents, Inputs, Limits, SourceImage, default_strength,
 };
 use serde_json::Value;
 
@@ -62,7 +62,7 @@ fn the_vae_encodes_as_diffusers_does() {
     assert!(d <= tol, "round trip differs by {d} (tolerance {tol})");
 }
 
-fn case_params(case: &Value) -> GenerateParams {
+fn case_params(case: &Value, default_strength: f64) -> GenerateParams {
     let scheduler = case["scheduler"].as_str().unwrap();
     GenerateParams {
         prompt: case["prompt"].as_str().map(str::to_string),
@@ -70,7 +70,8 @@ fn case_params(case: &Value) -> GenerateParams {
         steps: case["num_inference_steps"].as_u64().map(|v| v as usize),
         guidance: case["guidance_scale"].as_f64(),
         scheduler: (scheduler != "default").then(|| scheduler.to_string()),
-        strength: case["strength"].as_f64(),
+        // Left out where it is the default, so that the default is checked too.
+        strength: case["strength"].as_f64().filter(|&s| s != default_strength),
         seed: Some(0),
         ..Default::default()
     }
@@ -90,7 +91,7 @@ fn case_request(r: &Reference, case: &Value) -> GenerateRequest {
         mask_image: None,
     };
     let sd = model_of(r);
-    case_params(case)
+    case_params(case, default_strength(sd.info(), false))
         .validate_with(sd.info(), &Limits::default(), inputs)
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -106,6 +107,23 @@ fn every_sd2_v_prediction_case_matches_diffusers_step_by_step() {
     let r = Reference::load("img2img-sd2");
     assert_eq!(r.json["prediction_type"], "v_prediction");
     check_cases("img2img-sd2", 3);
+}
+
+/// SDXL (`StableDiffusionXLImg2ImgPipeline`): both text encoders, the size
+/// conditioning from the picture's size, its default strength 0.3, a missing
+/// negative prompt as zeros.
+#[test]
+fn every_sdxl_case_matches_diffusers_step_by_step() {
+    let r = Reference::load("img2img-sdxl");
+    assert_eq!(model_of(&r).info().family.name(), "sdxl");
+    assert!(
+        r.json["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["strength"] == 0.3)
+    );
+    check_cases("img2img-sdxl", 5);
 }
 
 fn check_cases(reference: &str, count: usize) {
@@ -172,7 +190,7 @@ fn the_init_image_and_strength_reach_the_result() {
     let d = max_abs_diff(&first, &run(&flipped));
     assert!(d > 0.05, "the init image changed nothing ({d})");
     // A lower strength keeps more of the picture: fewer steps, closer to it.
-    let mut params = case_params(case);
+    let mut params = case_params(case, f64::NAN);
     params.strength = Some(0.3);
     let inputs = Inputs {
         latents: base.latents.clone(),
@@ -268,10 +286,11 @@ fn sdserve() -> Command {
 /// images within one 8-bit level, and bad inputs fail naming the flag.
 #[test]
 fn the_cli_edits_an_image_as_diffusers_does() {
-    let r = Reference::load("img2img");
     let dir = tempfile::tempdir().unwrap();
-    for i in [2, 3] {
-        // euler at strength 1, euler_a (with its step noise) at 0.5
+    // euler at strength 1, euler_a (with its step noise) at 0.5; SDXL without
+    // a negative prompt (zeros, not the empty prompt's encoding)
+    for (reference, i) in [("img2img", 2), ("img2img", 3), ("img2img-sdxl", 3)] {
+        let r = Reference::load(reference);
         let case = &r.json["cases"][i];
         let name = case["name"].as_str().unwrap();
         let latents = dir.path().join(format!("{name}.safetensors"));
@@ -287,14 +306,18 @@ fn the_cli_edits_an_image_as_diffusers_does() {
         }
         candle_core::safetensors::save(&tensors, &latents).unwrap();
         let out = dir.path().join(format!("{name}.png"));
-        let status = sdserve()
-            .args(["generate", "--model"])
-            .arg(common::model_dir("tiny-sd1"))
+        let mut cmd = sdserve();
+        cmd.arg("generate");
+        if let Some(negative) = case["negative_prompt"].as_str() {
+            cmd.args(["--negative-prompt", negative]);
+        }
+        let status = cmd
+            .arg("--model")
+            .arg(
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join(r.json["model_dir"].as_str().unwrap()),
+            )
             .args(["--prompt", case["prompt"].as_str().unwrap()])
-            .args([
-                "--negative-prompt",
-                case["negative_prompt"].as_str().unwrap(),
-            ])
             .args(["--scheduler", case["scheduler"].as_str().unwrap()])
             .args(["--steps", &case["num_inference_steps"].to_string()])
             .args(["--guidance", &case["guidance_scale"].to_string()])

@@ -15,8 +15,7 @@ use std::process::Command;
 
 use common::{Reference, max_abs_diff};
 use sdserve::request::{
-    DEFAULT_INPAINT_STRENGTH, GenerateParams, GenerateRequest, GivenLatents, Inputs, Limits,
-    SourceImage,
+    GenerateParams, GenerateRequest, GivenLatents, Inputs, Limits, SourceImage, default_strength,
 };
 use serde_json::Value;
 
@@ -55,7 +54,7 @@ fn the_mask_is_read_as_diffusers_reads_it() {
     assert_eq!(max_abs_diff(&masked, &r.get("mask/masked_image")), 0.0);
 }
 
-fn case_params(case: &Value) -> GenerateParams {
+fn case_params(case: &Value, default_strength: f64) -> GenerateParams {
     let scheduler = case["scheduler"].as_str().unwrap();
     GenerateParams {
         prompt: case["prompt"].as_str().map(str::to_string),
@@ -63,10 +62,8 @@ fn case_params(case: &Value) -> GenerateParams {
         steps: case["num_inference_steps"].as_u64().map(|v| v as usize),
         guidance: case["guidance_scale"].as_f64(),
         scheduler: (scheduler != "default").then(|| scheduler.to_string()),
-        // 1.0 is the default: leave it out there, so that the default is checked too.
-        strength: case["strength"]
-            .as_f64()
-            .filter(|&s| s != DEFAULT_INPAINT_STRENGTH),
+        // Left out where it is the default, so that the default is checked too.
+        strength: case["strength"].as_f64().filter(|&s| s != default_strength),
         seed: Some(0),
         ..Default::default()
     }
@@ -86,16 +83,35 @@ fn case_request(r: &Reference, case: &Value) -> GenerateRequest {
         mask_image: Some((mask(r), "mask_image".into())),
     };
     let sd = common::model(model_name(case));
-    case_params(case)
+    case_params(case, default_strength(sd.info(), true))
         .validate_with(sd.info(), &Limits::default(), inputs)
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 #[test]
 fn every_case_matches_diffusers_step_by_step() {
-    let r = Reference::load("inpaint");
+    check_cases("inpaint", HashMap::from([(9, 4), (4, 4)]));
+}
+
+/// SDXL (`StableDiffusionXLInpaintPipeline`) on an ordinary UNet: the blend,
+/// both text encoders, the default strength 0.9999 (the first step skipped).
+#[test]
+fn every_sdxl_case_matches_diffusers_step_by_step() {
+    let r = Reference::load("inpaint-sdxl");
     let cases = r.json["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 8);
+    assert!(
+        cases
+            .iter()
+            .any(|c| c["strength"] == 0.9999 && c["start"] == 1)
+    );
+    check_cases("inpaint-sdxl", HashMap::from([(4, 4)]));
+}
+
+/// Every case of `reference`, and how many ran on each kind of UNet (its input channels).
+fn check_cases(reference: &str, want_kinds: HashMap<u64, usize>) {
+    let r = Reference::load(reference);
+    let cases = r.json["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), want_kinds.values().sum::<usize>());
     let (step_tol, image_tol) = r.case_tolerances();
     let mut kinds = HashMap::new();
     for case in cases {
@@ -130,13 +146,15 @@ fn every_case_matches_diffusers_step_by_step() {
         let (image, worst, steps_seen) =
             common::generate_against(&sd, &req, &r.get(&key("step_latents")));
         assert_eq!(steps_seen, kept.len(), "{name}: steps run");
-        eprintln!("inpaint/{name}: worst step latent diff {worst:.3e} (tolerance {step_tol:.3e})");
+        eprintln!(
+            "{reference}/{name}: worst step latent diff {worst:.3e} (tolerance {step_tol:.3e})"
+        );
         assert!(worst <= step_tol, "{name}: step latents differ by {worst}");
         let d = max_abs_diff(&image, &r.get(&key("image")));
-        eprintln!("inpaint/{name}: image diff {d:.3e} (tolerance {image_tol:.3e})");
+        eprintln!("{reference}/{name}: image diff {d:.3e} (tolerance {image_tol:.3e})");
         assert!(d <= image_tol, "{name}: image differs by {d}");
     }
-    assert_eq!(kinds, HashMap::from([(9, 4), (4, 4)]));
+    assert_eq!(kinds, want_kinds);
 }
 
 /// The mask decides what changes: on an ordinary UNet the kept area ends as
@@ -310,10 +328,14 @@ fn sdserve() -> Command {
 /// naming the flag.
 #[test]
 fn the_cli_inpaints_as_diffusers_does() {
-    let r = Reference::load("inpaint");
     let dir = tempfile::tempdir().unwrap();
-    let cases = r.json["cases"].as_array().unwrap();
-    for name in ["ddim", "blend_euler_a"] {
+    for (reference, name) in [
+        ("inpaint", "ddim"),
+        ("inpaint", "blend_euler_a"),
+        ("inpaint-sdxl", "default"),
+    ] {
+        let r = Reference::load(reference);
+        let cases = r.json["cases"].as_array().unwrap();
         let case = cases.iter().find(|c| c["name"] == name).unwrap();
         let latents = dir.path().join(format!("{name}.safetensors"));
         let mut tensors = HashMap::new();
@@ -372,7 +394,7 @@ fn the_cli_inpaints_as_diffusers_does() {
         assert!(!err.contains("panicked"), "{err}");
         err
     };
-    let input = fixture(&r, "input");
+    let input = fixture(&Reference::load("inpaint"), "input");
     let err = run(&[
         "--init-image".as_ref(),
         input.as_os_str(),

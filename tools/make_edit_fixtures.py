@@ -116,7 +116,7 @@ def load_pipeline(folder, dtype) -> StableDiffusionImg2ImgPipeline:
     return pipe
 
 
-def run_case(pipe, base_config, spec, picture, seed, replay=None):
+def run_case(pipe, base_config, spec, picture, seed, replay=None, tapes_class=None):
     pipe.scheduler = mf.make_scheduler(base_config, spec["scheduler"], spec["overrides"])
     captured = {"latents": [], "t": []}
 
@@ -125,7 +125,7 @@ def run_case(pipe, base_config, spec, picture, seed, replay=None):
         captured["t"].append(float(t))
         return {}
 
-    tapes = Tapes(seed, replay)
+    tapes = (tapes_class or Tapes)(seed, replay)
     with tapes.patched(), torch.no_grad():
         images = pipe(
             prompt=spec["prompt"], negative_prompt=spec["negative_prompt"], image=picture,

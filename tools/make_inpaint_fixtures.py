@@ -140,7 +140,7 @@ class Tapes(ef.Tapes):
             inpaint_module.randn_tensor = saved
 
 
-def run_case(pipe, base_config, spec, picture, mask, seed, replay=None):
+def run_case(pipe, base_config, spec, picture, mask, seed, replay=None, tapes_class=None):
     pipe.scheduler = mf.make_scheduler(base_config, spec["scheduler"], spec["overrides"])
     captured = {"latents": [], "t": []}
 
@@ -149,7 +149,7 @@ def run_case(pipe, base_config, spec, picture, mask, seed, replay=None):
         captured["t"].append(float(t))
         return {}
 
-    tapes = Tapes(seed, replay)
+    tapes = (tapes_class or Tapes)(seed, replay)
     with tapes.patched(), torch.no_grad():
         images = pipe(
             prompt=spec["prompt"], negative_prompt=spec["negative_prompt"], image=picture,

@@ -63,7 +63,7 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "FILE")]
     pub init_image: Option<PathBuf>,
     /// Image to image: how much to change --init-image, in (0, 1]: the share
-    /// of the steps that run [default: 0.8; 1.0 with --mask, SDXL 0.9999].
+    /// of the steps that run [default: 0.8 (SDXL 0.3); 1.0 with --mask (SDXL 0.9999)].
     #[arg(long)]
     pub strength: Option<f64>,
     /// Inpainting: a mask for --init-image (PNG, JPEG or WebP), white where the

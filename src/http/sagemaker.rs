@@ -223,7 +223,7 @@ pub struct Invocation {
     #[schemars(extend("contentEncoding" = "base64"))]
     pub mask_image: Option<String>,
     /// Image to image and inpainting: how much of `image` to change, in (0, 1]
-    /// (default 0.8; with a mask 1.0, SDXL 0.9999); needs `image`, and at
+    /// (default 0.8, SDXL 0.3; with a mask 1.0, SDXL 0.9999); needs `image`, and at
     /// least one step to run (`strength` × `num_inference_steps` ≥ 1).
     #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
     pub strength: Option<f64>,

@@ -104,7 +104,7 @@ pub struct JobRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_image: Option<ImageSource>,
     /// Image to image and inpainting: how much of `init_image` to change, in
-    /// (0, 1] (default 0.8; with a mask 1.0, SDXL 0.9999): the share of the
+    /// (0, 1] (default 0.8, SDXL 0.3; with a mask 1.0, SDXL 0.9999): the share of the
     /// steps that run; at least one must.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]

@@ -10,6 +10,9 @@ use crate::error::{Error, Result};
 /// diffusers' `StableDiffusionImg2ImgPipeline` default `strength`.
 pub const DEFAULT_STRENGTH: f64 = 0.8;
 
+/// diffusers' `StableDiffusionXLImg2ImgPipeline` default `strength`.
+pub const DEFAULT_XL_STRENGTH: f64 = 0.3;
+
 /// diffusers' `StableDiffusionInpaintPipeline` default `strength`: the masked
 /// area starts from pure noise.
 pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
@@ -89,11 +92,7 @@ impl EditImages {
         if model.inpainting && self.mask.is_none() {
             return Err(inpainting_model_needs_mask(model));
         }
-        let default = match (&self.mask, model.family.is_xl()) {
-            (None, _) => DEFAULT_STRENGTH,
-            (Some(_), false) => DEFAULT_INPAINT_STRENGTH,
-            (Some(_), true) => DEFAULT_XL_INPAINT_STRENGTH,
-        };
+        let default = default_strength(model, self.mask.is_some());
         let strength = check_strength(params.strength.unwrap_or(default), run, model)?;
         check_noise(run, true, self.mask.is_some())?;
         Ok(Some(InitImage {
@@ -104,6 +103,17 @@ impl EditImages {
                 .map(|(mask, _)| mask.to_mask(run.width, run.height))
                 .transpose()?,
         }))
+    }
+}
+
+/// The `strength` an edit runs at when the request names none: the default of
+/// the diffusers pipeline that edit is (image to image or inpainting, SD or SDXL).
+pub fn default_strength(model: &ModelInfo, masked: bool) -> f64 {
+    match (masked, model.family.is_xl()) {
+        (false, false) => DEFAULT_STRENGTH,
+        (false, true) => DEFAULT_XL_STRENGTH,
+        (true, false) => DEFAULT_INPAINT_STRENGTH,
+        (true, true) => DEFAULT_XL_INPAINT_STRENGTH,
     }
 }
 

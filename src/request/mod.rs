@@ -11,7 +11,10 @@ mod limits;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::edit::{DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, DEFAULT_XL_INPAINT_STRENGTH};
+pub use self::edit::{
+    DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, DEFAULT_XL_INPAINT_STRENGTH, DEFAULT_XL_STRENGTH,
+    default_strength,
+};
 use self::edit::{EditImages, Settled};
 pub use self::limits::{Limits, default_request_bytes};
 pub use crate::diffusion::params::{
@@ -46,8 +49,8 @@ pub struct GenerateParams {
     pub seed: Option<u64>,
     pub num_images: Option<usize>,
     /// Image to image and inpainting: how much of the schedule runs, in (0, 1]
-    /// (diffusers' `strength`; default 0.8, inpainting 1.0, SDXL inpainting
-    /// 0.9999, as its pipelines'); needs an init image.
+    /// (diffusers' `strength`; default 0.8 (SDXL 0.3), inpainting 1.0 (SDXL
+    /// 0.9999), as its pipelines'); needs an init image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
 }

@@ -151,9 +151,10 @@
     return false;
   };
 
-  // diffusers' defaults, as the server applies them: 0.8 for image to image,
-  // 1.0 for inpainting (SDXL's 0.9999 shows as 1.00).
-  SdEditor.prototype.defaultStrength = function () { return this.painted() ? 1 : 0.8; };
+  // diffusers' defaults, as the server applies them: 0.8 for image to image
+  // (SDXL 0.3), 1.0 for inpainting (SDXL's 0.9999 shows as 1.00). The page
+  // sets `xl` from /info.
+  SdEditor.prototype.defaultStrength = function () { return this.painted() ? 1 : (this.xl ? 0.3 : 0.8); };
 
   SdEditor.prototype.changed = function () {
     var els = this.els;
