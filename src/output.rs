@@ -266,7 +266,9 @@ mod tests {
         m.prompt_2 = Some("oil painting".into());
         m.micro.original_size = Some([512, 768]);
         m.micro.crops_coords_top_left = Some([0, 16]);
+        m.micro.aesthetic_score = Some(7.5);
         let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["aesthetic_score"], serde_json::json!(7.5));
         assert_eq!(json["negative_prompt"], serde_json::Value::Null);
         assert_eq!(json["original_size"], serde_json::json!([512, 768]));
         assert!(json.get("target_size").is_none());

@@ -8,16 +8,8 @@
 mod common;
 
 use common::browser::{Browser, skipped};
-use common::server::{Server, accepted, client, tiny, wait_final};
+use common::server::{Server, accepted, client, get_png, tiny, wait_final};
 use serde_json::{Value, json};
-
-fn get_png(s: &Server, url: &str) -> image::RgbImage {
-    let r = client().get(s.url(url)).send().unwrap();
-    assert_eq!(r.status(), 200, "{url}");
-    image::load_from_memory(&r.bytes().unwrap())
-        .unwrap()
-        .to_rgb8()
-}
 
 fn job(s: &Server, id: &str) -> Value {
     client()

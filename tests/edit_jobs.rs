@@ -11,19 +11,11 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use base64::Engine as _;
-use common::server::{Server, accepted, client, tiny, wait_final, wait_status};
+use common::server::{Server, accepted, client, get_png, tiny, wait_final, wait_status};
 use serde_json::{Value, json};
 
 fn input_png() -> PathBuf {
     common::fixtures().join("edit/input-96.png")
-}
-
-fn get_png(s: &Server, url: &str) -> image::RgbImage {
-    let r = client().get(s.url(url)).send().unwrap();
-    assert_eq!(r.status(), 200, "{url}");
-    image::load_from_memory(&r.bytes().unwrap())
-        .unwrap()
-        .to_rgb8()
 }
 
 /// What `sdserve generate` makes of `init` with the job API's defaults for

@@ -62,21 +62,6 @@ fn the_vae_encodes_as_diffusers_does() {
     assert!(d <= tol, "round trip differs by {d} (tolerance {tol})");
 }
 
-fn case_params(case: &Value, default_strength: f64) -> GenerateParams {
-    let scheduler = case["scheduler"].as_str().unwrap();
-    GenerateParams {
-        prompt: case["prompt"].as_str().map(str::to_string),
-        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
-        steps: case["num_inference_steps"].as_u64().map(|v| v as usize),
-        guidance: case["guidance_scale"].as_f64(),
-        scheduler: (scheduler != "default").then(|| scheduler.to_string()),
-        // Left out where it is the default, so that the default is checked too.
-        strength: case["strength"].as_f64().filter(|&s| s != default_strength),
-        seed: Some(0),
-        ..Default::default()
-    }
-}
-
 fn case_request(r: &Reference, case: &Value) -> GenerateRequest {
     let name = case["name"].as_str().unwrap();
     let key = |k: &str| format!("case/{name}/{k}");
@@ -91,7 +76,7 @@ fn case_request(r: &Reference, case: &Value) -> GenerateRequest {
         mask_image: None,
     };
     let sd = model_of(r);
-    case_params(case, default_strength(sd.info(), false))
+    common::edit_case_params(case, default_strength(sd.info(), false))
         .validate_with(sd.info(), &Limits::default(), inputs)
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -124,6 +109,81 @@ fn every_sdxl_case_matches_diffusers_step_by_step() {
             .any(|c| c["strength"] == 0.3)
     );
     check_cases("img2img-sdxl", 5);
+}
+
+/// The SDXL refiner (`StableDiffusionXLImg2ImgPipeline` with
+/// `requires_aesthetics_score`): only `text_encoder_2`, which takes `prompt`,
+/// and five time ids ending in an aesthetic score (the defaults 6 / 2.5, and 8 /
+/// 1 given); DDIM, Euler and Euler ancestral without a negative prompt.
+#[test]
+fn every_refiner_case_matches_diffusers_step_by_step() {
+    let r = Reference::load("refiner");
+    let info = model_of(&r).info().clone();
+    assert!(info.refiner && info.family.is_xl());
+    let cases = r.json["cases"].as_array().unwrap();
+    assert!(cases.iter().any(|c| c["aesthetic_score"].is_number()));
+    assert!(cases.iter().any(|c| c["aesthetic_score"].is_null()));
+    check_cases("refiner", 3);
+}
+
+/// What a refiner refuses, and what only a refiner takes, by field.
+#[test]
+fn refiner_fields_are_checked_by_name() {
+    let r = Reference::load("refiner");
+    let refiner = model_of(&r);
+    let base = common::model("tiny-sdxl");
+    let sd1 = common::model("tiny-sd1");
+    let check = |sd: &sdserve::diffusion::pipelines::StableDiffusion,
+                 params: GenerateParams,
+                 image: bool,
+                 field: &str,
+                 words: &str| {
+        let inputs = Inputs {
+            latents: None,
+            init_image: image.then(|| (picture(&r), "init_image".into())),
+            mask_image: None,
+        };
+        let got = params.validate_with(sd.info(), &Limits::default(), inputs);
+        common::assert_refused(got, field, words);
+    };
+    let prompt = || GenerateParams {
+        prompt: Some("a lighthouse".into()),
+        steps: Some(4),
+        ..Default::default()
+    };
+    check(&refiner, prompt(), false, "init_image", "refiner");
+    let mut p = prompt();
+    p.prompt_2 = Some("oil".into());
+    check(&refiner, p, true, "prompt_2", "one text encoder");
+    let mut p = prompt();
+    p.micro.aesthetic_score = Some(11.0);
+    check(&refiner, p, true, "aesthetic_score", "[0, 10]");
+    let mut p = prompt();
+    p.micro.negative_aesthetic_score = Some(f64::NAN);
+    check(&refiner, p, true, "negative_aesthetic_score", "[0, 10]");
+    let mut p = prompt();
+    p.micro.aesthetic_score = Some(7.0);
+    check(
+        &base,
+        p.clone(),
+        true,
+        "aesthetic_score",
+        "only an SDXL refiner",
+    );
+    check(&sd1, p, true, "aesthetic_score", "only SDXL");
+    // and a scored refinement is fine
+    let mut p = prompt();
+    p.micro.aesthetic_score = Some(7.0);
+    p.micro.negative_aesthetic_score = Some(0.0);
+    let inputs = Inputs {
+        init_image: Some((picture(&r), "init_image".into())),
+        ..Default::default()
+    };
+    let req = p
+        .validate_with(refiner.info(), &Limits::default(), inputs)
+        .unwrap();
+    let strength = req.init.as_ref().map(|i| i.strength);
+    assert_eq!(strength, Some(0.3), "SDXL image to image's default");
 }
 
 fn check_cases(reference: &str, count: usize) {
@@ -190,7 +250,7 @@ fn the_init_image_and_strength_reach_the_result() {
     let d = max_abs_diff(&first, &run(&flipped));
     assert!(d > 0.05, "the init image changed nothing ({d})");
     // A lower strength keeps more of the picture: fewer steps, closer to it.
-    let mut params = case_params(case, f64::NAN);
+    let mut params = common::edit_case_params(case, f64::NAN);
     params.strength = Some(0.3);
     let inputs = Inputs {
         latents: base.latents.clone(),
@@ -241,13 +301,8 @@ fn bad_edit_requests_name_the_field() {
             init_image: image.then(|| (picture(&r), "init_image".into())),
             mask_image: None,
         };
-        match params.validate_with(sd.info(), &Limits::default(), inputs) {
-            Err(sdserve::Error::InvalidRequest { field: f, message }) => {
-                assert_eq!(f, field, "{message}");
-                assert!(message.contains(words), "{message}");
-            }
-            other => panic!("{field}: {other:?}"),
-        }
+        let got = params.validate_with(sd.info(), &Limits::default(), inputs);
+        common::assert_refused(got, field, words);
     };
     let p = |strength: Option<f64>, steps: usize, scheduler: Option<&str>| GenerateParams {
         prompt: Some("x".into()),
@@ -289,7 +344,13 @@ fn the_cli_edits_an_image_as_diffusers_does() {
     let dir = tempfile::tempdir().unwrap();
     // euler at strength 1, euler_a (with its step noise) at 0.5; SDXL without
     // a negative prompt (zeros, not the empty prompt's encoding)
-    for (reference, i) in [("img2img", 2), ("img2img", 3), ("img2img-sdxl", 3)] {
+    // the refiner with aesthetic scores given
+    for (reference, i) in [
+        ("img2img", 2),
+        ("img2img", 3),
+        ("img2img-sdxl", 3),
+        ("refiner", 1),
+    ] {
         let r = Reference::load(reference);
         let case = &r.json["cases"][i];
         let name = case["name"].as_str().unwrap();
@@ -310,6 +371,12 @@ fn the_cli_edits_an_image_as_diffusers_does() {
         cmd.arg("generate");
         if let Some(negative) = case["negative_prompt"].as_str() {
             cmd.args(["--negative-prompt", negative]);
+        }
+        for flag in ["aesthetic_score", "negative_aesthetic_score"] {
+            if let Some(v) = case[flag].as_f64() {
+                cmd.arg(format!("--{}", flag.replace('_', "-")))
+                    .arg(v.to_string());
+            }
         }
         let status = cmd
             .arg("--model")
@@ -441,4 +508,90 @@ fn invocations_edit_an_image_like_the_cli() {
         let v: Value = resp.json().unwrap();
         assert_eq!(v["field"], field, "{v}");
     }
+}
+
+/// A server on the refiner becomes ready (its warm-up refines a picture),
+/// says so on /info, refuses text to image naming the picture's field, and
+/// refines with aesthetic scores on `/generate` as `sdserve generate` does.
+#[test]
+fn a_refiner_serves_edits_and_refuses_text_to_image() {
+    use base64::Engine as _;
+    use common::server::{Server, client};
+    use serde_json::json;
+
+    let r = Reference::load("refiner");
+    let model = common::model_dir("tiny-sdxl-refiner");
+    let model = model.to_str().unwrap();
+    let png = std::fs::read(input_png(&r)).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+    let s = Server::start(&["--model", model], &[]);
+    let info: Value = client().get(s.url("/info")).send().unwrap().json().unwrap();
+    assert_eq!(info["refiner"], true, "{info}");
+
+    let post = |path: &str, body: Value| client().post(s.url(path)).json(&body).send().unwrap();
+    for (path, body, field) in [
+        ("/invocations", json!({"prompt": "x"}), "image"),
+        ("/generate", json!({"text": "x"}), "init_image"),
+        (
+            "/generate",
+            json!({"text": "x", "init_image": b64, "prompt_2": "y"}),
+            "prompt_2",
+        ),
+        (
+            "/generate",
+            json!({"text": "x", "init_image": b64, "aesthetic_score": "high"}),
+            "aesthetic_score",
+        ),
+    ] {
+        let resp = post(path, body.clone());
+        assert_eq!(resp.status(), 400, "{path} {body}");
+        let v: Value = resp.json().unwrap();
+        assert_eq!(v["field"], field, "{path}: {v}");
+    }
+
+    let body = json!({"text": "a lighthouse", "style": "none", "init_image": b64, "steps": 4,
+                      "seed": 3, "strength": 0.5, "aesthetic_score": 8.5,
+                      "negative_aesthetic_score": 1.5});
+    let id = common::server::accepted(&s, body);
+    let done = common::server::wait_final(&s, &id);
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request"]["aesthetic_score"], 8.5, "{done}");
+    let served = common::server::get_png(&s, done["image_url"].as_str().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cli.png");
+    let status = sdserve()
+        .args(["generate", "--model", model, "--prompt", "a lighthouse"])
+        .args(["--steps", "4", "--seed", "3", "--strength", "0.5"])
+        .args([
+            "--aesthetic-score",
+            "8.5",
+            "--negative-aesthetic-score",
+            "1.5",
+        ])
+        .arg("--init-image")
+        .arg(input_png(&r))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cli = image::open(&out).unwrap().to_rgb8();
+    assert!(served == cli, "/generate and generate refine differently");
+    // the scores reach the picture
+    let plain = dir.path().join("plain.png");
+    let status = sdserve()
+        .args(["generate", "--model", model, "--prompt", "a lighthouse"])
+        .args(["--steps", "4", "--seed", "3", "--strength", "0.5"])
+        .arg("--init-image")
+        .arg(input_png(&r))
+        .arg("-o")
+        .arg(&plain)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        image::open(&plain).unwrap().to_rgb8() != cli,
+        "the scores changed nothing"
+    );
 }

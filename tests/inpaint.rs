@@ -54,21 +54,6 @@ fn the_mask_is_read_as_diffusers_reads_it() {
     assert_eq!(max_abs_diff(&masked, &r.get("mask/masked_image")), 0.0);
 }
 
-fn case_params(case: &Value, default_strength: f64) -> GenerateParams {
-    let scheduler = case["scheduler"].as_str().unwrap();
-    GenerateParams {
-        prompt: case["prompt"].as_str().map(str::to_string),
-        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
-        steps: case["num_inference_steps"].as_u64().map(|v| v as usize),
-        guidance: case["guidance_scale"].as_f64(),
-        scheduler: (scheduler != "default").then(|| scheduler.to_string()),
-        // Left out where it is the default, so that the default is checked too.
-        strength: case["strength"].as_f64().filter(|&s| s != default_strength),
-        seed: Some(0),
-        ..Default::default()
-    }
-}
-
 fn case_request(r: &Reference, case: &Value) -> GenerateRequest {
     let name = case["name"].as_str().unwrap();
     let key = |k: &str| format!("case/{name}/{k}");
@@ -83,7 +68,7 @@ fn case_request(r: &Reference, case: &Value) -> GenerateRequest {
         mask_image: Some((mask(r), "mask_image".into())),
     };
     let sd = common::model(model_name(case));
-    case_params(case, default_strength(sd.info(), true))
+    common::edit_case_params(case, default_strength(sd.info(), true))
         .validate_with(sd.info(), &Limits::default(), inputs)
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -198,13 +183,8 @@ fn bad_inpainting_requests_name_the_field() {
     let r = Reference::load("inpaint");
     let check = |model: &str, inputs: Inputs, params: GenerateParams, field: &str, words: &str| {
         let sd = common::model(model);
-        match params.validate_with(sd.info(), &Limits::default(), inputs) {
-            Err(sdserve::Error::InvalidRequest { field: f, message }) => {
-                assert_eq!(f, field, "{message}");
-                assert!(message.contains(words), "{field}: {message}");
-            }
-            other => panic!("{field}: {other:?}"),
-        }
+        let got = params.validate_with(sd.info(), &Limits::default(), inputs);
+        common::assert_refused(got, field, words);
     };
     let prompt = || GenerateParams {
         prompt: Some("x".into()),

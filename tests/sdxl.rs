@@ -161,6 +161,7 @@ fn case_request(sd: &StableDiffusion, r: &Reference, case: &Value) -> GenerateRe
             negative_original_size: pair(&micro["negative_original_size"]),
             negative_crops_coords_top_left: pair(&micro["negative_crops_coords_top_left"]),
             negative_target_size: pair(&micro["negative_target_size"]),
+            ..Default::default()
         },
         width: case["width"].as_u64().map(|v| v as usize),
         height: case["height"].as_u64().map(|v| v as usize),
@@ -312,20 +313,34 @@ fn micro_conditioning_out_of_range_is_refused_by_name() {
     }
 }
 
+/// Only a refiner's UNet runs on `text_encoder_2` alone (tests/img2img.rs
+/// runs the refiner): a base folder without `text_encoder`, or claiming
+/// `requires_aesthetics_score`, is refused naming what does not add up.
 #[test]
-fn a_refiner_folder_is_refused_with_the_reason() {
-    let dir = common::copy_model("tiny-sdxl");
-    let index_path = dir.path().join("model_index.json");
-    let mut index: Value =
-        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
-    index["text_encoder"] = serde_json::json!([null, null]);
-    index["tokenizer"] = serde_json::json!([null, null]);
-    std::fs::write(&index_path, index.to_string()).unwrap();
-    let e = StableDiffusion::load(dir.path(), &Default::default())
-        .unwrap_err()
-        .to_string();
+fn a_base_folder_posing_as_a_refiner_is_refused_with_the_reason() {
+    let edited = |edit: &dyn Fn(&mut Value)| {
+        let dir = common::copy_model("tiny-sdxl");
+        let index_path = dir.path().join("model_index.json");
+        let mut index: Value =
+            serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+        edit(&mut index);
+        std::fs::write(&index_path, index.to_string()).unwrap();
+        StableDiffusion::load(dir.path(), &Default::default())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = edited(&|index| {
+        index["text_encoder"] = serde_json::json!([null, null]);
+        index["tokenizer"] = serde_json::json!([null, null]);
+    });
     assert!(
-        e.contains("refiner") && e.contains("model_index.json"),
+        e.contains("cross_attention_dim") && e.contains("text_encoder_2"),
+        "{e}"
+    );
+    let e = edited(&|index| index["requires_aesthetics_score"] = true.into());
+    assert!(
+        e.contains("projection_class_embeddings_input_dim")
+            && e.contains("requires_aesthetics_score is true"),
         "{e}"
     );
 }

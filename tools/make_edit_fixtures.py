@@ -116,7 +116,8 @@ def load_pipeline(folder, dtype) -> StableDiffusionImg2ImgPipeline:
     return pipe
 
 
-def run_case(pipe, base_config, spec, picture, seed, replay=None, tapes_class=None):
+def run_case(pipe, base_config, spec, picture, seed, replay=None, tapes_class=None,
+             call_args=None):
     pipe.scheduler = mf.make_scheduler(base_config, spec["scheduler"], spec["overrides"])
     captured = {"latents": [], "t": []}
 
@@ -133,6 +134,7 @@ def run_case(pipe, base_config, spec, picture, seed, replay=None, tapes_class=No
             num_inference_steps=spec["num_inference_steps"],
             num_images_per_prompt=spec["num_images"], output_type="np",
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+            **(call_args or {}),
         ).images
     init_timestep = min(int(spec["num_inference_steps"] * spec["strength"]),
                         spec["num_inference_steps"])

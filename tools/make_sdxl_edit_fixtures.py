@@ -18,13 +18,22 @@ tests/fixtures/references/inpaint-sdxl.safetensors + .json
     case/<c>/*: `StableDiffusionXLInpaintPipeline.__call__` on tiny-sdxl (an ordinary 4-channel
     UNet: the blend after each step), every draw recorded as in inpaint.json; the default
     strength 0.9999 included.
-Both: drift, some cases again in float64 on the same draws, for tolerances.
+tests/fixtures/tiny-sdxl-refiner/   An unmodified diffusers folder laid out as
+    stable-diffusion-xl-refiner-1.0's: a StableDiffusionXLImg2ImgPipeline with only
+    `text_encoder_2` / `tokenizer_2` (tiny-sdxl's), `requires_aesthetics_score`, no
+    `force_zeros_for_empty_prompt`, and a UNet conditioned on text_encoder_2 alone (its
+    cross-attention width; 5 time ids: sizes, crop, aesthetic score), random weights.
+tests/fixtures/references/refiner.safetensors + .json
+    case/<c>/*: `StableDiffusionXLImg2ImgPipeline.__call__` on tiny-sdxl-refiner, with the
+    default and explicit `aesthetic_score` / `negative_aesthetic_score`.
+All: drift, some cases again in float64 on the same draws, for tolerances.
 """
 
 import argparse
 import contextlib
 import json
 import pathlib
+import shutil
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -39,7 +48,11 @@ from safetensors.torch import save_file  # noqa: E402
 import diffusers  # noqa: E402
 import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as xl_img2img  # noqa: E402,E501
 import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as xl_inpaint  # noqa: E402,E501
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    UNet2DConditionModel,
+)
 
 SIZE = ef.SIZE
 MODEL = "tiny-sdxl"
@@ -63,6 +76,14 @@ INPAINT_CASES = [
 ]
 INPAINT_DRIFT = ["default", "euler_a"]
 
+REFINER = "tiny-sdxl-refiner"
+REFINER_CASES = [
+    ef.case("default", "default", 0.3, 10),  # aesthetic scores 6.0 / 2.5 by default
+    ef.case("scored", "ddim", 0.5, 6, aesthetic_score=8.0, negative_aesthetic_score=1.0),
+    ef.case("euler_a", "euler_a", 0.8, 5, negative_prompt=None),
+]
+REFINER_DRIFT = ["default", "scored"]
+
 
 def tapes_patching(module):
     """The edit tapes with `module`'s own `randn_tensor` as the `latents` tape."""
@@ -81,19 +102,77 @@ def tapes_patching(module):
     return XlTapes
 
 
-def load(cls, dtype):
-    pipe = cls.from_pretrained(mf.ROOT / "tests" / "fixtures" / MODEL, dtype=dtype)
+def load(cls, dtype, model=MODEL):
+    pipe = cls.from_pretrained(mf.ROOT / "tests" / "fixtures" / model, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def img2img_refs(picture):
+def build_refiner(out_dir: pathlib.Path) -> pathlib.Path:
+    """tiny-sdxl's VAE, scheduler and second text encoder with a refiner-shaped UNet."""
+    base = mf.ROOT / "tests" / "fixtures" / MODEL
+    folder = out_dir / REFINER
+    if folder.exists():
+        shutil.rmtree(folder)
+    config = dict(UNet2DConditionModel.load_config(base / "unet"))
+    te2 = json.loads((base / "text_encoder_2" / "config.json").read_text())
+    config.update({
+        # the refiner's blocks: attention in the middle ones only, layers as one number
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": 2,
+        "cross_attention_dim": te2["hidden_size"],
+        # pooled text_embeds + 5 time ids (original size, crop, aesthetic score)
+        "projection_class_embeddings_input_dim":
+            te2["projection_dim"] + 5 * config["addition_time_embed_dim"],
+    })
+    torch.manual_seed(40)
+    unet = UNet2DConditionModel.from_config(config)
+    mf.perturb_constant_params(unet, 140)
+    parts = StableDiffusionXLImg2ImgPipeline.from_pretrained(base, dtype=torch.float32)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=parts.vae, text_encoder=None, text_encoder_2=parts.text_encoder_2, tokenizer=None,
+        tokenizer_2=parts.tokenizer_2, unet=unet, scheduler=parts.scheduler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    built = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for part in ("tokenizer_2", "text_encoder_2", "vae", "scheduler"):
+        shutil.rmtree(folder / part)
+        shutil.copytree(base / part, folder / part)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.pop("_name_or_path", None)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    assert index["_class_name"] == "StableDiffusionXLImg2ImgPipeline", index
+    assert index["text_encoder"] == [None, None] and index["requires_aesthetics_score"], index
+    got = load(StableDiffusionXLImg2ImgPipeline, torch.float32, REFINER).unet.state_dict()
+    for k, v in built.items():
+        assert torch.equal(got[k], v), f"unet.{k} differs after reload"
+    return folder
+
+
+def run_refiner_case(pipe, base, spec, picture, seed, replay=None):
+    """`ef.run_case` with the aesthetic scores passed where a case sets them."""
+    scores = {k: spec[k] for k in ("aesthetic_score", "negative_aesthetic_score") if k in spec}
+    return ef.run_case(pipe, base, spec, picture, seed, replay,
+                       tapes_class=tapes_patching(xl_img2img), call_args=scores)
+
+
+def img2img_refs(picture, model=MODEL, cases=IMG2IMG_CASES, drift_cases=IMG2IMG_DRIFT,
+                 seed=7000):
+    refiner = model == REFINER
     tapes = tapes_patching(xl_img2img)
-    pipe = load(StableDiffusionXLImg2ImgPipeline, torch.float32)
+    pipe = load(StableDiffusionXLImg2ImgPipeline, torch.float32, model)
     base = dict(pipe.scheduler.config)
     tensors, entries, raw = {}, [], {}
-    for index, spec in enumerate(IMG2IMG_CASES):
-        result = ef.run_case(pipe, base, spec, picture, 7000 + 10 * index, tapes_class=tapes)
+
+    def run(p, spec, picture, seed, replay=None):
+        if refiner:
+            return run_refiner_case(p, base, spec, picture, seed, replay)
+        return ef.run_case(p, base, spec, picture, seed, replay, tapes_class=tapes)
+
+    for index, spec in enumerate(cases):
+        result = run(pipe, spec, picture, seed + 10 * index)
         raw[spec["name"]] = result
         for k in ("vae_noise", "latents", "step_latents", "image", "noise"):
             if k in result:
@@ -101,18 +180,19 @@ def img2img_refs(picture):
         entries.append({**spec, **{k: result[k] for k in
                                    ("timesteps", "all_timesteps", "start", "scheduler_class")},
                         "do_classifier_free_guidance": pipe.do_classifier_free_guidance})
-    pipe64 = load(StableDiffusionXLImg2ImgPipeline, torch.float64)
+    pipe64 = load(StableDiffusionXLImg2ImgPipeline, torch.float64, model)
     drift = {}
-    by_name = {c["name"]: c for c in IMG2IMG_CASES}
-    for name in IMG2IMG_DRIFT:
+    by_name = {c["name"]: c for c in cases}
+    for name in drift_cases:
         r32 = raw[name]
         replay = {k: [r32[k].double()] for k in ("vae_noise", "latents")}
         if "noise" in r32:
             replay["noise"] = [x.double() for x in r32["noise"]]
-        r64 = ef.run_case(pipe64, base, by_name[name], picture, 0, replay, tapes_class=tapes)
+        r64 = run(pipe64, by_name[name], picture, 0, replay)
         for k in ("step_latents", "image"):
             drift[f"case/{name}/{k}"] = mf.diff(r32[k], r64[k])
     meta = {"cases": entries, "vae_scaling_factor": pipe.vae.config.scaling_factor,
+            "model_dir": f"tests/fixtures/{model}",
             "schema": {"case/<c>/*": ef.SCHEMA["case/<c>/*"]}}
     return tensors, meta, drift
 
@@ -158,11 +238,15 @@ def main():
     picture = PIL.Image.open(edit / f"input-{SIZE}.png").convert("RGB")
     mask = PIL.Image.open(edit / f"mask-{SIZE}.png")
 
+    refiner = build_refiner(out_dir)
     refs = out_dir / "references"
     refs.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, (tensors, meta, drift) in [("img2img-sdxl", img2img_refs(picture)),
-                                         ("inpaint-sdxl", inpaint_refs(picture, mask))]:
+    written = [refiner]
+    for name, (tensors, meta, drift) in [
+        ("img2img-sdxl", img2img_refs(picture)),
+        ("inpaint-sdxl", inpaint_refs(picture, mask)),
+        ("refiner", img2img_refs(picture, REFINER, REFINER_CASES, REFINER_DRIFT, 9000)),
+    ]:
         drift["note"] = "max |f32 - f64| (max_abs_diff) and max |f64| (max_abs), same draws"
         meta = {"generated_by": "tools/make_sdxl_edit_fixtures.py",
                 "model_dir": f"tests/fixtures/{MODEL}",

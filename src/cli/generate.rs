@@ -83,7 +83,8 @@ pub struct GenerateArgs {
 }
 
 /// SDXL's second prompts and micro-conditioning (diffusers'
-/// `StableDiffusionXLPipeline.__call__` arguments); sizes are HEIGHT,WIDTH.
+/// `StableDiffusionXLPipeline.__call__` arguments, and the refiner's aesthetic
+/// scores); sizes are HEIGHT,WIDTH.
 #[derive(Debug, Args)]
 pub struct XlArgs {
     /// SDXL: the second text encoder's prompt [default: --prompt].
@@ -101,15 +102,23 @@ pub struct XlArgs {
     /// SDXL: target size to condition on, HEIGHT,WIDTH [default: the image's].
     #[arg(long, value_name = "H,W", value_parser = parse_pair)]
     pub target_size: Option<[u32; 2]>,
-    /// SDXL: --original-size of the unconditional pass (needs --negative-target-size).
+    /// SDXL: --original-size of the unconditional pass (text to image: used with
+    /// --negative-target-size; an edit defaults each to its positive one).
     #[arg(long, value_name = "H,W", value_parser = parse_pair)]
     pub negative_original_size: Option<[u32; 2]>,
     /// SDXL: --crops-coords-top-left of the unconditional pass.
     #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
     pub negative_crops_coords_top_left: Option<[u32; 2]>,
-    /// SDXL: --target-size of the unconditional pass (needs --negative-original-size).
+    /// SDXL: --target-size of the unconditional pass (text to image: used with
+    /// --negative-original-size).
     #[arg(long, value_name = "H,W", value_parser = parse_pair)]
     pub negative_target_size: Option<[u32; 2]>,
+    /// SDXL refiner: the aesthetic score to condition on, 0 to 10 [default: 6].
+    #[arg(long, value_name = "SCORE")]
+    pub aesthetic_score: Option<f64>,
+    /// SDXL refiner: the unconditional pass's aesthetic score [default: 2.5].
+    #[arg(long, value_name = "SCORE")]
+    pub negative_aesthetic_score: Option<f64>,
 }
 
 impl XlArgs {
@@ -128,6 +137,18 @@ impl XlArgs {
             (&mut m.negative_target_size, self.negative_target_size),
         ];
         for (slot, flag) in given {
+            if flag.is_some() {
+                *slot = flag;
+            }
+        }
+        let scores = [
+            (&mut m.aesthetic_score, self.aesthetic_score),
+            (
+                &mut m.negative_aesthetic_score,
+                self.negative_aesthetic_score,
+            ),
+        ];
+        for (slot, flag) in scores {
             if flag.is_some() {
                 *slot = flag;
             }

@@ -69,9 +69,7 @@ pub type Pair = [u32; 2];
 /// SDXL's micro-conditioning (Podell et al. 2023, section 2.2), as the arguments
 /// of diffusers' `StableDiffusionXLPipeline.__call__`: every field optional,
 /// defaults applied by [`Self::time_ids`].
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MicroConditioning {
     /// SDXL: the `[height, width]` the image should look as if it was upscaled from
     /// (default: the image's size).
@@ -92,9 +90,41 @@ pub struct MicroConditioning {
     /// SDXL: `target_size` of the unconditional pass (used with `negative_original_size`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_target_size: Option<Pair>,
+    /// SDXL refiner: the aesthetic score the picture should look rated
+    /// (LAION aesthetics, about 1 to 10; default 6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aesthetic_score: Option<f64>,
+    /// SDXL refiner: the aesthetic score of the unconditional pass (default 2.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_aesthetic_score: Option<f64>,
 }
 
-/// The request fields of [`MicroConditioning`], as callers name them.
+/// The SDXL refiner's request fields (only models with
+/// `requires_aesthetics_score` take them).
+pub const AESTHETIC_FIELDS: [&str; 2] = ["aesthetic_score", "negative_aesthetic_score"];
+
+/// diffusers' defaults for the refiner's `aesthetic_score` and
+/// `negative_aesthetic_score` (`StableDiffusionXLImg2ImgPipeline.__call__`).
+pub const DEFAULT_AESTHETIC_SCORES: (f64, f64) = (6.0, 2.5);
+
+/// Which of diffusers' SDXL pipelines the time ids follow: they differ in
+/// how the unconditional ids default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeIdRule {
+    /// `StableDiffusionXLPipeline`: the negatives are their own only when
+    /// both negative sizes are given.
+    TextToImage,
+    /// `StableDiffusionXLImg2ImgPipeline` / `…InpaintPipeline._get_add_time_ids`
+    /// without aesthetics: each negative size defaults to its positive one on
+    /// its own, and the negative ids take the *positive* crop.
+    Edit,
+    /// The same with `requires_aesthetics_score` (the refiner): five ids,
+    /// `original_size + crop + (score,)` and `negative_original_size +
+    /// negative_crop + (negative_score,)`.
+    Aesthetic,
+}
+
+/// The size and crop fields of [`MicroConditioning`], as callers name them.
 pub const MICRO_FIELDS: [&str; 6] = [
     "original_size",
     "crops_coords_top_left",
@@ -109,7 +139,7 @@ impl MicroConditioning {
         *self == Self::default()
     }
 
-    /// Each field with its request name.
+    /// Each size or crop field with its request name.
     pub fn fields(&self) -> [(&'static str, Option<Pair>); 6] {
         let v = [
             self.original_size,
@@ -122,32 +152,53 @@ impl MicroConditioning {
         std::array::from_fn(|i| (MICRO_FIELDS[i], v[i]))
     }
 
+    /// The refiner's aesthetic scores with their request names.
+    pub fn scores(&self) -> [(&'static str, Option<f64>); 2] {
+        let v = [self.aesthetic_score, self.negative_aesthetic_score];
+        std::array::from_fn(|i| (AESTHETIC_FIELDS[i], v[i]))
+    }
+
     /// `(add_time_ids, negative_add_time_ids)` for an image of `height` x
-    /// `width`, as diffusers' `StableDiffusionXLPipeline.__call__` builds them
-    /// with `_get_add_time_ids`: `original_size + crops_coords_top_left +
-    /// target_size`, sizes defaulting to `(height, width)` and the crop to
-    /// `(0, 0)`; the negative ids are their own only when both
-    /// `negative_original_size` and `negative_target_size` are given.
-    pub fn time_ids(&self, height: usize, width: usize) -> ([f32; 6], [f32; 6]) {
+    /// `width`, as diffusers' SDXL pipelines build them with
+    /// `_get_add_time_ids` (`rule` says which): `original_size +
+    /// crops_coords_top_left + target_size` (or `+ (aesthetic_score,)`), sizes
+    /// defaulting to `(height, width)`, crops to `(0, 0)`.
+    pub fn time_ids(&self, height: usize, width: usize, rule: TimeIdRule) -> (Vec<f32>, Vec<f32>) {
         let size = [height as u32, width as u32];
-        let ids = |orig: Pair, crop: Pair, target: Pair| {
-            let v = [orig[0], orig[1], crop[0], crop[1], target[0], target[1]];
-            v.map(|x| x as f32)
-        };
-        let positive = ids(
-            self.original_size.unwrap_or(size),
-            self.crops_coords_top_left.unwrap_or([0, 0]),
-            self.target_size.unwrap_or(size),
-        );
-        let negative = match (self.negative_original_size, self.negative_target_size) {
-            (Some(orig), Some(target)) => ids(
-                orig,
-                self.negative_crops_coords_top_left.unwrap_or([0, 0]),
-                target,
-            ),
-            _ => positive,
-        };
-        (positive, negative)
+        let f = |p: Pair| p.map(|x| x as f32);
+        let ids = |a: Pair, b: Pair, c: &[f32]| [&f(a)[..], &f(b)[..], c].concat();
+        let orig = self.original_size.unwrap_or(size);
+        let crop = self.crops_coords_top_left.unwrap_or([0, 0]);
+        let target = self.target_size.unwrap_or(size);
+        let neg_crop = self.negative_crops_coords_top_left.unwrap_or([0, 0]);
+        match rule {
+            TimeIdRule::TextToImage => {
+                let positive = ids(orig, crop, &f(target));
+                let negative = match (self.negative_original_size, self.negative_target_size) {
+                    (Some(o), Some(t)) => ids(o, neg_crop, &f(t)),
+                    _ => positive.clone(),
+                };
+                (positive, negative)
+            }
+            TimeIdRule::Edit => {
+                let neg_orig = self.negative_original_size.unwrap_or(orig);
+                let neg_target = self.negative_target_size.unwrap_or(target);
+                (
+                    ids(orig, crop, &f(target)),
+                    ids(neg_orig, crop, &f(neg_target)),
+                )
+            }
+            TimeIdRule::Aesthetic => {
+                let (score, negative) = DEFAULT_AESTHETIC_SCORES;
+                let score = self.aesthetic_score.unwrap_or(score) as f32;
+                let negative = self.negative_aesthetic_score.unwrap_or(negative) as f32;
+                let neg_orig = self.negative_original_size.unwrap_or(orig);
+                (
+                    ids(orig, crop, &[score]),
+                    ids(neg_orig, neg_crop, &[negative]),
+                )
+            }
+        }
     }
 }
 
@@ -186,7 +237,7 @@ mod tests {
     #[test]
     fn time_ids_default_to_the_image_size_and_negatives_need_both_sizes() {
         let none = MicroConditioning::default();
-        let (p, n) = none.time_ids(96, 128);
+        let (p, n) = none.time_ids(96, 128, TimeIdRule::TextToImage);
         assert_eq!(p, [96.0, 128.0, 0.0, 0.0, 96.0, 128.0]);
         assert_eq!(n, p);
         let m = MicroConditioning {
@@ -196,7 +247,7 @@ mod tests {
             negative_crops_coords_top_left: Some([0, 2]),
             ..Default::default()
         };
-        let (p, n) = m.time_ids(96, 96);
+        let (p, n) = m.time_ids(96, 96, TimeIdRule::TextToImage);
         assert_eq!(p, [64.0, 80.0, 4.0, 8.0, 96.0, 96.0]);
         // diffusers ignores the negative crop unless both negative sizes are given.
         assert_eq!(n, p);
@@ -204,6 +255,38 @@ mod tests {
             negative_target_size: Some([96, 88]),
             ..m
         };
-        assert_eq!(m.time_ids(96, 96).1, [48.0, 56.0, 0.0, 2.0, 96.0, 88.0]);
+        let both = m.time_ids(96, 96, TimeIdRule::TextToImage).1;
+        assert_eq!(both, [48.0, 56.0, 0.0, 2.0, 96.0, 88.0]);
+    }
+
+    #[test]
+    fn edit_time_ids_default_each_negative_size_and_take_the_positive_crop() {
+        let m = MicroConditioning {
+            original_size: Some([64, 80]),
+            crops_coords_top_left: Some([4, 8]),
+            negative_original_size: Some([48, 56]),
+            negative_crops_coords_top_left: Some([0, 2]),
+            ..Default::default()
+        };
+        let (p, n) = m.time_ids(96, 112, TimeIdRule::Edit);
+        assert_eq!(p, [64.0, 80.0, 4.0, 8.0, 96.0, 112.0]);
+        // negative_target_size defaults to target_size; the crop is the positive one
+        assert_eq!(n, [48.0, 56.0, 4.0, 8.0, 96.0, 112.0]);
+        let (p, n) = m.time_ids(96, 112, TimeIdRule::Aesthetic);
+        assert_eq!(p, [64.0, 80.0, 4.0, 8.0, 6.0]);
+        assert_eq!(n, [48.0, 56.0, 0.0, 2.0, 2.5]);
+        let scored = MicroConditioning {
+            aesthetic_score: Some(8.0),
+            negative_aesthetic_score: Some(1.0),
+            ..Default::default()
+        };
+        let (p, n) = scored.time_ids(96, 112, TimeIdRule::Aesthetic);
+        assert_eq!(
+            (p, n),
+            (
+                vec![96.0, 112.0, 0.0, 0.0, 8.0],
+                vec![96.0, 112.0, 0.0, 0.0, 1.0]
+            )
+        );
     }
 }

@@ -66,34 +66,37 @@ impl Worker {
     }
 
     /// One step of one small image (a quarter of the default area) end to end:
-    /// the first measurement of the step rate. An inpainting model, which runs
-    /// only with a picture and a mask, repaints the middle of a gray one.
+    /// the first measurement of the step rate. A model that runs only on a
+    /// picture refines a gray one (an SDXL refiner), or repaints its middle
+    /// (an inpainting model), at strength 1 so that the one step runs.
     fn warm_up(&self, model: &dyn Pipeline) -> Result<()> {
         let info = model.info();
         let f = info.vae_scale_factor;
         let side = (info.default_size / 2).div_ceil(f).max(1) * f;
+        let needs_picture = info.inpainting || info.refiner;
         let params = GenerateParams {
             prompt: Some("warm-up".into()),
             width: Some(side),
             height: Some(side),
             steps: Some(1),
             seed: Some(0),
+            strength: needs_picture.then_some(1.0),
             ..Default::default()
         };
-        let inputs = if info.inpainting {
-            let s = side as u32;
-            let gray = image::RgbImage::from_pixel(s, s, image::Rgb([128; 3]));
-            let mask = image::RgbImage::from_fn(s, s, |x, y| {
+        let s = side as u32;
+        let gray = || image::RgbImage::from_pixel(s, s, image::Rgb([128; 3]));
+        let mask = || {
+            image::RgbImage::from_fn(s, s, |x, y| {
                 let inside = (s / 4..s * 3 / 4).contains(&x) && (s / 4..s * 3 / 4).contains(&y);
                 image::Rgb([if inside { 255 } else { 0 }; 3])
-            });
-            Inputs {
-                latents: None,
-                init_image: Some((SourceImage { rgb: gray }, "init_image".into())),
-                mask_image: Some((SourceImage { rgb: mask }, "mask_image".into())),
-            }
-        } else {
-            Inputs::default()
+            })
+        };
+        let inputs = Inputs {
+            latents: None,
+            init_image: needs_picture.then(|| (SourceImage { rgb: gray() }, "init_image".into())),
+            mask_image: info
+                .inpainting
+                .then(|| (SourceImage { rgb: mask() }, "mask_image".into())),
         };
         let request = params.validate_with(info, &Limits::default(), inputs)?;
         let t = Instant::now();

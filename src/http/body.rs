@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use super::ApiError;
-use crate::diffusion::params::{MICRO_FIELDS, Pair};
+use crate::diffusion::params::{AESTHETIC_FIELDS, MICRO_FIELDS, Pair};
 
 /// Which bodies a route takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +85,16 @@ pub(crate) fn from_object<T: DeserializeOwned>(obj: Map<String, Value>) -> Resul
         return Err(ApiError::BadRequest {
             field: field.to_string(),
             message: "expected two non-negative integers, [height, width] or [top, left]".into(),
+        });
+    }
+    let bad_score = AESTHETIC_FIELDS.iter().find(|f| {
+        obj.get(**f)
+            .is_some_and(|v| !(v.is_number() || v.is_null()))
+    });
+    if let Some(field) = bad_score {
+        return Err(ApiError::BadRequest {
+            field: field.to_string(),
+            message: "expected a number".into(),
         });
     }
     serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {

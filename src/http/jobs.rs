@@ -36,6 +36,8 @@ pub const FIELDS: &[&str] = &[
     "negative_original_size",
     "negative_crops_coords_top_left",
     "negative_target_size",
+    "aesthetic_score",
+    "negative_aesthetic_score",
     "steps",
     "guidance",
     "seed",
@@ -248,6 +250,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
         "family": model.family.name(),
         "pipeline_class": model.pipeline_class,
         "inpainting": model.inpainting,
+        "refiner": model.refiner,
         "default_resolution": format!("{0}x{0}", default_side),
         "resolutions": resolutions(
             default_side,

@@ -47,6 +47,8 @@ pub(crate) const FIELDS: &[(&str, &str)] = &[
         "negative_crops_coords_top_left",
     ),
     ("negative_target_size", "negative_target_size"),
+    ("aesthetic_score", "aesthetic_score"),
+    ("negative_aesthetic_score", "negative_aesthetic_score"),
     ("width", "width"),
     ("height", "height"),
     ("num_inference_steps", "steps"),

@@ -80,6 +80,16 @@ impl EditImages {
             if model.inpainting {
                 return Err(inpainting_model_needs_mask(model));
             }
+            if model.refiner {
+                return Err(Error::invalid(
+                    "init_image",
+                    format!(
+                        "this model ({}) is an SDXL refiner, which only refines a picture: send \
+                         the picture to refine (init_image), or use a base model for text to image",
+                        model.name
+                    ),
+                ));
+            }
             if params.strength.is_some() {
                 return Err(Error::invalid(
                     "strength",

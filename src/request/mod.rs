@@ -307,23 +307,48 @@ pub const MAX_MICRO_VALUE: u32 = 16384;
 /// Fields only some model families take are refused by name elsewhere, and
 /// SDXL's micro-conditioning must be sizes (positive) and crop corners.
 fn check_family_fields(params: &GenerateParams, model: &ModelInfo) -> Result<()> {
-    let xl_only = [
+    let second_prompts = [
         ("prompt_2", params.prompt_2.is_some()),
         ("negative_prompt_2", params.negative_prompt_2.is_some()),
-    ]
-    .into_iter()
-    .chain(params.micro.fields().map(|(name, v)| (name, v.is_some())));
+    ];
+    let scores = params.micro.scores().map(|(name, v)| (name, v.is_some()));
+    let xl_only = second_prompts
+        .into_iter()
+        .chain(params.micro.fields().map(|(name, v)| (name, v.is_some())))
+        .chain(scores);
+    let refused = |field: &str, why: String| {
+        let model = format!("this model ({}) is {}", model.name, model.pipeline_class);
+        Err(Error::invalid(field, format!("{why}; {model}")))
+    };
     if !model.family.is_xl() {
         if let Some((field, _)) = xl_only.into_iter().find(|(_, given)| *given) {
-            return Err(Error::invalid(
-                field,
-                format!(
-                    "only SDXL models take it; this model ({}) is {}",
-                    model.name, model.pipeline_class
-                ),
-            ));
+            return refused(field, "only SDXL models take it".into());
         }
         return Ok(());
+    }
+    if model.refiner {
+        // diffusers' refiner has no first tokenizer, and silently drops them.
+        if let Some((field, _)) = second_prompts.iter().find(|(_, given)| *given) {
+            return refused(
+                field,
+                "an SDXL refiner has one text encoder (text_encoder_2), which takes `prompt` and \
+                 `negative_prompt`"
+                    .into(),
+            );
+        }
+    } else if let Some((field, _)) = scores.iter().find(|(_, given)| *given) {
+        return refused(
+            field,
+            "only an SDXL refiner (requires_aesthetics_score) takes it".into(),
+        );
+    }
+    for (field, value) in params.micro.scores() {
+        if let Some(v) = value.filter(|v| !(0.0..=10.0).contains(v)) {
+            return Err(Error::invalid(
+                field,
+                format!("{v} is outside [0, 10] (the LAION aesthetic scale)"),
+            ));
+        }
     }
     for (field, value) in params.micro.fields() {
         let Some(pair) = value else { continue };

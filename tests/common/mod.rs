@@ -200,3 +200,39 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The request of an image-to-image or inpainting reference case (the
+/// fixture scripts' `cases`): its prompts, steps, guidance, scheduler, the
+/// refiner's aesthetic scores, and its strength, left out where it is
+/// `default_strength` so that the default is checked too.
+pub fn edit_case_params(
+    case: &serde_json::Value,
+    default_strength: f64,
+) -> sdserve::request::GenerateParams {
+    let scheduler = case["scheduler"].as_str().unwrap();
+    let mut params = sdserve::request::GenerateParams {
+        prompt: case["prompt"].as_str().map(str::to_string),
+        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
+        steps: case["num_inference_steps"].as_u64().map(|v| v as usize),
+        guidance: case["guidance_scale"].as_f64(),
+        scheduler: (scheduler != "default").then(|| scheduler.to_string()),
+        strength: case["strength"].as_f64().filter(|&s| s != default_strength),
+        seed: Some(0),
+        ..Default::default()
+    };
+    params.micro.aesthetic_score = case["aesthetic_score"].as_f64();
+    params.micro.negative_aesthetic_score = case["negative_aesthetic_score"].as_f64();
+    params
+}
+
+/// Asserts that validation refused the request naming `field`, with `words`
+/// in the message.
+pub fn assert_refused<T: std::fmt::Debug>(got: sdserve::Result<T>, field: &str, words: &str) {
+    match got {
+        Err(sdserve::Error::InvalidRequest { field: f, message }) => {
+            assert_eq!(f, field, "{message}");
+            assert!(message.contains(words), "{field}: {message}");
+        }
+        other => panic!("{field}: expected a refusal, got {other:?}"),
+    }
+}

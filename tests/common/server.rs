@@ -192,3 +192,12 @@ pub fn wait_status(s: &Server, id: &str, want: &str) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// `GET url` (a path on `s`), asserting 200, as an RGB picture.
+pub fn get_png(s: &Server, url: &str) -> image::RgbImage {
+    let r = client().get(s.url(url)).send().unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    image::load_from_memory(&r.bytes().unwrap())
+        .unwrap()
+        .to_rgb8()
+}

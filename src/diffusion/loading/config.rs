@@ -60,6 +60,10 @@ pub struct ModelIndex {
     /// prompt, the unconditional embeddings are zeros.
     #[serde(default = "yes")]
     pub force_zeros_for_empty_prompt: bool,
+    /// The SDXL refiner's img2img config: its time ids end in an aesthetic
+    /// score instead of the target size.
+    #[serde(default)]
+    pub requires_aesthetics_score: bool,
     /// Every component entry (`"unet": ["diffusers", "UNet2DConditionModel"]`).
     #[serde(flatten)]
     pub components: serde_json::Map<String, serde_json::Value>,

@@ -121,23 +121,24 @@ impl Precision {
     }
 
     fn text_encoders(&self, dir: &Path, cfgs: &Configs) -> Result<TextEncoders> {
-        let first = |with_projection| {
-            self.clip_text(
-                dir,
-                ("text_encoder", "tokenizer"),
-                &cfgs.text_encoder,
-                with_projection,
-            )
-        };
-        Ok(match &cfgs.text_encoder_2 {
-            None => TextEncoders::Clip(first(false)?),
-            Some(te2) => TextEncoders::Xl(XlText {
-                encoders: [
-                    first(false)?,
-                    self.clip_text(dir, ("text_encoder_2", "tokenizer_2"), te2, true)?,
-                ],
-                force_zeros_for_empty_prompt: cfgs.index.force_zeros_for_empty_prompt,
-            }),
+        let first = cfgs
+            .text_encoder
+            .as_ref()
+            .map(|cfg| self.clip_text(dir, ("text_encoder", "tokenizer"), cfg, false))
+            .transpose()?;
+        Ok(match (&cfgs.text_encoder_2, first) {
+            (None, Some(first)) => TextEncoders::Clip(first),
+            (None, None) => {
+                return Err(Error::Internal("a text encoder is needed".into()));
+            }
+            (Some(te2), first) => {
+                let second = self.clip_text(dir, ("text_encoder_2", "tokenizer_2"), te2, true)?;
+                TextEncoders::Xl(XlText {
+                    encoders: first.into_iter().chain([second]).collect(),
+                    force_zeros_for_empty_prompt: cfgs.index.force_zeros_for_empty_prompt,
+                    requires_aesthetics_score: cfgs.index.requires_aesthetics_score,
+                })
+            }
         })
     }
 

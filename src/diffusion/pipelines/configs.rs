@@ -22,6 +22,9 @@ const SUPPORTED_PIPELINES: &[(&str, Family)] = &[
     // stable-diffusion-xl-1.0-inpainting-0.1): a 9-channel UNet, else the same parts.
     ("StableDiffusionInpaintPipeline", Family::Sd),
     ("StableDiffusionXLInpaintPipeline", Family::Sdxl),
+    // The SDXL refiner (stable-diffusion-xl-refiner-1.0): only `text_encoder_2`,
+    // aesthetic scores in the time ids, image to image only.
+    ("StableDiffusionXLImg2ImgPipeline", Family::Sdxl),
 ];
 
 /// Reads and checks the configs of the diffusers folder `dir` without loading
@@ -42,7 +45,8 @@ pub(super) struct Configs {
     pub(super) unet_path: PathBuf,
     pub(super) vae: VaeConfig,
     pub(super) vae_path: PathBuf,
-    pub(super) text_encoder: ClipTextConfig,
+    /// Absent in the SDXL refiner.
+    pub(super) text_encoder: Option<ClipTextConfig>,
     /// SDXL's `text_encoder_2`.
     pub(super) text_encoder_2: Option<ClipTextConfig>,
     pub(super) scheduler: SchedulerConfig,
@@ -66,20 +70,19 @@ impl Configs {
                 ),
             ));
         };
-        if index.says_absent("text_encoder") {
-            // The SDXL refiner has only `text_encoder_2` and is an image-to-image model.
-            return Err(Error::model_file(
-                &index_path,
-                "has no `text_encoder` (an SDXL refiner is an image-to-image model; text to image needs a base model)",
-            ));
-        }
+        // The SDXL refiner has only `text_encoder_2`; an SD folder needs its one encoder.
+        let text_encoder = if index.says_absent("text_encoder") && family == Family::Sdxl {
+            None
+        } else {
+            let te_path = dir.join("text_encoder/config.json");
+            let cfg: ClipTextConfig = config::read_json(&te_path)?;
+            cfg.validate(&te_path)?;
+            Some(cfg)
+        };
         let unet_path = dir.join("unet/config.json");
         let unet: UNetConfig = config::read_json(&unet_path)?;
         let vae_path = dir.join("vae/config.json");
         let vae: VaeConfig = config::read_json(&vae_path)?;
-        let te_path = dir.join("text_encoder/config.json");
-        let text_encoder: ClipTextConfig = config::read_json(&te_path)?;
-        text_encoder.validate(&te_path)?;
         let text_encoder_2 = match family {
             Family::Sd => None,
             Family::Sdxl => {
@@ -109,9 +112,10 @@ impl Configs {
         self.check_latent_channels()
     }
 
-    /// SDXL: the two encoders' widths must add up to the UNet's
-    /// `cross_attention_dim`, and the pooled width plus six embedded time ids to
-    /// its `projection_class_embeddings_input_dim` (what diffusers'
+    /// SDXL: the encoders' widths (the refiner has only the second) must add up
+    /// to the UNet's `cross_attention_dim`, and the pooled width plus the
+    /// embedded time ids (six; five with an aesthetic score) to its
+    /// `projection_class_embeddings_input_dim` (what diffusers'
     /// `_get_add_time_ids` checks before the first step).
     fn check_sdxl_widths(&self) -> Result<()> {
         let Some(te2) = &self.text_encoder_2 else {
@@ -128,15 +132,16 @@ impl Configs {
             }
             return Ok(());
         };
-        let context = self.text_encoder.hidden_size + te2.hidden_size;
+        let first = self.text_encoder.as_ref().map_or(0, |t| t.hidden_size);
+        let context = first + te2.hidden_size;
         let unet_context = self.unet.cross_attention_dim.get(0);
         if unet_context != Some(context) {
             return Err(Error::model_file(
                 &self.unet_path,
                 format!(
-                    "cross_attention_dim {unet_context:?} is not the {} + {} = {context} features of \
-                     text_encoder and text_encoder_2",
-                    self.text_encoder.hidden_size, te2.hidden_size
+                    "cross_attention_dim {unet_context:?} is not the {first} + {} = {context} \
+                     features of text_encoder and text_encoder_2",
+                    te2.hidden_size
                 ),
             ));
         }
@@ -147,16 +152,22 @@ impl Configs {
             ));
         }
         let time = self.unet.addition_time_embed_dim.unwrap_or(0);
-        let passed = te2.projection_dim + 6 * time;
+        let ids = if self.index.requires_aesthetics_score {
+            5
+        } else {
+            6
+        };
+        let passed = te2.projection_dim + ids * time;
         let expected = self.unet.projection_class_embeddings_input_dim;
         if expected != Some(passed) {
             return Err(Error::model_file(
                 &self.unet_path,
                 format!(
                     "projection_class_embeddings_input_dim {expected:?} is not the {passed} features \
-                     SDXL passes (text_encoder_2's projection_dim {} + 6 time ids x \
-                     addition_time_embed_dim {time})",
-                    te2.projection_dim
+                     SDXL passes (text_encoder_2's projection_dim {} + {ids} time ids x \
+                     addition_time_embed_dim {time}; model_index.json's requires_aesthetics_score \
+                     is {})",
+                    te2.projection_dim, self.index.requires_aesthetics_score
                 ),
             ));
         }
@@ -218,6 +229,7 @@ impl Configs {
             defaults,
             guidance_embedded,
             inpainting: self.inpainting(),
+            refiner: self.index.requires_aesthetics_score,
         }
     }
 }

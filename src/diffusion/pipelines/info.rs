@@ -37,6 +37,9 @@ pub struct ModelInfo {
     /// Whether the UNet is an inpainting one (9 input channels: the latents, the
     /// mask and the masked picture's latents), which runs only to inpaint.
     pub inpainting: bool,
+    /// An SDXL refiner (`requires_aesthetics_score`): its time ids carry
+    /// aesthetic scores, and it runs only on a picture (image to image).
+    pub refiner: bool,
 }
 
 /// The steps and guidance scale a request that leaves them out runs with:

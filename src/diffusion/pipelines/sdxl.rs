@@ -9,17 +9,22 @@ use candle_core::{D, DType, Device, Tensor};
 use super::Conditioning;
 use super::clip_text::ClipText;
 use crate::diffusion::models::unet::AddedConditioning;
-use crate::diffusion::params::GenerateRequest;
+use crate::diffusion::params::{GenerateRequest, TimeIdRule};
 use crate::error::{Error, Result};
 
-/// SDXL's two text encoders: `text_encoder` (CLIPTextModel) and
-/// `text_encoder_2` (CLIPTextModelWithProjection), each with its tokenizer.
+/// SDXL's text encoders, each with its tokenizer: `text_encoder`
+/// (CLIPTextModel) and `text_encoder_2` (CLIPTextModelWithProjection); the
+/// refiner has only the second.
 #[derive(Debug)]
 pub struct XlText {
-    pub(super) encoders: [ClipText; 2],
+    /// One or two, `text_encoder_2` last.
+    pub(super) encoders: Vec<ClipText>,
     /// `model_index.json`'s `force_zeros_for_empty_prompt`: with no negative
     /// prompt given, the unconditional rows are zeros rather than `""` encoded.
     pub(super) force_zeros_for_empty_prompt: bool,
+    /// `model_index.json`'s `requires_aesthetics_score` (the refiner): aesthetic
+    /// scores in the time ids instead of the target size.
+    pub(super) requires_aesthetics_score: bool,
 }
 
 /// Python's `a or b` for optional strings: an empty string counts as absent.
@@ -32,18 +37,24 @@ impl XlText {
     /// `text_encoder` and `seconds[i]` through `text_encoder_2`, both
     /// penultimate hidden states (`hidden_states[-2]`) concatenated on the
     /// feature axis; the pooled embedding is `text_encoder_2`'s `text_embeds`.
+    /// With only `text_encoder_2` (the refiner) the first prompts go to it, as
+    /// `encode_prompt`'s `zip(prompts, tokenizers, text_encoders)` pairs them.
     fn encode(
         &self,
         firsts: &[&str],
         seconds: &[&str],
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let o1 = self.encoders[0].encode(firsts, device)?;
-        let o2 = self.encoders[1].encode(seconds, device)?;
-        let text = Tensor::cat(&[&o1.penultimate, &o2.penultimate], D::Minus1)?;
-        let pooled = o2
-            .text_embeds
-            .ok_or_else(|| Error::Internal("text_encoder_2 has no projection".into()))?;
+        let mut states = Vec::with_capacity(2);
+        let mut pooled = None;
+        for (encoder, texts) in self.encoders.iter().zip([firsts, seconds]) {
+            let out = encoder.encode(texts, device)?;
+            states.push(out.penultimate);
+            pooled = out.text_embeds;
+        }
+        let text = Tensor::cat(&states, D::Minus1)?;
+        let pooled =
+            pooled.ok_or_else(|| Error::Internal("text_encoder_2 has no projection".into()))?;
         Ok((text, pooled))
     }
 
@@ -65,8 +76,16 @@ impl XlText {
         } else {
             self.encode(&[&req.prompt], &[prompt_2], device)?
         };
-        let (positive_ids, negative_ids) = req.micro.time_ids(req.height, req.width);
-        let ids = |v: [f32; 6]| Tensor::from_vec(v.to_vec(), (1, 6), device);
+        let rule = match (self.requires_aesthetics_score, req.init.is_some()) {
+            (true, _) => TimeIdRule::Aesthetic,
+            (false, true) => TimeIdRule::Edit,
+            (false, false) => TimeIdRule::TextToImage,
+        };
+        let (positive_ids, negative_ids) = req.micro.time_ids(req.height, req.width, rule);
+        let ids = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::from_vec(v, (1, n), device)
+        };
         let (text, pooled, time_ids) = if !guided {
             (text, pooled, ids(positive_ids)?)
         } else if encode_negative {

@@ -23,7 +23,8 @@ pub enum TextEncoders {
 }
 
 impl TextEncoders {
-    /// The first tokenizer and encoder (SDXL's `tokenizer` / `text_encoder`).
+    /// The first tokenizer and encoder (SDXL's `tokenizer` / `text_encoder`;
+    /// the refiner's only, `text_encoder_2`).
     pub fn first(&self) -> &ClipText {
         match self {
             Self::Clip(c) => c,

@@ -42,6 +42,9 @@ pub struct Bounds {
     /// Whether the model takes SDXL's fields (`prompt_2`, the size
     /// conditioning); `None` while loading.
     pub xl: Option<bool>,
+    /// Whether the model is an SDXL refiner (takes the aesthetic scores, not
+    /// the second prompts); `None` while loading.
+    pub refiner: Option<bool>,
     /// The steps and guidance a request that gives none gets (SD's while loading).
     pub defaults: SamplingDefaults,
 }
@@ -55,6 +58,7 @@ impl Bounds {
             default_size: model.map(|m| limits.default_side(m.default_size, multiple)),
             train_steps: model.map(|m| m.scheduler_config.num_train_timesteps(&Map::new())),
             xl: model.map(|m| m.family.is_xl()),
+            refiner: model.map(|m| m.refiner),
             defaults: model.map_or(SamplingDefaults::SD, |m| m.defaults),
         }
     }
@@ -258,7 +262,7 @@ pub fn spec(b: &Bounds) -> Value {
             "model": {"type": "string"}
         }},
         "Info": {"type": "object",
-            "required": ["model", "family", "pipeline_class", "inpainting", "default_resolution", "resolutions", "resolution_multiple", "schedulers",
+            "required": ["model", "family", "pipeline_class", "inpainting", "refiner", "default_resolution", "resolutions", "resolution_multiple", "schedulers",
                 "default_scheduler", "default_steps", "default_guidance", "max_steps", "max_images", "max_pixels",
                 "queue_length", "queue_capacity"],
             "properties": {
@@ -266,6 +270,7 @@ pub fn spec(b: &Bounds) -> Value {
                 "family": {"type": "string", "enum": ["sd", "sdxl"], "description": "sd: Stable Diffusion 1.x/2.x; sdxl: SDXL and its descendants (they take prompt_2 and the size conditioning)"},
                 "pipeline_class": {"type": "string", "description": "model_index.json's _class_name"},
                 "inpainting": {"type": "boolean", "description": "an inpainting model (9-channel UNet): every request needs init_image and mask_image"},
+                "refiner": {"type": "boolean", "description": "an SDXL refiner: every request needs init_image; it takes aesthetic_score and negative_aesthetic_score, not prompt_2"},
                 "default_resolution": {"type": "string"},
                 "resolutions": {"type": "array", "items": {"type": "string"}},
                 "resolution_multiple": {"type": "integer", "minimum": 1},

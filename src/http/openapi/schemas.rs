@@ -7,6 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::super::sagemaker::Invocation;
 use super::Bounds;
+use crate::diffusion::params::{AESTHETIC_FIELDS, MICRO_FIELDS};
 use crate::diffusion::schedulers::{Allowed, OVERRIDABLE_KEYS, SchedulerKind, allowed};
 use crate::jobs::JobRequest;
 use crate::styles::STYLES;
@@ -177,7 +178,7 @@ fn sides_regex(b: &Bounds) -> String {
 /// model of another family only `null` (a value is a 400 naming the field).
 fn constrain_sdxl(schema: &mut Value, b: &Bounds) {
     let max = crate::request::MAX_MICRO_VALUE;
-    for field in crate::diffusion::params::MICRO_FIELDS {
+    for field in MICRO_FIELDS {
         let min = if field.contains("crops") { 0 } else { 1 };
         constrain(
             schema,
@@ -192,19 +193,40 @@ fn constrain_sdxl(schema: &mut Value, b: &Bounds) {
             json!({"maxLength": b.limits.max_prompt_chars}),
         );
     }
+    for field in AESTHETIC_FIELDS {
+        constrain(schema, field, json!({"minimum": 0, "maximum": 10}));
+    }
+    let only_null = |schema: &mut Value, field: &str, why: &str| {
+        let prop = property(schema, field);
+        prop.clear();
+        prop.insert("type".into(), "null".into());
+        prop.insert(
+            "description".into(),
+            format!(
+                "{why}: this server's model is not one, and refuses a value (400 naming the field)."
+            )
+            .into(),
+        );
+    };
     if b.xl == Some(false) {
-        let fields = crate::diffusion::params::MICRO_FIELDS
+        let fields = MICRO_FIELDS
             .iter()
-            .chain(&["prompt_2", "negative_prompt_2"]);
+            .chain(&["prompt_2", "negative_prompt_2"])
+            .chain(&AESTHETIC_FIELDS);
         for field in fields {
-            let prop = property(schema, field);
-            prop.clear();
-            prop.insert("type".into(), "null".into());
-            prop.insert(
-                "description".into(),
-                "SDXL models only: this server's model is not one, and refuses a value (400 naming the field)."
-                    .into(),
+            only_null(schema, field, "SDXL models only");
+        }
+    } else if b.refiner == Some(true) {
+        for field in ["prompt_2", "negative_prompt_2"] {
+            only_null(
+                schema,
+                field,
+                "SDXL base models only (a refiner has one text encoder)",
             );
+        }
+    } else if b.refiner == Some(false) {
+        for field in AESTHETIC_FIELDS {
+            only_null(schema, field, "SDXL refiners only");
         }
     }
 }

@@ -21,6 +21,7 @@ fn bounds() -> Bounds {
         default_size: Some(64),
         train_steps: Some(1000),
         xl: Some(true),
+        refiner: Some(false),
         defaults: SamplingDefaults::SDXL,
     }
 }
