@@ -45,9 +45,14 @@ pub enum Command {
 /// Where the model comes from and how to run it.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A diffusers model folder, or a Hugging Face hub repo id (org/name).
+    /// A diffusers model folder, a Hugging Face hub repo id (org/name), or a
+    /// single-file .safetensors checkpoint (original layout; needs --config).
     #[arg(long, env = "SDSERVE_MODEL")]
     pub model: Option<String>,
+    /// For a single-file --model: the diffusers folder of its family whose
+    /// configs and tokenizers describe it (its weights are never read).
+    #[arg(long, env = "SDSERVE_MODEL_CONFIG", value_name = "DIR")]
+    pub config: Option<std::path::PathBuf>,
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long, env = "SDSERVE_REVISION")]
     pub revision: Option<String>,
@@ -79,10 +84,24 @@ impl ModelArgs {
 
     /// The `--model` source; `None` when no model was named.
     pub fn source(&self) -> Result<Option<ModelSource>> {
-        self.model
+        let source = self
+            .model
             .as_deref()
             .map(|m| ModelSource::parse(m, self.revision.as_deref()))
-            .transpose()
+            .transpose()?;
+        match (source, &self.config) {
+            (Some(ModelSource::SingleFile { file, .. }), config) => {
+                Ok(Some(ModelSource::SingleFile {
+                    file,
+                    config: config.clone(),
+                }))
+            }
+            (_, Some(_)) => Err(Error::invalid(
+                "config",
+                "only a single-file --model (.safetensors checkpoint) takes --config",
+            )),
+            (source, None) => Ok(source),
+        }
     }
 
     pub fn load(&self) -> Result<StableDiffusion> {

@@ -16,7 +16,16 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
     Local(PathBuf),
-    Hub { repo: String, revision: String },
+    Hub {
+        repo: String,
+        revision: String,
+    },
+    /// One `.safetensors` checkpoint in the original layout, with the diffusers
+    /// folder whose configs and tokenizers describe it (`--config`).
+    SingleFile {
+        file: PathBuf,
+        config: Option<PathBuf>,
+    },
 }
 
 /// The files of a diffusers Stable Diffusion repo that sdserve reads, except weights.
@@ -74,13 +83,20 @@ impl ModelSource {
     pub fn parse(spec: &str, revision: Option<&str>) -> Result<Self> {
         let path = Path::new(spec);
         if path.exists() {
-            if !path.is_dir() {
+            if path.is_dir() {
+                return Ok(ModelSource::Local(path.to_path_buf()));
+            }
+            super::single_file::refuse_pickle(path)?;
+            if path.extension().is_none_or(|e| e != "safetensors") {
                 return Err(Error::model_file(
                     path,
-                    "is a file; --model takes a diffusers model folder",
+                    "is neither a diffusers model folder nor a .safetensors checkpoint",
                 ));
             }
-            return Ok(ModelSource::Local(path.to_path_buf()));
+            return Ok(ModelSource::SingleFile {
+                file: path.to_path_buf(),
+                config: None,
+            });
         }
         if looks_like_repo_id(spec) {
             return Ok(ModelSource::Hub {
@@ -99,6 +115,7 @@ impl ModelSource {
     pub fn resolve(&self, prefer_fp16: bool) -> Result<PathBuf> {
         match self {
             ModelSource::Local(p) => Ok(p.clone()),
+            ModelSource::SingleFile { config, .. } => config.clone().ok_or_else(no_config),
             ModelSource::Hub { repo, revision } => {
                 if offline() {
                     from_cache(repo, revision)
@@ -108,6 +125,16 @@ impl ModelSource {
             }
         }
     }
+}
+
+/// A single file's `--config` is missing.
+pub fn no_config() -> Error {
+    Error::invalid(
+        "config",
+        "a single-file checkpoint needs --config DIR: a diffusers folder of the same family \
+         (SD 1.x, its inpainting variant), whose configs and tokenizers are read, never its \
+         weights; sdserve does not bundle the standard configs yet",
+    )
 }
 
 fn hub_repo(repo: &str, revision: &str) -> Repo {

@@ -130,7 +130,7 @@ struct Entry {
 /// The tensors of one or more safetensors files, read on demand with positioned
 /// reads (the safetensors format: an 8-byte little-endian header length, a JSON
 /// header of `name: {dtype, shape, data_offsets}`, then the data).
-struct SafetensorsReader {
+pub(super) struct SafetensorsReader {
     files: Vec<(PathBuf, File)>,
     index: HashMap<String, Entry>,
 }
@@ -147,7 +147,7 @@ struct HeaderEntry {
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 impl SafetensorsReader {
-    fn open(paths: &[PathBuf]) -> Result<Self> {
+    pub(super) fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
@@ -218,7 +218,22 @@ impl SafetensorsReader {
     }
 
     /// Reads `name` from its file onto `device`, converted to `dtype`.
-    fn read(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    /// The stored shape of `name`, if the files hold it.
+    pub(super) fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.index.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Every tensor name the files hold.
+    pub(super) fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    pub(super) fn read(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let entry = self.index.get(name).ok_or_else(|| {
             candle_core::Error::CannotFindTensor {
                 path: name.to_string(),

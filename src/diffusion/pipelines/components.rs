@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::diffusion::layers::{activation_dtype, mixed_precision_kernel};
-use crate::diffusion::loading::config::{ClipTextConfig, UNetConfig, VaeConfig};
+use crate::diffusion::loading::config::{ClipTextConfig, PerBlock, UNetConfig, VaeConfig};
+use crate::diffusion::loading::single_file::Checkpoint;
 use crate::diffusion::loading::tokenizer::ClipTokenizer;
 use crate::diffusion::loading::weights::WeightFiles;
 use crate::diffusion::models::clip::ClipTextModel;
@@ -106,25 +107,29 @@ impl Precision {
     }
 
     /// `sub`'s CLIP text encoder (`with_projection`: CLIPTextModelWithProjection)
-    /// and the tokenizer in `tokenizer_sub`.
+    /// and the tokenizer in `dir`'s `tokenizer_sub`.
     fn clip_text(
         &self,
-        dir: &Path,
+        (dir, weights): (&Path, &WeightSource<'_>),
         (sub, tokenizer_sub): (&str, &str),
         cfg: &ClipTextConfig,
         with_projection: bool,
     ) -> Result<ClipText> {
         let tokenizer =
             ClipTokenizer::from_dir(&dir.join(tokenizer_sub), cfg.max_position_embeddings)?;
-        let encoder = self.text_encoder(&dir.join(sub), cfg, with_projection)?;
+        let encoder = self.text_encoder(weights, sub, cfg, with_projection)?;
         Ok(ClipText { tokenizer, encoder })
     }
 
-    fn text_encoders(&self, dir: &Path, cfgs: &Configs) -> Result<TextEncoders> {
+    fn text_encoders(
+        &self,
+        files: (&Path, &WeightSource<'_>),
+        cfgs: &Configs,
+    ) -> Result<TextEncoders> {
         let first = cfgs
             .text_encoder
             .as_ref()
-            .map(|cfg| self.clip_text(dir, ("text_encoder", "tokenizer"), cfg, false))
+            .map(|cfg| self.clip_text(files, ("text_encoder", "tokenizer"), cfg, false))
             .transpose()?;
         Ok(match (&cfgs.text_encoder_2, first) {
             (None, Some(first)) => TextEncoders::Clip(first),
@@ -132,7 +137,7 @@ impl Precision {
                 return Err(Error::Internal("a text encoder is needed".into()));
             }
             (Some(te2), first) => {
-                let second = self.clip_text(dir, ("text_encoder_2", "tokenizer_2"), te2, true)?;
+                let second = self.clip_text(files, ("text_encoder_2", "tokenizer_2"), te2, true)?;
                 TextEncoders::Xl(XlText {
                     encoders: first.into_iter().chain([second]).collect(),
                     force_zeros_for_empty_prompt: cfgs.index.force_zeros_for_empty_prompt,
@@ -144,7 +149,8 @@ impl Precision {
 
     fn text_encoder(
         &self,
-        dir: &Path,
+        weights: &WeightSource<'_>,
+        sub: &str,
         cfg: &ClipTextConfig,
         with_projection: bool,
     ) -> Result<ClipTextModel> {
@@ -154,31 +160,17 @@ impl Precision {
         } else {
             self.dtype
         };
-        let files = WeightFiles::find(dir, "model", self.prefer_fp16)?;
-        ClipTextModel::new(
-            files.var_builder(dtype, &self.device)?,
-            cfg,
-            with_projection,
-        )
-        .map_err(|e| Error::model_file(files.describe(), e))
+        let (vb, file) = weights.var_builder(sub, self.prefer_fp16, dtype, &self.device)?;
+        ClipTextModel::new(vb, cfg, with_projection).map_err(|e| Error::model_file(file, e))
     }
 
-    fn unet(&self, dir: &Path, cfgs: &Configs) -> Result<UNet2DConditionModel> {
-        let files = WeightFiles::find(
-            &dir.join("unet"),
-            "diffusion_pytorch_model",
-            self.prefer_fp16,
-        )?;
-        build_unet(
-            files.var_builder(self.dtype, &self.device)?,
-            &cfgs.unet,
-            &cfgs.unet_path,
-            &files.describe(),
-        )
+    fn unet(&self, weights: &WeightSource<'_>, cfgs: &Configs) -> Result<UNet2DConditionModel> {
+        let (vb, file) = weights.var_builder("unet", self.prefer_fp16, self.dtype, &self.device)?;
+        build_unet(vb, &cfgs.unet, &cfgs.unet_path, &file)
     }
 
     /// The VAE and the dtype its inputs take (f32 in the CPU's mixed precision).
-    fn vae(&self, dir: &Path, cfgs: &Configs) -> Result<(AutoencoderKL, DType)> {
+    fn vae(&self, weights: &WeightSource<'_>, cfgs: &Configs) -> Result<(AutoencoderKL, DType)> {
         // diffusers upcasts the VAE to f32 in f16 when `force_upcast` is set: its
         // decoder overflows f16 on real images.
         let dtype = if self.dtype == DType::F16 && cfgs.vae.force_upcast {
@@ -186,33 +178,160 @@ impl Precision {
         } else {
             self.dtype
         };
-        let files = WeightFiles::find(
-            &dir.join("vae"),
-            "diffusion_pytorch_model",
-            self.prefer_fp16 && dtype != DType::F32,
-        )?;
-        let vb = files.var_builder(dtype, &self.device)?;
+        let fp16 = self.prefer_fp16 && dtype != DType::F32;
+        let (vb, file) = weights.var_builder("vae", fp16, dtype, &self.device)?;
         let input_dtype = activation_dtype(&vb);
-        let vae = build_vae(vb, &cfgs.vae, &cfgs.vae_path, &files.describe())?;
+        let vae = build_vae(vb, &cfgs.vae, &cfgs.vae_path, &file)?;
         Ok((vae, input_dtype))
+    }
+}
+
+/// Where a model's weights are read: its diffusers folder, or one checkpoint
+/// file in the original layout.
+enum WeightSource<'a> {
+    Folder(&'a Path),
+    Checkpoint {
+        file: &'a Checkpoint,
+        /// The UNet's `layers_per_block` and the VAE's up blocks, which place
+        /// the original blocks in diffusers' (`convert_ldm_*_checkpoint`).
+        unet_layers_per_block: usize,
+        vae_up_blocks: usize,
+    },
+}
+
+impl WeightSource<'_> {
+    /// Component `part`'s weights (`unet`, `vae`, `text_encoder`, ...) under
+    /// diffusers' names, and the file to name in errors.
+    fn var_builder(
+        &self,
+        part: &str,
+        prefer_fp16: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarBuilder<'static>, PathBuf)> {
+        match self {
+            Self::Folder(dir) => {
+                let base = if part.starts_with("text_encoder") {
+                    "model"
+                } else {
+                    "diffusion_pytorch_model"
+                };
+                let files = WeightFiles::find(&dir.join(part), base, prefer_fp16)?;
+                Ok((files.var_builder(dtype, device)?, files.describe()))
+            }
+            Self::Checkpoint {
+                file,
+                unet_layers_per_block,
+                vae_up_blocks,
+            } => {
+                let vb = match part {
+                    "unet" => file.unet(*unet_layers_per_block, dtype, device),
+                    "vae" => file.vae(*vae_up_blocks, dtype, device),
+                    "text_encoder" => file.clip(dtype, device),
+                    other => {
+                        return Err(Error::model_file(
+                            file.path(),
+                            format!("reading {other} from a single file is not supported yet"),
+                        ));
+                    }
+                };
+                Ok((vb, file.path().to_path_buf()))
+            }
+        }
     }
 }
 
 impl StableDiffusion {
     /// Loads every component of the diffusers folder `dir`.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let precision = Precision::new(opts)?;
         if !dir.is_dir() {
             return Err(Error::model_file(dir, "no such model folder"));
         }
+        let cfgs = Configs::read(dir)?;
+        Self::load_parts(dir, cfgs, &WeightSource::Folder(dir), opts)
+    }
+
+    /// Loads a single-file checkpoint (`file`, original layout) with the
+    /// configs and tokenizers of the diffusers folder `config_dir`, whose
+    /// weights are never read (diffusers' `from_single_file(file, config=...)`).
+    /// The checkpoint's family must be the folder's.
+    pub fn load_single_file(file: &Path, config_dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let checkpoint = Checkpoint::open(file)?;
+        let family = checkpoint.family()?;
+        if !config_dir.is_dir() {
+            return Err(Error::invalid(
+                "config",
+                format!("{} is not a folder", config_dir.display()),
+            ));
+        }
+        let cfgs = Configs::read(config_dir)?;
+        let folder_inpainting = cfgs.inpainting();
+        if family.is_xl() {
+            return Err(Error::model_file(
+                file,
+                format!(
+                    "is an {} checkpoint: SDXL single files are not supported yet",
+                    family.name()
+                ),
+            ));
+        }
+        if cfgs.family.is_xl() || family.inpainting() != folder_inpainting {
+            return Err(Error::invalid(
+                "config",
+                format!(
+                    "{} is a {} folder ({}), but {} is an {} checkpoint: give a folder of its family",
+                    config_dir.display(),
+                    cfgs.index.class_name,
+                    if folder_inpainting {
+                        "9-channel inpainting UNet"
+                    } else {
+                        "4-channel UNet"
+                    },
+                    file.display(),
+                    family.name()
+                ),
+            ));
+        }
+        let unet_layers_per_block = match &cfgs.unet.layers_per_block {
+            PerBlock::One(n) => *n,
+            PerBlock::Each(_) => {
+                return Err(Error::model_file(
+                    &cfgs.unet_path,
+                    "layers_per_block per block cannot place a single file's blocks (diffusers' \
+                     converter takes one number)",
+                ));
+            }
+        };
+        let weights = WeightSource::Checkpoint {
+            file: &checkpoint,
+            unet_layers_per_block,
+            vae_up_blocks: cfgs.vae.up_block_types.len(),
+        };
+        let mut model = Self::load_parts(config_dir, cfgs, &weights, opts)?;
+        model.info.source = file.display().to_string();
+        model.info.name = file.file_stem().map_or_else(
+            || model.info.source.clone(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        Ok(model)
+    }
+
+    /// Loads the components `cfgs` describes (read from `dir`), their weights
+    /// from `weights`.
+    fn load_parts(
+        dir: &Path,
+        cfgs: Configs,
+        weights: &WeightSource<'_>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let precision = Precision::new(opts)?;
         if precision.is_cpu_mixed() {
             mixed_precision_kernel().map_err(|e| Error::invalid("SDSERVE_BF16_KERNEL", e))?;
         }
-        let cfgs = Configs::read(dir)?;
         cfgs.check()?;
-        let text = precision.text_encoders(dir, &cfgs)?;
-        let unet = precision.unet(dir, &cfgs)?;
-        let (vae, vae_dtype) = precision.vae(dir, &cfgs)?;
+        let text = precision.text_encoders((dir, weights), &cfgs)?;
+        let unet = precision.unet(weights, &cfgs)?;
+        let (vae, vae_dtype) = precision.vae(weights, &cfgs)?;
         Ok(Self {
             info: cfgs.info(dir, precision.dtype, &precision.device),
             text,
@@ -446,6 +565,9 @@ pub fn load_model(
 ) -> Result<StableDiffusion> {
     let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&opts.device));
     let dir: PathBuf = source.resolve(dtype != DType::F32)?;
+    if let crate::diffusion::loading::hub::ModelSource::SingleFile { file, .. } = source {
+        return StableDiffusion::load_single_file(file, &dir, opts);
+    }
     let mut model = StableDiffusion::load(&dir, opts)?;
     if let crate::diffusion::loading::hub::ModelSource::Hub { repo, .. } = source {
         model.info.source = repo.clone();

@@ -195,7 +195,7 @@ impl Configs {
     }
 
     /// Whether the UNet is an inpainting one (takes the mask and masked picture).
-    fn inpainting(&self) -> bool {
+    pub(super) fn inpainting(&self) -> bool {
         self.unet.in_channels == 2 * self.vae.latent_channels + 1
     }
 
